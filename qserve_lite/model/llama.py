@@ -1,0 +1,98 @@
+"""The Llama-family transformer forward (Llama 2/3, Mistral, Qwen2, SmolLM2), written against an
+array module `xp` (numpy on CPU, cupy on GPU). fp32 math: this is the reference every kernel is
+checked against, so it stays plain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .weights import LayerWeights, LlamaWeights
+
+
+def rms_norm(x, weight, eps: float, xp):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last axis (true RMSNorm, no mean subtraction)."""
+    var = xp.mean(x * x, axis=-1, keepdims=True)
+    return x * (1.0 / xp.sqrt(var + eps)) * weight
+
+
+def silu(x, xp):
+    return x / (1.0 + xp.exp(-x))
+
+
+def softmax(x, xp, axis=-1):
+    x = x - xp.max(x, axis=axis, keepdims=True)
+    e = xp.exp(x)
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+class LlamaModel:
+    """Weights + config + array module. `forward` runs a batch of equal-length token chunks."""
+
+    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, xp=np):
+        self.cfg = cfg
+        self.weights = weights
+        self.xp = xp
+        self.inv_freq = rope_inv_freq(cfg)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, self.xp, dtype=self.weights.embed_tokens.dtype)
+
+    def attention(self, layer_idx: int, lw: LayerWeights, x, cos, sin, cache: KVCache, start: int):
+        cfg, xp = self.cfg, self.xp
+        B, T, _ = x.shape
+        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = lw.q_proj(x).reshape(B, T, H, D)
+        k = lw.k_proj(x).reshape(B, T, KVH, D)
+        v = lw.v_proj(x).reshape(B, T, KVH, D)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        cache.write(layer_idx, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), start)
+        end = start + T
+        k_all, v_all = cache.read(layer_idx, end)  # [B, KVH, S, D]
+        group = H // KVH
+        # q: [B, T, H, D] -> [B, KVH, group, T, D]; query head h uses kv head h // group.
+        qg = q.reshape(B, T, KVH, group, D).transpose(0, 2, 3, 1, 4)
+        scores = (qg @ k_all[:, :, None].swapaxes(-1, -2)) * (1.0 / np.sqrt(D))  # [B, KVH, g, T, S]
+        if T > 1:
+            q_pos = start + xp.arange(T)[:, None]
+            k_pos = xp.arange(end)[None, :]
+            scores = xp.where(k_pos <= q_pos, scores, -xp.inf)
+        probs = softmax(scores, xp)
+        out = probs @ v_all[:, :, None]  # [B, KVH, g, T, D]
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
+        return lw.o_proj(out)
+
+    def mlp(self, lw: LayerWeights, x):
+        return lw.down_proj(silu(lw.gate_proj(x), self.xp) * lw.up_proj(x))
+
+    def forward(self, token_ids, cache: KVCache, start: int | None = None):
+        """Run token_ids [B, T] at positions start..start+T-1 (default: cache.length); update the cache.
+
+        Returns the final-normed hidden states [B, T, hidden]; `logits` turns them into scores.
+        """
+        cfg, xp, w = self.cfg, self.xp, self.weights
+        token_ids = xp.asarray(token_ids)
+        if token_ids.ndim == 1:
+            token_ids = token_ids[None]
+        B, T = token_ids.shape
+        if start is None:
+            start = cache.length
+        if B != cache.batch:
+            raise ValueError(f"batch {B} does not match the cache's batch {cache.batch}")
+        if start + T > cache.max_len:
+            raise ValueError(f"{start + T} tokens exceed the cache capacity {cache.max_len}")
+        cos, sin = rope_cos_sin(np.arange(start, start + T), self.inv_freq, xp, dtype=w.embed_tokens.dtype)
+        h = w.embed_tokens[token_ids]
+        for i, lw in enumerate(w.layers):
+            h = h + self.attention(i, lw, rms_norm(h, lw.input_norm, cfg.rms_norm_eps, xp), cos, sin, cache, start)
+            h = h + self.mlp(lw, rms_norm(h, lw.post_attn_norm, cfg.rms_norm_eps, xp))
+        cache.length = start + T
+        return rms_norm(h, w.final_norm, cfg.rms_norm_eps, xp)
+
+    def logits(self, hidden):
+        """Vocabulary scores for hidden states [..., hidden] -> [..., vocab] (fp32)."""
+        return self.weights.lm_head(hidden)
