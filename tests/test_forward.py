@@ -152,3 +152,30 @@ def test_llama3_rope_scaling_shapes_frequencies():
     assert np.all((f1[mid] < f0[mid]) & (f1[mid] > f0[mid] / 8))  # blended in between
     linear = dict(base, rope_scaling={"type": "linear", "factor": 2.0})
     np.testing.assert_allclose(rope_inv_freq(ModelConfig.from_dict(linear)), f0 / 2)
+
+
+def test_forward_keeps_fp32(tiny_model_dir):
+    """A stray float64 promotion makes the CPU path several times slower; the forward must stay fp32."""
+    lm = load_model(tiny_model_dir)
+    h = lm.model.forward(np.array([[3, 4, 5]]), lm.model.new_cache(1, 3))
+    assert h.dtype == np.float32
+    assert lm.model.logits(h).dtype == np.float32
+
+
+def test_blocked_prefill_attention_equals_single_block(tiny_model_dir, monkeypatch):
+    """Prefill attention runs in query blocks; any block size gives the same result, also after a cached prefix."""
+    from qserve_lite.model import llama
+
+    lm = load_model(tiny_model_dir)
+    ids = np.random.default_rng(9).integers(0, lm.config.vocab_size, (2, 23))
+
+    def run():
+        cache = lm.model.new_cache(2, 23)
+        a = lm.model.forward(ids[:, :10], cache)
+        return np.concatenate([a, lm.model.forward(ids[:, 10:], cache)], axis=1)
+
+    monkeypatch.setattr(llama, "ATTN_QUERY_BLOCK", 1024)
+    ref = run()
+    for block in (1, 3, 4, 7):
+        monkeypatch.setattr(llama, "ATTN_QUERY_BLOCK", block)
+        np.testing.assert_allclose(run(), ref, rtol=1e-5, atol=1e-5)

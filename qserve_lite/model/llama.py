@@ -5,6 +5,8 @@ checked against, so it stays plain.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .config import ModelConfig
@@ -23,10 +25,15 @@ def silu(x, xp):
     return x / (1.0 + xp.exp(-x))
 
 
-def softmax(x, xp, axis=-1):
-    x = x - xp.max(x, axis=axis, keepdims=True)
-    e = xp.exp(x)
-    return e / xp.sum(e, axis=axis, keepdims=True)
+def softmax_(x, xp):
+    """Softmax over the last axis, in place (x is overwritten and returned)."""
+    x -= xp.max(x, axis=-1, keepdims=True)
+    xp.exp(x, out=x)
+    x /= xp.sum(x, axis=-1, keepdims=True)
+    return x
+
+
+ATTN_QUERY_BLOCK = 256  # queries per attention block in prefill
 
 
 class LlamaModel:
@@ -54,15 +61,24 @@ class LlamaModel:
         end = start + T
         k_all, v_all = cache.read(layer_idx, end)  # [B, KVH, S, D]
         group = H // KVH
-        # q: [B, T, H, D] -> [B, KVH, group, T, D]; query head h uses kv head h // group.
-        qg = q.reshape(B, T, KVH, group, D).transpose(0, 2, 3, 1, 4)
-        scores = (qg @ k_all[:, :, None].swapaxes(-1, -2)) * (1.0 / np.sqrt(D))  # [B, KVH, g, T, S]
-        if T > 1:
-            q_pos = start + xp.arange(T)[:, None]
-            k_pos = xp.arange(end)[None, :]
-            scores = xp.where(k_pos <= q_pos, scores, -xp.inf)
-        probs = softmax(scores, xp)
-        out = probs @ v_all[:, :, None]  # [B, KVH, g, T, D]
+        scale = 1.0 / math.sqrt(D)
+        # Query head h uses kv head h // group. Each kv head's `group` query heads are stacked along the
+        # token axis so every product is one (group*t, D) x (D, S) matrix multiply. Queries go in blocks
+        # so the score matrix stays small and causality skips the keys a block cannot see.
+        qg = q.reshape(B, T, KVH, group, D).transpose(0, 2, 3, 1, 4)  # [B, KVH, group, T, D]
+        out = xp.empty((B, KVH, group, T, D), dtype=q.dtype)
+        for s in range(0, T, ATTN_QUERY_BLOCK):
+            e = min(s + ATTN_QUERY_BLOCK, T)
+            n, visible = e - s, start + e
+            qb = qg[:, :, :, s:e].reshape(B, KVH, group * n, D)
+            scores = qb @ k_all[:, :, :visible].swapaxes(-1, -2)  # [B, KVH, group*n, visible]
+            scores *= scale
+            if n > 1:  # only the block's own n newest keys need the causal mask
+                q_local = xp.tile(xp.arange(n), group)[:, None]
+                scores[..., visible - n:] += xp.where(xp.arange(n)[None, :] > q_local, -xp.inf, 0.0).astype(
+                    scores.dtype)
+            probs = softmax_(scores, xp)
+            out[:, :, :, s:e] = (probs @ v_all[:, :, :visible]).reshape(B, KVH, group, n, D)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
         return lw.o_proj(out)
 
