@@ -1,0 +1,193 @@
+"""QoQ block input module rotation: fold the RMSNorm gains, then rotate the residual stream with a
+Hadamard matrix R (h' = h R) and the values / o_proj inputs of every head with a per-head Hadamard R_h.
+
+The transformed model computes the same function (exactly, up to float64 round-off) but its residual
+stream and V cache have their outlier channels spread over all channels, which is what makes W4A8KV4
+quantization accurate. See /work/shared/research/qoq-algorithm.md section 3.
+
+Every function here works in place on a LlamaWeights whose arrays are float64 numpy arrays (use
+`weights_to_float64` first): attributes are replaced by new arrays, so arrays the caller still holds
+elsewhere are never modified.
+
+Config consequence: after `fold_norms` / `rotate_model` the model is untied (lm_head has its own matrix,
+different from the embeddings), so whoever saves it must write `tie_word_embeddings: false` in
+config.json and store `lm_head.weight`. The norm gains become all-ones vectors and are still stored.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from ..model.config import ModelConfig
+from ..model.linear import Linear
+from ..model.weights import LlamaWeights
+from .hadamard import hadamard
+
+__all__ = [
+    "weights_to_float64",
+    "is_tied",
+    "untie_embeddings",
+    "fold_norms",
+    "norms_are_folded",
+    "rotate_residual",
+    "rotate_heads_vo",
+    "rotate_model",
+]
+
+
+def _to_f64(a) -> np.ndarray:
+    if a is None:
+        return None
+    if not isinstance(a, np.ndarray) and hasattr(a, "get"):  # a cupy array
+        a = a.get()
+    return np.array(a, dtype=np.float64, copy=True)
+
+
+def _require_f64(weights: LlamaWeights, what: str) -> None:
+    arrays = [weights.embed_tokens, weights.lm_head.weight]
+    for lw in weights.layers:
+        arrays += [lin.weight for lin in (lw.q_proj, lw.k_proj, lw.v_proj, lw.o_proj,
+                                          lw.gate_proj, lw.up_proj, lw.down_proj)]
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or a.dtype != np.float64:
+            raise TypeError(f"{what} needs float64 numpy weights (use weights_to_float64 first), "
+                            f"found {type(a).__name__} {getattr(a, 'dtype', '')}")
+
+
+def weights_to_float64(weights: LlamaWeights) -> LlamaWeights:
+    """A deep float64 numpy copy of `weights`. When lm_head is tied to the embeddings in `weights`, the
+    copy's lm_head is tied to the copy's embeddings (one shared array)."""
+    tied = is_tied(weights)
+    embed = _to_f64(weights.embed_tokens)
+    layers = []
+    for lw in weights.layers:
+        new = copy.copy(lw)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            lin = getattr(lw, name)
+            setattr(new, name, Linear(_to_f64(lin.weight), _to_f64(lin.bias)))
+        new.input_norm = _to_f64(lw.input_norm)
+        new.post_attn_norm = _to_f64(lw.post_attn_norm)
+        layers.append(new)
+    if tied:
+        lm_head = Linear(embed, _to_f64(weights.lm_head.bias))
+    else:
+        lm_head = Linear(_to_f64(weights.lm_head.weight), _to_f64(weights.lm_head.bias))
+    return LlamaWeights(embed_tokens=embed, layers=layers, final_norm=_to_f64(weights.final_norm),
+                        lm_head=lm_head, extra=dict(weights.extra))
+
+
+def is_tied(weights: LlamaWeights) -> bool:
+    """True when lm_head's weight is (or overlaps) the embedding matrix."""
+    a, b = weights.lm_head.weight, weights.embed_tokens
+    if a is b:
+        return True
+    return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.may_share_memory(a, b)
+
+
+def untie_embeddings(weights: LlamaWeights) -> LlamaWeights:
+    """Give lm_head its own copy of the embedding matrix (no-op when already untied). Returns `weights`."""
+    if is_tied(weights):
+        weights.lm_head = Linear(weights.embed_tokens.copy(), weights.lm_head.bias)
+    return weights
+
+
+def norms_are_folded(weights: LlamaWeights) -> bool:
+    """True when every RMSNorm gain (input, post-attention, final) is exactly 1."""
+    gains = [weights.final_norm] + [g for lw in weights.layers for g in (lw.input_norm, lw.post_attn_norm)]
+    return all(bool(np.all(np.asarray(g) == 1)) for g in gains)
+
+
+def fold_norms(weights: LlamaWeights) -> LlamaWeights:
+    """Multiply each RMSNorm gain g into the input columns of the linears reading that norm's output
+    (input_norm -> q, k, v; post_attn_norm -> gate, up; final_norm -> lm_head: W <- W diag(g)) and set the
+    gains to 1. Unties the embeddings first (the final norm must not reach the embedding rows), so the
+    model must afterwards be saved with `tie_word_embeddings: false`. Returns `weights`."""
+    untie_embeddings(weights)
+    for lw in weights.layers:
+        g = lw.input_norm
+        for lin in (lw.q_proj, lw.k_proj, lw.v_proj):
+            lin.weight = lin.weight * g[None, :]
+        lw.input_norm = np.ones_like(g)
+        g = lw.post_attn_norm
+        for lin in (lw.gate_proj, lw.up_proj):
+            lin.weight = lin.weight * g[None, :]
+        lw.post_attn_norm = np.ones_like(g)
+    g = weights.final_norm
+    weights.lm_head.weight = weights.lm_head.weight * g[None, :]
+    weights.final_norm = np.ones_like(g)
+    return weights
+
+
+def rotate_residual(weights: LlamaWeights, R: np.ndarray) -> LlamaWeights:
+    """Rotate the residual stream by the orthogonal R [hidden, hidden]: h' = h R.
+
+    Embedding rows E <- E R; consumers of the residual (q, k, v, gate, up, lm_head): W <- W R;
+    producers (o_proj, down_proj): W <- R^T W and b <- R^T b. Needs folded norms (RMSNorm(h R) equals
+    RMSNorm(h) R only for unit gains) and float64 weights. Returns `weights`.
+    """
+    _require_f64(weights, "rotate_residual")
+    if not norms_are_folded(weights):
+        raise ValueError("rotate_residual needs folded RMSNorm gains (all ones): call fold_norms first")
+    R = np.asarray(R, dtype=np.float64)
+    hidden = weights.embed_tokens.shape[1]
+    if R.shape != (hidden, hidden):
+        raise ValueError(f"rotation has shape {R.shape}, expected ({hidden}, {hidden})")
+    # New arrays everywhere: a still-tied lm_head keeps reading the old embeddings and is rotated once.
+    weights.embed_tokens = weights.embed_tokens @ R
+    consumers = [weights.lm_head]
+    producers = []
+    for lw in weights.layers:
+        consumers += [lw.q_proj, lw.k_proj, lw.v_proj, lw.gate_proj, lw.up_proj]
+        producers += [lw.o_proj, lw.down_proj]
+    for lin in consumers:
+        lin.weight = lin.weight @ R
+    for lin in producers:
+        lin.weight = R.T @ lin.weight
+        if lin.bias is not None:
+            lin.bias = R.T @ lin.bias
+    return weights
+
+
+def rotate_heads_vo(cfg: ModelConfig, weights: LlamaWeights, Rh: np.ndarray) -> LlamaWeights:
+    """Rotate every head's values by the orthogonal Rh [head_dim, head_dim]: v' = v Rh per kv head.
+
+    v_proj rows of each kv head: W_v <- Rh^T W_v (bias b <- Rh^T b); o_proj input columns of each query
+    head: W_o <- W_o blockdiag(Rh). A query head's attention output is a convex mix of its kv head's value
+    rows, so it comes out as out Rh, also with GQA (all query heads of a group read the same rotated V),
+    and o_proj's columns for that head undo it. q/k and RoPE are untouched. Returns `weights`.
+    """
+    _require_f64(weights, "rotate_heads_vo")
+    Rh = np.asarray(Rh, dtype=np.float64)
+    H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if Rh.shape != (D, D):
+        raise ValueError(f"head rotation has shape {Rh.shape}, expected ({D}, {D})")
+    for lw in weights.layers:
+        v = lw.v_proj
+        w = v.weight.reshape(KVH, D, -1)
+        v.weight = np.matmul(Rh.T, w).reshape(KVH * D, -1)
+        if v.bias is not None:
+            v.bias = (v.bias.reshape(KVH, D) @ Rh).reshape(KVH * D)
+        o = lw.o_proj
+        w = o.weight.reshape(o.weight.shape[0], H, D)
+        o.weight = (w @ Rh).reshape(o.weight.shape[0], H * D)
+    return weights
+
+
+def rotate_model(cfg: ModelConfig, weights: LlamaWeights, residual: bool = True,
+                 heads_vo: bool = True) -> LlamaWeights:
+    """QoQ rotation of a float64 LlamaWeights, in place: untie the embeddings, fold the norms, then
+    (residual) rotate the residual stream by hadamard(hidden_size) and (heads_vo) every head's values by
+    hadamard(head_dim). Untying and folding always happen, so the result is always untied: save it with
+    `tie_word_embeddings: false`. Raises QServeLiteError when a size has no Hadamard matrix. Returns
+    `weights`."""
+    _require_f64(weights, "rotate_model")
+    R = hadamard(cfg.hidden_size) if residual else None
+    Rh = hadamard(cfg.head_dim) if heads_vo else None
+    fold_norms(weights)
+    if R is not None:
+        rotate_residual(weights, R)
+    if Rh is not None:
+        rotate_heads_vo(cfg, weights, Rh)
+    return weights
