@@ -10,7 +10,8 @@ import pytest
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 TRAIN_TEXT = [
@@ -82,7 +83,8 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}"
         t[f"{p}.input_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)
         t[f"{p}.post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)
-        for name, (o, i_) in {"q_proj": (qs, h), "k_proj": (kvs, h), "v_proj": (kvs, h), "o_proj": (h, qs)}.items():
+        shapes = {"q_proj": (qs, h), "k_proj": (kvs, h), "v_proj": (kvs, h), "o_proj": (h, qs)}
+        for name, (o, i_) in shapes.items():
             t[f"{p}.self_attn.{name}.weight"] = mat(o, i_)
             if bias and name != "o_proj":
                 t[f"{p}.self_attn.{name}.bias"] = (0.1 * rng.standard_normal(o)).astype(np.float32)

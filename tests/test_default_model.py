@@ -27,7 +27,13 @@ def test_default_model_answers_france(real_cache):
 
     lm = load_model("smollm2-135m")
     cfg = lm.config
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 576, 9, 3, 64)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
     assert cfg.tie_word_embeddings and lm.model.weights.lm_head.weight is lm.model.weights.embed_tokens
     tok = lm.tokenizer
     assert tok.encode("<|im_start|>user\nhi<|im_end|>")[:1] == [1] and 2 in tok.eos_token_ids

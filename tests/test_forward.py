@@ -98,7 +98,7 @@ def test_kv_cache_decode_equals_full_recompute(tiny_model_dir):
     parts = [lm.model.forward(ids[:, :7], cache)]  # prefill 7, then a chunk of 5, then one token at a time
     parts.append(lm.model.forward(ids[:, 7:12], cache))
     for t in range(12, 20):
-        parts.append(lm.model.forward(ids[:, t:t + 1], cache))
+        parts.append(lm.model.forward(ids[:, t : t + 1], cache))
     assert cache.length == 20
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
 
@@ -121,7 +121,9 @@ def test_bf16_and_fp16_checkpoints_load(tmp_path):
     # fp16 file
     save_file({k: v.astype(np.float16) for k, v in tensors.items()}, str(mdir / "model.safetensors"))
     w16 = load_llama_weights(ModelConfig.from_dict(cfg), mdir)
-    np.testing.assert_array_equal(w16.final_norm, tensors["model.norm.weight"].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        w16.final_norm, tensors["model.norm.weight"].astype(np.float16).astype(np.float32)
+    )
     # bf16 written by hand (numpy has no bf16): top 16 bits of each fp32
     from qserve_lite.model.safetensors_reader import SafetensorsFile
 
@@ -138,8 +140,16 @@ def test_bf16_and_fp16_checkpoints_load(tmp_path):
 
 def test_llama3_rope_scaling_shapes_frequencies():
     base = tiny_config(head_dim=64, rope_theta=500000.0)
-    scaled = dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    scaled = dict(
+        base,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     f0 = rope_inv_freq(ModelConfig.from_dict(base))
     f1 = rope_inv_freq(ModelConfig.from_dict(scaled))
     wavelen = 2 * np.pi / f0
@@ -163,7 +173,7 @@ def test_forward_keeps_fp32(tiny_model_dir):
 
 
 def test_blocked_prefill_attention_equals_single_block(tiny_model_dir, monkeypatch):
-    """Prefill attention runs in query blocks; any block size gives the same result, also after a cached prefix."""
+    """Prefill attention runs in query blocks: any block size gives the same result, after a prefix too."""
     from qserve_lite.model import llama
 
     lm = load_model(tiny_model_dir)

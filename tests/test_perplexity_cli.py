@@ -26,10 +26,15 @@ def test_ppl_is_exp_of_mean_chunk_loss(tiny_model_dir):
     assert res.chunks == 2 and res.tokens == 64  # the 6 leftover tokens are dropped
     losses = []
     for c in range(2):
-        chunk = ids[c * 32:(c + 1) * 32]
-        logits = lm.model.logits(lm.model.forward(chunk[None], lm.model.new_cache(1, 32)))[0].astype(np.float64)
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        chunk = ids[c * 32 : (c + 1) * 32]
+        logits = lm.model.logits(lm.model.forward(chunk[None], lm.model.new_cache(1, 32)))[0].astype(
+            np.float64
+        )
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
             - logits.max(-1, keepdims=True)
+        )
         losses.append(-np.mean(logp[np.arange(31), chunk[1:]]))
     assert res.ppl == pytest.approx(math.exp(np.mean(losses)), rel=1e-9)
     assert perplexity(lm.model, ids, seq_len=32, max_tokens=40, progress=False).chunks == 1
@@ -58,8 +63,19 @@ def test_corpus_helpers(tmp_path):
 
 
 def test_cli_generate_chat(tiny_model_dir, capsys):
-    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "Hello", "--chat", "--max-tokens", "5",
-               "--ignore-eos"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "Hello",
+            "--chat",
+            "--max-tokens",
+            "5",
+            "--ignore-eos",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0
     assert "5 generated tokens" in out.err and "finish=length" in out.err

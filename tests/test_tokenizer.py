@@ -26,7 +26,7 @@ def test_round_trip(tiny_model_dir, text):
 def test_special_tokens_and_eos(tiny_model_dir):
     tok = Tokenizer(tiny_model_dir)
     im_start, im_end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
-    assert tok.encode("<|im_start|>user") [0] == im_start
+    assert tok.encode("<|im_start|>user")[0] == im_start
     assert tok.eos_token_ids == (2,) and im_end == 2  # generation_config, config and eos_token agree
 
 
@@ -34,7 +34,11 @@ def test_chat_template(tiny_model_dir):
     tok = Tokenizer(tiny_model_dir)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     text = tok.apply_chat_template(msgs)
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     ids = tok.encode_chat(msgs)
     assert ids.count(tok.token_to_id("<|im_start|>")) == 3
     assert tok.decode(ids, skip_special_tokens=False) == text

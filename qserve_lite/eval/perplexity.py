@@ -31,7 +31,7 @@ def chunk_loss(model: LlamaModel, chunk: np.ndarray, logits_block: int = 256) ->
         e = min(s + logits_block, len(chunk) - 1)
         logits = model.logits(hidden[s:e]).astype(np.float64)
         m = logits.max(axis=-1, keepdims=True)
-        lse = (m[:, 0] + xp.log(xp.exp(logits - m).sum(axis=-1)))
+        lse = m[:, 0] + xp.log(xp.exp(logits - m).sum(axis=-1))
         picked = logits[xp.arange(e - s), targets[s:e]]
         total += float((lse - picked).sum())
     return total / (len(chunk) - 1)
@@ -46,7 +46,9 @@ def perplexity(
     if seq_len < 2:
         raise QServeLiteError(f"seq_len must be >= 2, got {seq_len}")
     if seq_len > model.cfg.max_position_embeddings:
-        raise QServeLiteError(f"seq_len {seq_len} exceeds the model's context {model.cfg.max_position_embeddings}")
+        raise QServeLiteError(
+            f"seq_len {seq_len} exceeds the model's context {model.cfg.max_position_embeddings}"
+        )
     n_chunks = len(tokens) // seq_len
     if n_chunks == 0:
         raise QServeLiteError(
@@ -58,6 +60,6 @@ def perplexity(
     losses = []
     bar = tqdm(range(n_chunks), desc="perplexity", unit="chunk", disable=not progress)
     for i in bar:
-        losses.append(chunk_loss(model, tokens[i * seq_len:(i + 1) * seq_len]))
+        losses.append(chunk_loss(model, tokens[i * seq_len : (i + 1) * seq_len]))
         bar.set_postfix(ppl=f"{math.exp(float(np.mean(losses))):.3f}")
     return PerplexityResult(math.exp(float(np.mean(losses))), n_chunks, seq_len, n_chunks * seq_len)

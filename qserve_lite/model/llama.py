@@ -53,8 +53,14 @@ class LlamaModel:
         self.observer = None
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, self.xp, dtype=self.weights.embed_tokens.dtype,
-                       quantizer=self.kv_quantizer)
+        return KVCache(
+            self.cfg,
+            batch,
+            max_len,
+            self.xp,
+            dtype=self.weights.embed_tokens.dtype,
+            quantizer=self.kv_quantizer,
+        )
 
     def _observe(self, layer_idx: int, point: str, value) -> None:
         if self.observer is not None:
@@ -91,8 +97,9 @@ class LlamaModel:
             scores *= scale
             if n > 1:  # only the block's own n newest keys need the causal mask
                 q_local = xp.tile(xp.arange(n), group)[:, None]
-                scores[..., visible - n:] += xp.where(xp.arange(n)[None, :] > q_local, -xp.inf, 0.0).astype(
-                    scores.dtype)
+                scores[..., visible - n :] += xp.where(xp.arange(n)[None, :] > q_local, -xp.inf, 0.0).astype(
+                    scores.dtype
+                )
             probs = softmax_(scores, xp)
             out[:, :, :, s:e] = (probs @ v_all[:, :, :visible]).reshape(B, KVH, group, n, D)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)

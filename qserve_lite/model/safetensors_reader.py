@@ -47,17 +47,22 @@ class SafetensorsFile:
             raise WeightsError(f"cannot open weight file {self.path}: {e.strerror}") from None
         size = self.path.stat().st_size
         if size < 8:
-            raise WeightsError(f"{self.path}: file is too small to be safetensors ({size} bytes); re-download it")
+            raise WeightsError(
+                f"{self.path}: file is too small to be safetensors ({size} bytes); re-download it"
+            )
         (header_len,) = struct.unpack("<Q", self._fh.read(8))
         if header_len <= 0 or 8 + header_len > size:
             raise WeightsError(
-                f"{self.path}: corrupted safetensors header (declares {header_len} header bytes, file has {size}); "
+                f"{self.path}: corrupted safetensors header "
+                f"(declares {header_len} header bytes, file has {size}); "
                 "re-download or re-convert the model"
             )
         try:
             header = json.loads(self._fh.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise WeightsError(f"{self.path}: corrupted safetensors header (not JSON); re-download the file") from None
+            raise WeightsError(
+                f"{self.path}: corrupted safetensors header (not JSON); re-download the file"
+            ) from None
         if not isinstance(header, dict):
             raise WeightsError(f"{self.path}: corrupted safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
@@ -98,8 +103,12 @@ class SafetensorsFile:
         if end == begin:
             arr = np.zeros(shape, raw_dtype)
         else:
-            arr = np.frombuffer(self._mm, dtype=raw_dtype, count=(end - begin) // np.dtype(raw_dtype).itemsize,
-                                offset=self._data_start + begin).reshape(shape)
+            arr = np.frombuffer(
+                self._mm,
+                dtype=raw_dtype,
+                count=(end - begin) // np.dtype(raw_dtype).itemsize,
+                offset=self._data_start + begin,
+            ).reshape(shape)
         if info["dtype"] == "BF16":
             arr = bf16_bits_to_f32(arr)
         return np.array(arr, dtype=dtype or arr.dtype, copy=True)

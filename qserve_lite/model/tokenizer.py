@@ -34,7 +34,8 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(
-                f"tokenizer.json is missing from {model_dir}; qserve-lite needs a fast (tokenizers) tokenizer file"
+                f"tokenizer.json is missing from {model_dir}; "
+                "qserve-lite needs a fast (tokenizers) tokenizer file"
             )
         try:
             self._tok = HFTokenizer.from_file(str(path))
@@ -141,6 +142,6 @@ class IncrementalDetokenizer:
         full = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         if full.endswith("\ufffd"):
             return ""
-        new = full[len(self.text):] if full.startswith(self.text) else full
+        new = full[len(self.text) :] if full.startswith(self.text) else full
         self.text = full
         return new

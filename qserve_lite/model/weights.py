@@ -51,7 +51,9 @@ class TensorIndex:
                 raise WeightsError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
             for shard in sorted(set(weight_map.values())):
                 if not (self.model_dir / shard).is_file():
-                    raise WeightsError(f"{index} names shard '{shard}', which is missing from {self.model_dir}")
+                    raise WeightsError(
+                        f"{index} names shard '{shard}', which is missing from {self.model_dir}"
+                    )
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.model_dir.glob("*.safetensors"))
