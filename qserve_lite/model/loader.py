@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DownloadError, GGUFImportError, ModelNotFoundError
+from ..errors import DownloadError, GGUFImportError, ModelNotFoundError, QServeLiteError
+from ..ops.kv_quant import KVFakeQuantizer
+from ..quant.precision import Precision
 from .config import ModelConfig
 from .default_models import ALIASES, cache_dir, ensure_default_model
 from .llama import LlamaModel
@@ -84,12 +86,57 @@ class LoadedModel:
     config: ModelConfig
     model: LlamaModel
     tokenizer: Tokenizer
+    precision: Precision | None = None  # what the model runs at (None only for callers building it by hand)
 
 
-def load_model(ref: str | Path, dtype=np.float32) -> LoadedModel:
-    """Load config, weights (numpy, `dtype`) and tokenizer for the reference forward."""
+def _is_quantized(path: Path, cfg: ModelConfig) -> bool:
+    """config.json has a quantization_config, or (QServe zoo checkpoints, which have none) the tensors are
+    stored quantized."""
+    if "quantization_config" in cfg.extra:
+        return True
+    try:
+        from .checkpoint import is_quantized_checkpoint
+    except ImportError:  # checkpoint IO not available: only quantization_config marks a quantized model
+        return False
+    return is_quantized_checkpoint(path)
+
+
+def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) -> LoadedModel:
+    """Load config, weights (numpy, `dtype`) and tokenizer for the reference forward.
+
+    precision (see quant.precision; None = the model's own): a float model runs only at w16a16,
+    w16a16kv4 or w16a16kv8 (the KV cache fake-quantized to 4/8 bits); a quantized checkpoint (config.json
+    with `quantization_config`, or a QServe zoo checkpoint) runs at its own weight bits (default: the
+    checkpoint's w{w_bit}a8kv{kv_bit}), and the KV bits may be overridden.
+    """
+    requested = Precision.parse(precision) if precision is not None else None  # before any download
     path = resolve_model(ref)
     cfg = ModelConfig.from_file(path / "config.json")
     tokenizer = Tokenizer(path)
-    weights = load_llama_weights(cfg, path, dtype=dtype)
-    return LoadedModel(path, cfg, LlamaModel(cfg, weights, np), tokenizer)
+    if _is_quantized(path, cfg):
+        from .checkpoint import read_quant_config, read_quantized_weights
+
+        qc = read_quant_config(path)
+        w_bit, kv_bit = int(qc["w_bit"]), int(qc.get("kv_bit") or 16)
+        if requested is None:
+            requested = Precision(w_bit, 8, kv_bit if kv_bit in (4, 8) else 16)
+        elif requested.w_bits != w_bit:
+            valid = ", ".join(f"w{w_bit}a8{kv}" for kv in ("kv4", "kv8", ""))
+            raise QServeLiteError(
+                f"{path} is a {w_bit}-bit-weight quantized checkpoint; it cannot run at precision "
+                f"{requested.name}. Use one of: {valid} (or load the original float model for w16a16)"
+            )
+        weights = read_quantized_weights(cfg, path, group_size=None)
+    else:
+        if requested is None:
+            requested = Precision()
+        elif not requested.is_float:
+            raise QServeLiteError(
+                f"{path} holds float weights; precision {requested.name} needs quantized weights. Run "
+                "`qserve-lite quantize` on it first and load the output, or use w16a16, w16a16kv4 or "
+                "w16a16kv8"
+            )
+        weights = load_llama_weights(cfg, path, dtype=dtype)
+    kv_quantizer = KVFakeQuantizer(requested.kv_bits) if requested.kv_bits < 16 else None
+    model = LlamaModel(cfg, weights, np, kv_quantizer=kv_quantizer)
+    return LoadedModel(path, cfg, model, tokenizer, requested)

@@ -1,0 +1,158 @@
+"""GPTQ with fixed quantization parameters (deepcompressor's kernel GPTQ as QoQ uses it).
+
+Scales and zeros are chosen before GPTQ (RTN ranges, clipping) from the whole weight and stay fixed;
+GPTQ only chooses the codes, column by column, feeding each column's rounding error forward through the
+upper Cholesky factor of H^-1 (H = 2/N sum x^T x of the layer's float inputs), with act-order (columns by
+descending diag H), 1 % damping, blocks of 128 columns and lazy batch updates.
+
+The per-column quantizer is a callable (original column index, column values [n]) -> dequantized
+column; `per_channel_w4_column`, `progressive_column` and `w8_column` build it for the three formats, and
+`gptq_w4_per_channel`, `gptq_w4_group`, `gptq_w8` return the integer formats built from the final codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .formats import W4Group, W4PerChannel, W8PerChannel
+from .quantizers import (
+    PROTECTIVE_RANGE,
+    pad_columns,
+    progressive_codes,
+    progressive_group_params,
+    progressive_s1,
+    quantize_w8_per_channel,
+    to_level1,
+    w4_per_channel_codes,
+    w4_per_channel_params,
+)
+
+ColumnQuantizer = Callable[[int, np.ndarray], np.ndarray]
+
+
+def _inverse_cholesky_upper(h: np.ndarray, damp: float, max_tries: int = 250) -> np.ndarray:
+    """Upper U with U^T U = (H + damping I)^-1; damping starts at damp * mean(diag H) and grows by
+    0.1 % of the mean diagonal per failed Cholesky."""
+    mean_diag = float(np.mean(np.diag(h)))
+    eye = np.eye(h.shape[0])
+    for t in range(max_tries):
+        hd = h + (damp + 0.001 * t) * mean_diag * eye
+        try:
+            low = np.linalg.cholesky(hd)
+            low_inv = np.linalg.inv(low)  # triangular; H^-1 = L^-T L^-1
+            h_inv = low_inv.T @ low_inv
+            return np.linalg.cholesky(h_inv).T
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError(f"GPTQ: the Hessian stayed singular after {max_tries} damping increases")
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, quantize_column: ColumnQuantizer, block_size: int = 128,
+         damp: float = 0.01, act_order: bool = True) -> np.ndarray:
+    """Dequantized GPTQ weight [n, k] (float64) of w [n, k] given H [k, k].
+
+    Dead input channels (H_jj == 0) get H_jj = 1 and a zeroed weight column before quantization.
+    """
+    w = np.array(w, dtype=np.float64)
+    h = np.array(hessian, dtype=np.float64)
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian shape {h.shape} does not match the weight's {k} input channels")
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    h = h[perm][:, perm]
+    hinv = _inverse_cholesky_upper(h, damp)
+    wt = np.ascontiguousarray(w[:, perm].T)  # [k, n]: column j of W is row j here (contiguous)
+    qt = np.empty_like(wt)
+    for b0 in range(0, k, block_size):
+        b1 = min(b0 + block_size, k)
+        block = wt[b0:b1].copy()
+        err = np.empty_like(block)
+        hb = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = block[i]
+            q = quantize_column(int(perm[b0 + i]), col)
+            qt[b0 + i] = q
+            e = (col - q) / hb[i, i]
+            block[i:] -= hb[i, i:, None] * e[None, :]
+            err[i] = e
+        if b1 < k:
+            wt[b1:] -= hinv[b0:b1, b1:].T @ err
+    out = np.empty((n, k))
+    out[:, perm] = qt.T
+    return out
+
+
+# ---- per-column quantizers with fixed parameters ----
+
+def per_channel_w4_column(scales: np.ndarray, szeros: np.ndarray) -> ColumnQuantizer:
+    s = scales.astype(np.float64)
+    z = szeros.astype(np.float64)
+
+    def quantize(j: int, col: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint((col + z) / s), 0, 15) * s - z
+
+    return quantize
+
+
+def progressive_column(s1: np.ndarray, s2: np.ndarray, zeros: np.ndarray, group_size: int,
+                       protect: int = PROTECTIVE_RANGE) -> ColumnQuantizer:
+    """Works in the level-1 domain U = W / s1 (clamped to +-protect); a column's group is its original
+    index's group (the parameters came from the whole group before GPTQ)."""
+    s1_ = s1.astype(np.float64)
+    s2_ = s2.astype(np.float64)
+    z_ = zeros.astype(np.float64)
+
+    def quantize(j: int, col: np.ndarray) -> np.ndarray:
+        g = j // group_size
+        u = np.clip(col / s1_, -protect, protect)
+        q = np.clip(np.rint((u + z_[:, g]) / s2_[:, g]), 0, 15)
+        return (q * s2_[:, g] - z_[:, g]) * s1_
+
+    return quantize
+
+
+def w8_column(scales: np.ndarray) -> ColumnQuantizer:
+    s = scales.astype(np.float64)
+
+    def quantize(j: int, col: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(col / s), -127, 127) * s
+
+    return quantize
+
+
+# ---- whole-format GPTQ ----
+
+def gptq_w4_per_channel(w: np.ndarray, hessian: np.ndarray, clip_ratio=1.0, **kw) -> W4PerChannel:
+    """Per-channel W4 with scales/zeros from w4_per_channel_params(w, clip_ratio), codes by GPTQ."""
+    w = np.asarray(w, dtype=np.float64)
+    scales, szeros = w4_per_channel_params(w, clip_ratio)
+    q = gptq(w, hessian, per_channel_w4_column(scales, szeros), **kw)
+    return W4PerChannel(w4_per_channel_codes(q, scales, szeros), scales, szeros, in_features=w.shape[1])
+
+
+def gptq_w4_group(w: np.ndarray, hessian: np.ndarray, group_size: int = 128, protect: int = PROTECTIVE_RANGE,
+                  **kw) -> W4Group:
+    """Progressive group W4 (g128): s1, s2, z as quantize_w4_group computes them, codes by GPTQ."""
+    w = np.asarray(w, dtype=np.float64)
+    k = w.shape[1]
+    wp = pad_columns(w, group_size)
+    s1 = progressive_s1(wp, protect)
+    s2, zeros = progressive_group_params(to_level1(wp, s1, protect), group_size)
+    q = gptq(w, hessian, progressive_column(s1, s2, zeros, group_size, protect), **kw)
+    u = pad_columns(q / s1.astype(np.float64)[:, None], group_size)  # q * s2 - z: integers up to rounding
+    codes = progressive_codes(u, np.repeat(s2, group_size, axis=1), np.repeat(zeros, group_size, axis=1))
+    return W4Group(codes, s1, s2, zeros, group_size, in_features=k)
+
+
+def gptq_w8(w: np.ndarray, hessian: np.ndarray, **kw) -> W8PerChannel:
+    """Per-channel symmetric int8 with RTN scales, codes by GPTQ."""
+    w = np.asarray(w, dtype=np.float64)
+    scales = quantize_w8_per_channel(w).scales
+    q = gptq(w, hessian, w8_column(scales), **kw)
+    codes = np.clip(np.rint(q / scales.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
+    return W8PerChannel(codes, scales, in_features=w.shape[1])

@@ -1,0 +1,334 @@
+"""The QoQ pipeline (W4A8KV4, and W8A8): float model -> QServe-format quantized checkpoint.
+
+Order (deepcompressor's ptq.py): rotate -> reorder -> smooth (SmoothAttention, down_proj smoothing) ->
+weights (clip search -> GPTQ with fixed parameters, or RTN). All transforms are exact in float64.
+
+Calibration goes one decoder layer at a time (calibrate.LayerRunner): the float hidden states of every
+sample enter layer i of the rotated model and the observer collects everything the layer needs in one
+pass: post-RoPE q/k abs-max (SmoothAttention), down_proj input abs-max (reorder, smoothing), X^T X of every
+linear's input (GPTQ), subsampled rows (clip search) and a few whole samples (q/k block-output search).
+Reordering and smoothing only permute / rescale down_proj's input channels, so its statistics are
+transformed with them (exactly what a second pass over the transformed layer would collect) instead of
+being collected again. Inputs are always the float model's activations (no error propagation, as
+deepcompressor); the layer's float outputs feed layer i+1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QServeLiteError
+from ..model.config import ModelConfig
+from ..model.linear import Linear
+from ..model.llama import LlamaModel
+from ..model.rope import rope_inv_freq
+from ..model.weights import LayerWeights, LlamaWeights, load_llama_weights
+from . import calibrate
+from .calibrate import LayerRunner, PointSpec, PointStats
+from .clip import clip_ratios, search_qk_clip, search_row_clip
+from .gptq import gptq_w4_group, gptq_w4_per_channel, gptq_w8
+from .quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
+from .reorder import reorder_down
+from .smooth_attention import smooth_attention
+from .smooth_proj import DEFAULT_ALPHA_BETA, smooth_proj
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INPUT_POINT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+               "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+
+
+@dataclass
+class QoQConfig:
+    """Every QoQ step and its settings; each step can be switched off (`rtn()` switches off all)."""
+
+    w_bit: int = 4  # 4 (W4A8) or 8 (W8A8, per-channel int8)
+    group_size: int = 128  # W4: 128 (progressive group quantization) or -1 (per-channel)
+    kv_bit: int = 4  # runtime KV cache bits recorded in the checkpoint (4 or 8)
+    rotation: bool = True  # Hadamard on the residual stream + per-head Hadamard on v/o (norms always folded)
+    smooth_attention: bool = True
+    smooth_attention_alpha: float = 0.5
+    smooth_attention_beta: float = 0.0
+    smooth_proj: bool = True  # down_proj smoothing folded into up_proj
+    smooth_proj_alpha: float | None = None  # None: (0.3, 0.7) for g128, (0.1, 0.9) per-channel
+    smooth_proj_beta: float | None = None
+    reorder: bool = True  # down_proj input channel reordering (g128 only)
+    clip: bool = True  # clip-ratio search (per-channel W4 only)
+    clip_grid: int = 80  # ratios 1 - i/grid * (1 - clip_min_ratio), i = 0..grid
+    clip_min_ratio: float = 0.2
+    clip_rows: int = 512  # calibration rows per linear for the per-row search
+    clip_qk_samples: int = 2  # whole samples for the q/k attention-block search
+    gptq: bool = True
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    n_samples: int | None = None  # None: 16 on CPU, 128 with cupy
+    seq_len: int | None = None  # None: 512 on CPU, 1024 with cupy
+    seed: int = 42
+    calib_source: str | list = "python-doc"  # "python-doc" (held-out split), "pile", or text files
+    batch_size: int = 4  # calibration samples per layer forward
+
+    def __post_init__(self):
+        if self.w_bit not in (4, 8):
+            raise QServeLiteError(f"w_bit must be 4 or 8, got {self.w_bit}")
+        if self.group_size not in (-1, 128):
+            raise QServeLiteError(f"group_size must be -1 (per-channel) or 128, got {self.group_size}")
+        if self.w_bit == 8 and self.group_size != -1:
+            raise QServeLiteError("W8A8 weights are per-channel: use group_size -1")
+        if self.kv_bit not in (4, 8):
+            raise QServeLiteError(f"kv_bit must be 4 or 8, got {self.kv_bit}")
+        if self.smooth_proj_alpha is None or self.smooth_proj_beta is None:
+            a, b = DEFAULT_ALPHA_BETA[self.group_size]
+            self.smooth_proj_alpha = a if self.smooth_proj_alpha is None else self.smooth_proj_alpha
+            self.smooth_proj_beta = b if self.smooth_proj_beta is None else self.smooth_proj_beta
+
+    # steps that only exist for some formats
+    @property
+    def does_reorder(self) -> bool:
+        return self.reorder and self.w_bit == 4 and self.group_size > 0
+
+    @property
+    def does_clip(self) -> bool:
+        return self.clip and self.w_bit == 4 and self.group_size == -1
+
+    @property
+    def precision(self) -> str:
+        return f"w{self.w_bit}a8kv{self.kv_bit}"
+
+    def calibration_size(self) -> tuple[int, int]:
+        n, t = calibrate.default_calibration_size()
+        return (self.n_samples or n, self.seq_len or t)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["calib_source"] = (self.calib_source if isinstance(self.calib_source, str)
+                             else [str(p) for p in self.calib_source])
+        return d
+
+
+def qoq_g128(**overrides) -> QoQConfig:
+    """deepcompressor's qoq-g128: progressive g128, reorder, smooth (0.3, 0.7), no clipping, GPTQ."""
+    return QoQConfig(**{"group_size": 128, "clip": False, **overrides})
+
+
+def qoq_per_channel(**overrides) -> QoQConfig:
+    """deepcompressor's qoq-gchn: per-channel W4, clip search, smooth (0.1, 0.9), GPTQ, no reordering."""
+    return QoQConfig(**{"group_size": -1, "reorder": False, **overrides})
+
+
+def qoq_w8a8(**overrides) -> QoQConfig:
+    """W8A8 (per-channel int8 weights): rotation + SmoothAttention + GPTQ."""
+    return QoQConfig(**{"w_bit": 8, "group_size": -1, "reorder": False, "clip": False, "smooth_proj": False,
+                        **overrides})
+
+
+def rtn(w_bit: int = 4, group_size: int = 128, kv_bit: int = 4, **overrides) -> QoQConfig:
+    """Round-to-nearest baseline: every QoQ step off (norms are still folded, as QServe's layout needs)."""
+    off = dict(rotation=False, smooth_attention=False, smooth_proj=False, reorder=False, clip=False,
+               gptq=False)
+    return QoQConfig(**{"w_bit": w_bit, "group_size": group_size, "kv_bit": kv_bit, **off, **overrides})
+
+
+def config_for_precision(precision: str = "w4a8kv4", group_size: int = 128, **overrides) -> QoQConfig:
+    """Preset for a QServe precision name (w4a8kv4, w4a8kv8, w8a8kv4, w8a8kv8)."""
+    from .precision import Precision
+
+    p = Precision.parse(precision)
+    if (p.w_bits, p.a_bits) not in ((4, 8), (8, 8)) or p.kv_bits not in (4, 8):
+        raise QServeLiteError(f"quantize supports w4a8kv4, w4a8kv8, w8a8kv4, w8a8kv8; got {p.name}")
+    if p.w_bits == 8:
+        return qoq_w8a8(kv_bit=p.kv_bits, **overrides)
+    preset = qoq_g128 if group_size == 128 else qoq_per_channel
+    return preset(kv_bit=p.kv_bits, **overrides)
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class QuantizeReport:
+    out_dir: Path
+    seconds: float
+    peak_rss_mb: float
+    calib_tokens: int
+    layers: list[dict] = field(default_factory=list)  # per layer: what each step did
+
+
+def _float32_model(cfg: ModelConfig, w: LlamaWeights) -> LlamaModel:
+    """A float32 copy of the decoder for the calibration forward (lm_head is never run)."""
+    def lin(x: Linear) -> Linear:
+        return Linear(x.weight.astype(np.float32), None if x.bias is None else x.bias.astype(np.float32))
+
+    layers = [LayerWeights(input_norm=lw.input_norm.astype(np.float32), q_proj=lin(lw.q_proj),
+                           k_proj=lin(lw.k_proj), v_proj=lin(lw.v_proj), o_proj=lin(lw.o_proj),
+                           post_attn_norm=lw.post_attn_norm.astype(np.float32), gate_proj=lin(lw.gate_proj),
+                           up_proj=lin(lw.up_proj), down_proj=lin(lw.down_proj)) for lw in w.layers]
+    embed = w.embed_tokens.astype(np.float32)
+    f32 = LlamaWeights(embed_tokens=embed, layers=layers, final_norm=w.final_norm.astype(np.float32),
+                       lm_head=Linear(embed))
+    return LlamaModel(cfg, f32, np)
+
+
+def point_specs(config: QoQConfig) -> dict[str, PointSpec]:
+    """What the calibration forward must keep for `config`."""
+    rows = config.clip_rows if config.does_clip else 0
+    h = config.gptq
+    specs = {
+        # attn_in rows serve v_proj's per-row search; whole samples the q/k attention-block search
+        "attn_in": PointSpec(hessian=h, rows=rows, keep_samples=config.clip_qk_samples if rows else 0),
+        "o_in": PointSpec(hessian=h, rows=rows),
+        "mlp_in": PointSpec(hessian=h, rows=rows),
+        "down_in": PointSpec(absmax=config.does_reorder or config.smooth_proj, hessian=h, rows=rows),
+    }
+    if config.smooth_attention:
+        specs["k"] = PointSpec(absmax=True)
+        if config.smooth_attention_beta != 0:
+            specs["q"] = PointSpec(absmax=True)
+    return {p: s for p, s in specs.items() if s != PointSpec()}
+
+
+def _permute_scale_stats(st: PointStats, perm: np.ndarray | None = None,
+                         scale: np.ndarray | None = None) -> None:
+    """Statistics of x[:, perm] / scale from those of x (in place)."""
+    if perm is not None:
+        if st.absmax is not None:
+            st.absmax = st.absmax[perm]
+        if st.hessian is not None:
+            st.hessian = st.hessian[np.ix_(perm, perm)]
+        if st.rows is not None:
+            st.rows = st.rows[:, perm]
+    if scale is not None:
+        if st.absmax is not None:
+            st.absmax = st.absmax / scale
+        if st.hessian is not None:
+            st.hessian = st.hessian / np.outer(scale, scale)
+        if st.rows is not None:
+            st.rows = (st.rows / scale).astype(np.float32)
+
+
+def transform_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointStats],
+                    config: QoQConfig) -> dict:
+    """SmoothAttention, reorder, down_proj smoothing of one float64 layer (in place), with the down_proj
+    input statistics transformed to match. Returns a small record of what was done."""
+    info: dict = {}
+    if config.smooth_attention:
+        q_abs = stats["q"].absmax if "q" in stats else None
+        lam = smooth_attention(lw, stats["k"].absmax, q_abs, cfg.num_heads,
+                               config.smooth_attention_alpha, config.smooth_attention_beta)
+        info["smooth_attention_scale_range"] = [float(lam.min()), float(lam.max())]
+    down = stats.get("down_in")
+    if config.does_reorder:
+        perm = reorder_down(lw, down.absmax)
+        _permute_scale_stats(down, perm=perm)
+        info["reorder"] = True
+    if config.smooth_proj:
+        lam = smooth_proj(lw, down.absmax, config.smooth_proj_alpha, config.smooth_proj_beta)
+        _permute_scale_stats(down, scale=lam)
+        info["smooth_proj_scale_range"] = [float(lam.min()), float(lam.max())]
+    return info
+
+
+def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointStats], config: QoQConfig,
+                   inv_freq: np.ndarray) -> dict:
+    """Replace the 7 linears of a (transformed, float64) layer by W4A8Linear / W8A8Linear, in place."""
+    from ..model.quant_linear import W4A8Linear, W8A8Linear
+
+    info: dict = {}
+    ratios = {name: 1.0 for name in LINEAR_NAMES}
+    if config.does_clip:
+        grid = clip_ratios(config.clip_grid, config.clip_min_ratio)
+        ratios["q_proj"], ratios["k_proj"] = search_qk_clip(
+            lw, stats["attn_in"].samples, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, inv_freq, grid)
+        for name in ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            rows = stats[INPUT_POINT[name]].rows
+            ratios[name] = search_row_clip(getattr(lw, name).weight, rows, grid)[0]
+        info["clip_ratio_mean"] = {n: round(float(np.mean(r)), 4) for n, r in ratios.items()}
+    gkw = dict(block_size=config.gptq_block_size, damp=config.gptq_damp, act_order=config.gptq_act_order)
+    for name in LINEAR_NAMES:
+        lin = getattr(lw, name)
+        w = lin.weight
+        h = stats[INPUT_POINT[name]].hessian_mean() if config.gptq else None
+        if config.w_bit == 8:
+            q = gptq_w8(w, h, **gkw) if config.gptq else quantize_w8_per_channel(w)
+            new = W8A8Linear(q, lin.bias)
+        elif config.group_size > 0:
+            q = gptq_w4_group(w, h, config.group_size, **gkw) if config.gptq else quantize_w4_group(
+                w, config.group_size)
+            new = W4A8Linear(q, lin.bias)
+        else:
+            r = ratios[name]
+            q = gptq_w4_per_channel(w, h, r, **gkw) if config.gptq else quantize_w4_per_channel(w, r)
+            new = W4A8Linear(q, lin.bias)
+        setattr(lw, name, new)
+    return info
+
+
+def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig | None = None,
+                   calib_files: list[str | Path] | None = None, progress: bool = True,
+                   overwrite: bool = False) -> QuantizeReport:
+    """Quantize a float Llama-family model with QoQ and write a QServe-format checkpoint to out_dir."""
+    from tqdm.auto import tqdm
+
+    from ..model.checkpoint import save_quantized
+    from ..model.loader import resolve_model
+    from ..model.tokenizer import Tokenizer
+    from .rotate import fold_norms, rotate_model
+
+    config = config or qoq_g128()
+    t0 = time.perf_counter()
+    path = resolve_model(model_dir)
+    cfg = ModelConfig.from_file(path / "config.json")
+    if "quantization_config" in cfg.extra:
+        raise QServeLiteError(f"{path} is already quantized; quantize the float model it came from")
+    tokenizer = Tokenizer(path)
+    n_samples, seq_len = config.calibration_size()
+    if seq_len > cfg.max_position_embeddings:
+        raise QServeLiteError(f"calibration seq_len {seq_len} exceeds the model's context "
+                              f"{cfg.max_position_embeddings}")
+    source = list(calib_files) if calib_files else config.calib_source
+    config = dataclasses.replace(config, calib_source=source, n_samples=n_samples, seq_len=seq_len)
+    samples = calibrate.load_calibration_samples(tokenizer, source, n_samples, seq_len, config.seed, progress)
+    n_samples = samples.shape[0]
+
+    weights = load_llama_weights(cfg, path, dtype=np.float64)
+    if config.rotation:
+        rotate_model(cfg, weights, residual=True, heads_vo=True)
+    else:
+        fold_norms(weights)  # QServe's W4A8 runtime ignores norm weights: they must live in the linears
+    runner = LayerRunner(_float32_model(cfg, weights), samples, config.batch_size)
+    inv_freq = rope_inv_freq(cfg)
+    specs = point_specs(config)
+    layer_info = []
+    bar = tqdm(range(cfg.num_layers), desc=f"QoQ {config.precision} g{config.group_size}", unit="layer",
+               disable=not progress)
+    for i in bar:
+        stats = runner.run(i, specs)
+        lw = weights.layers[i]
+        info = transform_layer(cfg, lw, stats, config)
+        info.update(quantize_layer(cfg, lw, stats, config, inv_freq))
+        layer_info.append(info)
+        del stats
+        runner.model.weights.layers[i] = None  # the float32 copy of a done layer is no longer needed
+    del runner
+
+    qc = {
+        "quant_method": "qoq", "w_bit": config.w_bit, "a_bit": 8, "group_size": config.group_size,
+        "kv_bit": config.kv_bit, "qoq": config.to_dict(),
+        "calibration": {"source": config.to_dict()["calib_source"], "n_samples": int(n_samples),
+                        "seq_len": int(seq_len), "tokens": int(samples.size), "seed": config.seed},
+    }
+    out = save_quantized(out_dir, dict(cfg.extra), weights, qc, path, overwrite=overwrite)
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    report = QuantizeReport(Path(out), seconds, peak_mb, int(samples.size), layer_info)
+    if progress:
+        print(f"quantized {path.name} -> {out}: {config.precision}, group size {config.group_size}, "
+              f"{n_samples} x {seq_len} calibration tokens, {seconds:.0f}s, peak memory {peak_mb:.0f} MB",
+              file=sys.stderr)
+    return report
