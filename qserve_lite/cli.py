@@ -1,4 +1,4 @@
-"""qserve-lite command line: generate, ppl, quantize, import-gguf."""
+"""qserve-lite command line: generate, chat, ppl, quantize, import-gguf."""
 
 from __future__ import annotations
 
@@ -27,6 +27,23 @@ def _add_precision_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Sampling, engine and device options shared by generate and chat."""
+    p.add_argument("--system", default=None, help="system message (chat template)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in flight at once")
+    p.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
+    _add_precision_arg(p)
+
+
 def _pick_device(requested: str) -> str:
     if requested == "gpu":
         raise DeviceError(
@@ -36,46 +53,105 @@ def _pick_device(requested: str) -> str:
     return "cpu"  # auto -> cpu until the GPU engine lands
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .engine.reference import generate
-    from .model.loader import load_model
+def _sampling_params(args: argparse.Namespace):
     from .sampling_params import SamplingParams
 
-    _pick_device(args.device)
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, ignore_eos=args.ignore_eos,
+        min_p=args.min_p, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop or ()),
+        repetition_penalty=args.repetition_penalty,
     )
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
-        raise QServeLiteError("the prompt is empty")
+
+
+def _load_llm(args: argparse.Namespace):
+    """The engine on the chosen device; returns (llm, load seconds)."""
+    from .llm import LLM
+
+    device = _pick_device(args.device)
     t0 = time.perf_counter()
-    lm = load_model(args.model, precision=args.precision)
-    t_load = time.perf_counter() - t0
+    llm = LLM(args.model, precision=args.precision, device=device, max_num_seqs=args.max_num_seqs)
+    return llm, time.perf_counter() - t0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _pick_device(args.device)
+    params = _sampling_params(args)
+    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+    if any(not p.strip() for p in prompts):
+        raise QServeLiteError("the prompt is empty")
+    llm, t_load = _load_llm(args)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": prompt})
-        prompt_ids = lm.tokenizer.encode_chat(messages)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        requests = [llm.tokenizer.encode_chat(system + [{"role": "user", "content": p}]) for p in prompts]
     else:
-        prompt_ids = lm.tokenizer.encode(prompt)
-
-    def emit(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
+        requests = [llm.tokenizer.encode(p) for p in prompts]
+    where = f"device cpu, {llm.precision}"
     t1 = time.perf_counter()
-    out = generate(lm.model, lm.tokenizer, prompt_ids, params, on_text=None if args.no_stream else emit)
+    if len(requests) == 1 and not args.no_stream:
+        stream = llm.stream(requests[0], params)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        outputs = [stream.output]
+    else:
+        outputs = llm.generate(requests, params, use_tqdm=len(requests) > 1)
     dt = time.perf_counter() - t1
-    if args.no_stream:
-        sys.stdout.write(out.text)
-    sys.stdout.write("\n")
+    n_gen = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if len(outputs) == 1:
+        out = outputs[0]
+        if args.no_stream:
+            sys.stdout.write(out.text)
+        sys.stdout.write("\n")
+        print(
+            f"[{len(out.prompt_token_ids)} prompt + {n_gen} generated tokens, "
+            f"finish={out.outputs[0].finish_reason}, load {t_load:.1f}s, generate {dt:.1f}s "
+            f"({n_gen / max(dt, 1e-9):.1f} tok/s), {where}]",
+            file=sys.stderr,
+        )
+        return 0
+    for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
+        print(f"=== [{i + 1}/{len(outputs)}] {prompt.strip()[:60]!r} (finish={out.outputs[0].finish_reason})")
+        print(out.text)
     print(
-        f"[{len(prompt_ids)} prompt + {len(out.token_ids)} generated tokens, finish={out.finish_reason}, "
-        f"load {t_load:.1f}s, generate {dt:.1f}s ({len(out.token_ids) / max(dt, 1e-9):.1f} tok/s), "
-        f"device cpu, {lm.precision}]",
+        f"[{len(outputs)} prompts, {n_gen} generated tokens, load {t_load:.1f}s, generate {dt:.1f}s "
+        f"({n_gen / max(dt, 1e-9):.1f} tok/s), {where}]",
         file=sys.stderr,
     )
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat over stdin: each line is a user turn; the history is kept. /exit quits, /reset
+    clears the history."""
+    params = _sampling_params(args)
+    llm, t_load = _load_llm(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    print(f"[{args.model} loaded in {t_load:.1f}s, {llm.precision}; /exit to quit, /reset to forget]",
+          file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        user = line.strip()
+        if not user:
+            continue
+        if user == "/reset":
+            history = []
+            print("[history cleared]", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": user})
+        stream = llm.stream(system + history, params)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": stream.output.text})
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
@@ -148,21 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qserve-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text from a prompt")
+    g = sub.add_parser("generate", help="generate text from one or more prompts (batched)")
     _add_model_arg(g)
-    g.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads stdin)")
+    g.add_argument("--prompt", "-p", required=True, action="append",
+                   help="prompt text ('-' reads stdin); repeat for several prompts, batched by the engine")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--system", default=None, help="system message for --chat")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
-    g.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
-    _add_precision_arg(g)
+    g.add_argument("--no-stream", action="store_true", help="print the answer at the end, not streamed")
+    _add_generation_args(g)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat over stdin (history kept; /exit quits, /reset clears)")
+    _add_model_arg(c)
+    _add_generation_args(c)
+    c.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("ppl", help="perplexity over text files (GPTQ/QServe protocol)")
     _add_model_arg(p)

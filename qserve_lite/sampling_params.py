@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import SamplingError
@@ -9,6 +10,19 @@ from .errors import SamplingError
 
 @dataclass
 class SamplingParams:
+    """Per-request sampling and stopping.
+
+    max_tokens: most tokens to generate. temperature: 0 = greedy (exact argmax). top_k (0 = off),
+    top_p (1 = off), min_p (0 = off: drop tokens whose probability is below min_p x the top token's).
+    seed: a per-request generator, so the draws do not depend on what else is in the batch.
+    stop: strings that end generation; the output text is trimmed before the first one found.
+    stop_token_ids: token ids that end generation (not included in the output); the model's EOS ids
+    do too unless ignore_eos. repetition_penalty (1 = off; > 1 discourages tokens of the prompt and the
+    output), presence_penalty / frequency_penalty (0 = off; subtract once / per occurrence in the output).
+    logprobs: None = off; N = return, per generated token, the log-probabilities of the N most likely
+    tokens and of the sampled one under the model's distribution (before penalties and temperature).
+    """
+
     max_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -16,18 +30,51 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    stop: tuple[str, ...] | str = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not (self.temperature >= 0.0):
-            raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (self.temperature >= 0.0) or math.isinf(self.temperature):
+            raise SamplingError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if not (0.0 <= self.min_p <= 1.0):
+            raise SamplingError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise SamplingError(f"seed must be None or an integer >= 0, got {self.seed!r}")
+        if not (self.repetition_penalty > 0.0) or math.isinf(self.repetition_penalty):
+            raise SamplingError(
+                f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (-2.0 <= value <= 2.0):
+                raise SamplingError(f"{name} must be in [-2, 2] (0 = off), got {value!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise SamplingError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise SamplingError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        self.stop = stop
+        try:
+            self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        except (TypeError, ValueError):
+            raise SamplingError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}") from None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

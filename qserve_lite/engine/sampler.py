@@ -1,6 +1,16 @@
-"""Next-token choice from a logits row: greedy, or temperature + top-k + top-p sampling (numpy)."""
+"""Next-token choice. `sample_next`: one logits row (the reference loop). `Sampler`: a batch of rows with
+per-request parameters, written against an array module so the same code runs on the device (only the
+sampled ids, the uniforms and the requested top-N logprobs cross to or from the host).
+
+Per row, in order: log-probabilities for `logprobs` (the model's own distribution); repetition, presence
+and frequency penalties; then greedy rows take the argmax (exact), and sampled rows apply temperature,
+top-k, top-p (over the top-k renormalized distribution), min-p, and draw by inverse CDF with one uniform
+from the request's own generator: a seeded request samples the same tokens whatever else is in the batch.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -8,7 +18,7 @@ from ..sampling_params import SamplingParams
 
 
 def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """logits [vocab] (any float dtype) -> token id."""
+    """logits [vocab] (any float dtype) -> token id (no penalties: they need the token history)."""
     logits = np.asarray(logits, dtype=np.float64)
     if params.greedy:
         return int(np.argmax(logits))
@@ -27,4 +37,140 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
         mask[order[keep]] = True
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
+    if params.min_p > 0.0:
+        probs = np.where(probs >= params.min_p * probs.max(), probs, 0.0)
+        probs /= probs.sum()
     return int(rng.choice(probs.size, p=probs))
+
+
+def _to_host(x) -> np.ndarray:
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+def log_softmax(x, xp):
+    x = x - xp.max(x, axis=-1, keepdims=True)
+    return x - xp.log(xp.sum(xp.exp(x), axis=-1, keepdims=True))
+
+
+def apply_penalties(logits, seqs, xp):
+    """Penalize logits [R, V] in place for the token history of seqs (one per row).
+
+    repetition_penalty over prompt + output tokens (positive logits divided, negative multiplied);
+    presence_penalty once and frequency_penalty per occurrence, over output tokens."""
+    R, V = logits.shape
+    out_rows = np.concatenate([np.full(s.num_output_tokens, r) for r, s in enumerate(seqs)] + [[]])
+    out_toks = np.concatenate([s.output_token_ids for s in seqs] + [[]])
+    counts = xp.zeros((R, V), dtype=xp.float32)
+    xp.add.at(counts, (xp.asarray(out_rows, dtype=np.int64), xp.asarray(out_toks, dtype=np.int64)), 1.0)
+    prompt_rows = np.concatenate([np.full(s.num_prompt_tokens, r) for r, s in enumerate(seqs)])
+    prompt_toks = np.concatenate([s.token_ids[: s.num_prompt_tokens] for s in seqs])
+    seen = counts > 0
+    seen[xp.asarray(prompt_rows, dtype=np.int64), xp.asarray(prompt_toks, dtype=np.int64)] = True
+    rep = xp.asarray([s.params.repetition_penalty for s in seqs], dtype=xp.float32)[:, None]
+    pres = xp.asarray([s.params.presence_penalty for s in seqs], dtype=xp.float32)[:, None]
+    freq = xp.asarray([s.params.frequency_penalty for s in seqs], dtype=xp.float32)[:, None]
+    penalized = xp.where(logits > 0, logits / rep, logits * rep)
+    logits[...] = xp.where(seen, penalized, logits)
+    logits -= freq * counts + pres * (counts > 0)
+    return logits
+
+
+def filter_logits(x, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray, xp):
+    """Set to -inf, per row of temperature-scaled logits x [R, V], what top_k (0 = off), top_p (1 = off)
+    and min_p (0 = off) exclude. Ties at a threshold are kept."""
+    R, V = x.shape
+    top_k = np.where((top_k <= 0) | (top_k >= V), V, top_k)
+    rows = np.nonzero((top_k < V) | (top_p < 1.0))[0]
+    if len(rows):
+        xs = x[rows]
+        k = xp.asarray(top_k[rows])[:, None]
+        ordered = -xp.sort(-xs, axis=-1)  # descending
+        ordered = xp.where(xp.arange(V)[None, :] < k, ordered, -xp.inf)
+        probs = xp.exp(ordered - ordered[:, :1])
+        probs /= probs.sum(axis=-1, keepdims=True)
+        keep = xp.cumsum(probs, axis=-1) - probs < xp.asarray(top_p[rows], dtype=xp.float32)[:, None]
+        last = xp.minimum(keep.sum(axis=-1) - 1, k[:, 0] - 1)  # the kept prefix, never past top_k
+        threshold = xp.take_along_axis(ordered, last[:, None], axis=-1)
+        x[rows] = xp.where(xs >= threshold, xs, -xp.inf)
+    rows = np.nonzero(min_p > 0.0)[0]
+    if len(rows):
+        xs = x[rows]  # p >= min_p * p_max  <=>  x >= x_max + log(min_p)
+        threshold = xs.max(axis=-1, keepdims=True) + xp.asarray(np.log(min_p[rows]), dtype=xs.dtype)[:, None]
+        x[rows] = xp.where(xs >= threshold, xs, -xp.inf)
+    return x
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]  # per row: {token: logprob} (top-N and the sampled one)
+
+
+class Sampler:
+    """Batched sampling over logits [B, V] from the model (one row per sequence, in batch order)."""
+
+    def __init__(self, xp=np):
+        self.xp = xp
+
+    def __call__(self, logits, seqs) -> SamplerOutput:
+        xp = self.xp
+        B, V = logits.shape
+        params = [s.params for s in seqs]
+        penalized = [i for i, p in enumerate(params) if p.has_penalties]
+        logits = logits.astype(xp.float32, copy=bool(penalized))  # penalties write into it
+        want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = log_softmax(logits[want_lp], xp) if want_lp else None
+        if penalized:
+            logits[penalized] = apply_penalties(logits[penalized], [seqs[i] for i in penalized], xp)
+
+        tokens = np.empty(B, dtype=np.int64)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if greedy:
+            tokens[greedy] = _to_host(xp.argmax(logits[greedy], axis=-1))
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            temps = xp.asarray([params[i].temperature for i in sampled], dtype=xp.float32)[:, None]
+            x = filter_logits(
+                logits[sampled] / temps,
+                np.array([params[i].top_k for i in sampled]),
+                np.array([params[i].top_p for i in sampled]),
+                np.array([params[i].min_p for i in sampled]),
+                xp,
+            )
+            probs = xp.exp(x - x.max(axis=-1, keepdims=True))
+            cdf = xp.cumsum(probs, axis=-1)
+            # u in (0, 1]: the first token whose cdf reaches u * total has positive probability
+            u = xp.asarray([1.0 - seqs[i].generator.random() for i in sampled], dtype=xp.float32)[:, None]
+            picked = xp.minimum(xp.sum(cdf < u * cdf[:, -1:], axis=-1), V - 1)
+            tokens[sampled] = _to_host(picked)
+
+        logprobs: list[dict[int, float] | None] = [None] * B
+        if want_lp:
+            lp_host = self._top_logprobs(raw_logprobs, [params[i].logprobs for i in want_lp], tokens[want_lp])
+            for i, d in zip(want_lp, lp_host, strict=True):
+                logprobs[i] = d
+        return SamplerOutput(tokens.tolist(), logprobs)
+
+    def _top_logprobs(self, logprobs, ns: list[int], chosen: np.ndarray) -> list[dict[int, float]]:
+        """{token: logprob} per row: the top n (most likely first) plus the chosen token."""
+        xp = self.xp
+        V = logprobs.shape[1]
+        n_max = min(max(ns), V)
+        chosen_lp = _to_host(xp.take_along_axis(logprobs, xp.asarray(chosen)[:, None], axis=-1))[:, 0]
+        if n_max > 0:
+            if n_max < V:
+                top = xp.argpartition(-logprobs, n_max - 1, axis=-1)[:, :n_max]
+            else:
+                top = xp.broadcast_to(xp.arange(V), logprobs.shape)
+            top_lp = xp.take_along_axis(logprobs, top, axis=-1)
+            order = xp.argsort(-top_lp, axis=-1, kind="stable")
+            top, top_lp = (
+                _to_host(xp.take_along_axis(top, order, axis=-1)),
+                _to_host(xp.take_along_axis(top_lp, order, axis=-1)),
+            )
+        out = []
+        for r, n in enumerate(ns):
+            d = {int(t): float(v) for t, v in zip(top[r, :n], top_lp[r, :n], strict=True)} if n else {}
+            d.setdefault(int(chosen[r]), float(chosen_lp[r]))
+            out.append(d)
+        return out

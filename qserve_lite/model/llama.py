@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from .attention import AttentionBackend, as_backend
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -39,8 +40,37 @@ ATTN_QUERY_BLOCK = 256  # queries per attention block in prefill
 OBSERVED_POINTS = ("layer_in", "attn_in", "q", "k", "v", "o_in", "mlp_in", "down_in")
 
 
+def causal_attention(q, k_all, v_all, start: int, xp):
+    """Causal GQA attention of queries q [B, T, H, D] at positions start..start+T-1 over the keys and
+    values k_all, v_all [B, KVH, S, D] of positions 0..S-1 (S >= start + T). Returns [B, T, H * D]."""
+    B, T, H, D = q.shape
+    KVH = k_all.shape[1]
+    group = H // KVH
+    scale = 1.0 / math.sqrt(D)
+    # Query head h uses kv head h // group. Each kv head's `group` query heads are stacked along the
+    # token axis so every product is one (group*t, D) x (D, S) matrix multiply. Queries go in blocks
+    # so the score matrix stays small and causality skips the keys a block cannot see.
+    qg = q.reshape(B, T, KVH, group, D).transpose(0, 2, 3, 1, 4)  # [B, KVH, group, T, D]
+    out = xp.empty((B, KVH, group, T, D), dtype=q.dtype)
+    for s in range(0, T, ATTN_QUERY_BLOCK):
+        e = min(s + ATTN_QUERY_BLOCK, T)
+        n, visible = e - s, start + e
+        qb = qg[:, :, :, s:e].reshape(B, KVH, group * n, D)
+        scores = qb @ k_all[:, :, :visible].swapaxes(-1, -2)  # [B, KVH, group*n, visible]
+        scores *= scale
+        if n > 1:  # only the block's own n newest keys need the causal mask
+            q_local = xp.tile(xp.arange(n), group)[:, None]
+            scores[..., visible - n :] += xp.where(xp.arange(n)[None, :] > q_local, -xp.inf, 0.0).astype(
+                scores.dtype
+            )
+        probs = softmax_(scores, xp)
+        out[:, :, :, s:e] = (probs @ v_all[:, :, :visible]).reshape(B, KVH, group, n, D)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
+
+
 class LlamaModel:
-    """Weights + config + array module. `forward` runs a batch of equal-length token chunks."""
+    """Weights + config + array module. `forward` runs a batch of equal-length token chunks over a
+    contiguous cache; `forward_packed` runs the engine's packed variable-length batches over pages."""
 
     def __init__(self, cfg: ModelConfig, weights: LlamaWeights, xp=np, kv_quantizer=None):
         self.cfg = cfg
@@ -66,7 +96,9 @@ class LlamaModel:
         if self.observer is not None:
             self.observer(layer_idx, point, value)
 
-    def attention(self, layer_idx: int, lw: LayerWeights, x, cos, sin, cache: KVCache, start: int):
+    def attention(self, layer_idx: int, lw: LayerWeights, x, cos, sin, cache, start: int):
+        """Self-attention of x [B, T, hidden]. `cache` is a KVCache-like cache (all sequences hold `start`
+        tokens) or an attention backend (model/attention.py: the paged cache of the engine)."""
         cfg, xp = self.cfg, self.xp
         B, T, _ = x.shape
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -79,30 +111,11 @@ class LlamaModel:
             self._observe(layer_idx, "q", q)
             self._observe(layer_idx, "k", k)
             self._observe(layer_idx, "v", v)
-        cache.write(layer_idx, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), start)
-        end = start + T
-        k_all, v_all = cache.read(layer_idx, end)  # [B, KVH, S, D]
-        group = H // KVH
-        scale = 1.0 / math.sqrt(D)
-        # Query head h uses kv head h // group. Each kv head's `group` query heads are stacked along the
-        # token axis so every product is one (group*t, D) x (D, S) matrix multiply. Queries go in blocks
-        # so the score matrix stays small and causality skips the keys a block cannot see.
-        qg = q.reshape(B, T, KVH, group, D).transpose(0, 2, 3, 1, 4)  # [B, KVH, group, T, D]
-        out = xp.empty((B, KVH, group, T, D), dtype=q.dtype)
-        for s in range(0, T, ATTN_QUERY_BLOCK):
-            e = min(s + ATTN_QUERY_BLOCK, T)
-            n, visible = e - s, start + e
-            qb = qg[:, :, :, s:e].reshape(B, KVH, group * n, D)
-            scores = qb @ k_all[:, :, :visible].swapaxes(-1, -2)  # [B, KVH, group*n, visible]
-            scores *= scale
-            if n > 1:  # only the block's own n newest keys need the causal mask
-                q_local = xp.tile(xp.arange(n), group)[:, None]
-                scores[..., visible - n :] += xp.where(xp.arange(n)[None, :] > q_local, -xp.inf, 0.0).astype(
-                    scores.dtype
-                )
-            probs = softmax_(scores, xp)
-            out[:, :, :, s:e] = (probs @ v_all[:, :, :visible]).reshape(B, KVH, group, n, D)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
+        kv = as_backend(cache, start)
+        kv.write(layer_idx, k, v)
+        out = xp.empty((B, T, H * D), dtype=q.dtype)
+        for index, k_ctx, v_ctx, ctx_start in kv.contexts(layer_idx):
+            out[index] = causal_attention(q[index], k_ctx, v_ctx, ctx_start, xp)
         self._observe(layer_idx, "o_in", out)
         return lw.o_proj(out)
 
@@ -144,6 +157,19 @@ class LlamaModel:
             h = self.layer(i, lw, h, cos, sin, cache, start)
         cache.length = start + T
         return rms_norm(h, w.final_norm, cfg.rms_norm_eps, xp)
+
+    def forward_packed(self, token_ids, positions, attn: AttentionBackend):
+        """Run a packed variable-length batch: token_ids, positions [N] hold several sequences' new
+        tokens back to back, and `attn` (a PagedAttention) says where each one's keys and values live.
+
+        Returns the final-normed hidden states [N, hidden].
+        """
+        xp, w = self.xp, self.weights
+        cos, sin = rope_cos_sin(positions, self.inv_freq, xp, dtype=w.embed_tokens.dtype)
+        h = w.embed_tokens[xp.asarray(token_ids)][None]  # [1, N, hidden]
+        for i, lw in enumerate(w.layers):
+            h = self.layer(i, lw, h, cos, sin, attn, 0)
+        return rms_norm(h[0], w.final_norm, self.cfg.rms_norm_eps, xp)
 
     def logits(self, hidden):
         """Vocabulary scores for hidden states [..., hidden] -> [..., vocab] (fp32)."""

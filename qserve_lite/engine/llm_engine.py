@@ -1,0 +1,203 @@
+"""LLMEngine: requests in, one batch per step(), outputs back.
+
+add_request tokenizes and queues; step() asks the scheduler for a batch, has the runner compute the next
+logits, samples, then appends each token, detokenizes, checks the stop conditions and frees what
+finished. The runner is the only device-specific part (numpy here, CuPy on the GPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import QServeLiteError
+from ..model.loader import LoadedModel
+from ..model.paged_kv_cache import PAGE_SIZE
+from ..model.tokenizer import IncrementalDetokenizer
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, default_num_pages
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
+
+class LLMEngine:
+    """max_model_len (prompt + output tokens per sequence) defaults to the model's context, capped to
+    what the page pool and one prefill step can hold; given explicitly, it must fit both."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        num_pages: int | None = None,
+        max_model_len: int | None = None,
+        watermark: float = 0.01,
+        seed: int = 0,
+        runner=None,
+    ):
+        cfg = loaded.config
+        if max_num_seqs < 1:
+            raise QServeLiteError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_model_len is not None and not 1 < max_model_len <= cfg.max_position_embeddings:
+            raise QServeLiteError(
+                f"max_model_len must be in 2..{cfg.max_position_embeddings} (the model's context), "
+                f"got {max_model_len}"
+            )
+        limit = max_model_len or cfg.max_position_embeddings
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, limit)
+        if max_num_batched_tokens < 2:
+            raise QServeLiteError(f"max_num_batched_tokens must be >= 2, got {max_num_batched_tokens}")
+        if num_pages is None:
+            if runner is not None:
+                raise QServeLiteError("give num_pages along with a custom runner")
+            num_pages = default_num_pages(loaded.model, max_num_seqs, limit)
+        if num_pages < 1:
+            raise QServeLiteError(f"num_pages must be >= 1, got {num_pages}")
+        fits = min(num_pages * PAGE_SIZE, max_num_batched_tokens)
+        if max_model_len is not None and max_model_len > fits:
+            raise QServeLiteError(
+                f"max_model_len {max_model_len} does not fit: {num_pages} pages hold {num_pages * PAGE_SIZE} "
+                f"tokens and max_num_batched_tokens is {max_num_batched_tokens}. A preempted sequence is "
+                "prefilled again whole, so both must hold max_model_len tokens: raise num_pages and "
+                "max_num_batched_tokens, or lower max_model_len"
+            )
+        self.max_model_len = min(limit, fits)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.vocab_size = cfg.vocab_size
+        self.block_manager = BlockManager(num_pages, PAGE_SIZE, watermark)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = runner if runner is not None else ModelRunner(loaded.model, num_pages)
+        self.sampler = Sampler(getattr(self.runner, "xp", np))
+        self.rng = np.random.default_rng(seed)  # seeds the generators of requests without a seed
+        self.seqs: dict[str, Sequence] = {}  # unfinished requests by id
+        self._next_seq_id = 0
+        self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
+
+    # ---- requests ----
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a prompt (text, or token ids); returns its request id."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise QServeLiteError(
+                    f"prompt token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})"
+                )
+        if not ids:
+            raise QServeLiteError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise QServeLiteError(
+                f"the prompt has {len(ids)} tokens; at most {self.max_model_len - 1} fit (max_model_len "
+                f"{self.max_model_len} counts prompt + output). Shorten it or raise max_model_len/num_pages"
+            )
+        request_id = str(self._next_seq_id) if request_id is None else str(request_id)
+        if request_id in self.seqs:
+            raise QServeLiteError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self.rng.integers(2**63))
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(self.tokenizer.eos_token_ids)
+        seq = Sequence(
+            self._next_seq_id,
+            request_id,
+            ids,
+            params,
+            np.random.default_rng(seed),
+            prompt=text,
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            stop_ids=frozenset(stop_ids),
+        )
+        self._next_seq_id += 1
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now (waiting or running) and free its pages; False if it is not in flight."""
+        seq = self.seqs.pop(str(request_id), None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ----
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns the state of every request that got a token (finished ones included)."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.runner.run(batch.seqs, batch.is_prefill)
+        sampled = self.sampler(logits, batch.seqs)
+        self.num_steps += 1
+        if batch.is_prefill:
+            self.num_prompt_tokens += batch.num_tokens
+        outputs = []
+        for seq, token, logprobs in zip(batch.seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            seq.num_cached_tokens = len(seq)  # the runner wrote K/V of every token so far
+            self._append(seq, token, logprobs)
+            outputs.append(self.output_of(seq))
+            if seq.is_finished:
+                self.seqs.pop(seq.request_id, None)
+        self.num_generated_tokens += len(batch.seqs)
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
+        params = seq.params
+        if token in seq.stop_ids:
+            self._finish(seq, "stop", token)
+            return
+        old_len = len(seq.text)
+        seq.append_token(token, logprobs)
+        if params.stop:
+            start = max(0, old_len - max(len(s) for s in params.stop) + 1)
+            hits = [(i, s) for s in params.stop if (i := seq.text.find(s, start)) >= 0]
+            if hits:
+                i, s = min(hits)
+                seq.text = seq.text[:i]
+                self.scheduler.finish(seq, "stop", s)
+                return
+        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | None = None) -> None:
+        self.scheduler.finish(seq, reason, stop_reason)
+        # the incremental text holds back incomplete characters; the final text is the full decode
+        full = self.tokenizer.decode(seq.output_token_ids)
+        if full.startswith(seq.text):
+            seq.text = full
+
+    @staticmethod
+    def output_of(seq: Sequence) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=seq.visible_text(),
+            token_ids=seq.output_token_ids,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+        )
+        return RequestOutput(
+            seq.request_id,
+            seq.prompt,
+            seq.token_ids[: seq.num_prompt_tokens],
+            [completion],
+            finished=seq.is_finished,
+            num_preemptions=seq.num_preemptions,
+        )

@@ -1,0 +1,96 @@
+"""Sequence: one request's tokens, state, pages and output text as it moves through the engine."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+from ..model.tokenizer import IncrementalDetokenizer
+from ..sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"  # queued for (re)prefill: new, or preempted and to be recomputed
+    RUNNING = "running"  # holds pages; decodes every step
+    FINISHED = "finished"
+
+
+class Sequence:
+    """token_ids = prompt + generated tokens. The first `num_cached_tokens` of them have their K/V in
+    the pages of `block_table`; the rest (the whole sequence after admission or preemption, the last
+    sampled token while decoding) go through the model in the next step that schedules this sequence."""
+
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generator: np.random.Generator,
+        prompt: str | None = None,
+        detokenizer: IncrementalDetokenizer | None = None,
+        stop_ids: frozenset[int] = frozenset(),
+    ):
+        self.seq_id = seq_id  # arrival order: lower = older (preemption takes the newest first)
+        self.request_id = request_id
+        self.prompt = prompt
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.generator = generator
+        self.stop_ids = stop_ids  # stop_token_ids plus EOS unless ignore_eos
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None  # "stop", "length" or "abort"
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # detokenizer state: full text so far (trimmed at a stop string once one is found)
+        self.detokenizer = detokenizer
+        self.text = ""
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, request={self.request_id!r}, {self.status.value}, "
+            f"{self.num_prompt_tokens}+{self.num_output_tokens} tokens, pages={self.block_table})"
+        )
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> str:
+        """Add a generated token; returns the newly decoded text (empty without a detokenizer)."""
+        self.token_ids.append(int(token_id))
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
+        if self.detokenizer is None:
+            return ""
+        piece = self.detokenizer.add(token_id)
+        self.text += piece
+        return piece
+
+    def visible_text(self) -> str:
+        """The text safe to show now: while running, the tail that could still turn out to be the start of
+        a stop string is held back, so streamed pieces never have to be taken back."""
+        if self.is_finished or not self.params.stop:
+            return self.text
+        hold = max(len(s) for s in self.params.stop) - 1
+        return self.text[: max(0, len(self.text) - hold)]

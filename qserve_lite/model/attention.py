@@ -1,0 +1,97 @@
+"""Attention KV backends: where one forward call's keys and values go, and where attention reads them.
+
+The forward (llama.py) computes q, k, v and RoPE, calls `backend.write(layer, k, v)` with
+k, v [B, T, KVH, D], then for each `(index, k_ctx, v_ctx, start)` of `backend.contexts(layer)` runs the one
+fp32 attention routine on `q[index]` against k_ctx, v_ctx [G, KVH, S, D] (queries at positions
+start..start+T-1) and stores the result in `out[index]`. Two backends:
+
+- `ContiguousAttention`: a `KVCache` ([batch, kv_heads, max_len, head_dim] per layer) and one start
+  position shared by the batch (the reference forward, perplexity, calibration). One context: the batch.
+- `PagedAttention`: a packed variable-length batch (B = 1, T = every sequence's new tokens back to back)
+  over a `PagedKVCache`; writes go to `slot_mapping`, reads gather each sequence's pages by block table.
+  Sequences with equal (new tokens, context length) form one context: the batched matmul runs the same
+  per-matrix products, so each sequence gets exactly what it would get alone or from a contiguous cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class AttentionBackend:
+    """Interface: write(layer, k, v) then contexts(layer) -> (index, k_ctx, v_ctx, start) tuples."""
+
+    def write(self, layer: int, k, v) -> None:
+        raise NotImplementedError
+
+    def contexts(self, layer: int) -> Iterator[tuple]:
+        raise NotImplementedError
+
+
+class ContiguousAttention(AttentionBackend):
+    """A contiguous cache (`KVCache`, or anything with its write/read) whose sequences all hold `start`
+    tokens before this call."""
+
+    def __init__(self, cache, start: int):
+        self.cache = cache
+        self.start = start
+        self._end = start
+
+    def write(self, layer: int, k, v) -> None:
+        self.cache.write(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), self.start)
+        self._end = self.start + k.shape[1]
+
+    def contexts(self, layer: int):
+        k_all, v_all = self.cache.read(layer, self._end)  # [B, KVH, S, D]
+        yield slice(None), k_all, v_all, self.start
+
+
+def as_backend(cache, start: int) -> AttentionBackend:
+    """A backend passes through; a plain cache (write/read by start position) gets the contiguous one."""
+    return cache if isinstance(cache, AttentionBackend) else ContiguousAttention(cache, start)
+
+
+@dataclass
+class PackedBatch:
+    """Where each sequence of a packed batch sits. Its new tokens are packed rows
+    query_start[i]:query_start[i+1]; it attends over context_lens[i] tokens (cached + new) whose pages
+    are block_tables[i] (padded with -1); slot_mapping[j] = page * page_size + offset of packed token j."""
+
+    query_start: np.ndarray  # int64 [num_seqs + 1] (cu_seqlens)
+    context_lens: np.ndarray  # int64 [num_seqs]
+    block_tables: np.ndarray  # int64 [num_seqs, max_pages]
+    slot_mapping: np.ndarray  # int64 [num_tokens]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+
+class PagedAttention(AttentionBackend):
+    """A packed variable-length batch over a paged cache (see the module docstring)."""
+
+    def __init__(self, kv_cache, batch: PackedBatch):
+        self.kv_cache = kv_cache
+        self.batch = batch
+        qs, ctx = batch.query_start, batch.context_lens
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(zip((qs[1:] - qs[:-1]).tolist(), ctx.tolist(), strict=True)):
+            shapes.setdefault(key, []).append(i)
+        # per shape group: (sequence indices, packed rows [G, T], context length L, first new position)
+        self.groups = []
+        for (T, L), members in shapes.items():
+            members = np.asarray(members)
+            rows = qs[members][:, None] + np.arange(T)[None, :]
+            self.groups.append((members, rows, L, L - T))
+
+    def write(self, layer: int, k, v) -> None:
+        assert k.shape[0] == 1, "a packed batch has batch dimension 1"
+        self.kv_cache.write(layer, k[0], v[0], self.batch.slot_mapping)
+
+    def contexts(self, layer: int):
+        for members, rows, L, start in self.groups:
+            k_ctx, v_ctx = self.kv_cache.gather(layer, self.batch.block_tables[members], L)
+            yield (0, rows), k_ctx, v_ctx, start
