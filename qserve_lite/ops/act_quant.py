@@ -43,18 +43,81 @@ def round_to_fp16(x, xp=np):
     return xp.asarray(x).astype(xp.float16).astype(xp.float32)
 
 
-def quantize_per_token(x, xp=np) -> QuantizedActivation:
-    """Quantize x [..., k] (float32 or float16) per token (last axis) to int8; see the module docstring."""
+def quantize_per_token(x, xp=np, with_sums: bool = True) -> QuantizedActivation:
+    """Quantize x [..., k] (float32 or float16) per token (last axis) to int8; see the module docstring.
+
+    With xp = cupy and a float16/float32 x this runs the CUDA kernel (cuda/rows.cu), bit-identical.
+    with_sums=False leaves `sums` None (only per-channel W4A8 needs them; the kernel then skips them)."""
+    if _gpu_input(x, xp):
+        return _rows_gpu("quant", x, x.shape[-1], want_sum=with_sums).qa
     x32 = round_to_fp16(x, xp)
     amax = xp.abs(x32).max(axis=-1)
     scales = (amax / xp.float32(QMAX)).astype(xp.float16)
     scales = xp.where(scales == 0, xp.float16(1), scales)
     q = xp.rint(x32 / scales.astype(xp.float32)[..., None])
     q = xp.clip(q, -QMAX, QMAX).astype(xp.int8)
-    sums = x32.astype(xp.float64).sum(axis=-1).astype(xp.float32)
+    sums = x32.astype(xp.float64).sum(axis=-1).astype(xp.float32) if with_sums else None
     return QuantizedActivation(q, scales, sums)
 
 
 def dequantize_per_token(qa: QuantizedActivation, xp=np):
     """float64 q * sx, the activation the integer GEMM effectively multiplies (for references and tests)."""
     return qa.q.astype(xp.float64) * qa.scales.astype(xp.float64)[..., None]
+
+
+# ---- SiLU(gate) * up, fused with the quantization on the GPU ----
+
+def silu_mul(gate_up, xp=np):
+    """fp16 [..., i] = fp16(silu(g) * u) for gate_up [..., 2i] = [gate | up] (QServe's fused gate_up layout).
+
+    fp32 arithmetic on the fp16 inputs, each step rounded to nearest: silu(g) = g / (1 + exp(-g)), then the
+    product, then one rounding to fp16. The kernel computes exp with CUDA's expf (within 2 fp32 ulps) and
+    g * (1 / (1 + e)) with an approximate reciprocal (1 ulp), a few fp32 ulps in all, so its fp16 product
+    may differ from this twin by one fp16 ulp where the product lies next to an fp16 rounding boundary
+    (about one element in a thousand or fewer); the quantization that follows is exact given the kernel's own
+    fp16 product (see silu_mul_quant).
+    """
+    if _gpu_input(gate_up, xp):
+        return _rows_gpu("silu", gate_up, gate_up.shape[-1] // 2, want_y=True, want_q=False).y
+    inter = gate_up.shape[-1] // 2
+    if gate_up.shape[-1] != 2 * inter:
+        raise ValueError(f"silu_mul: the last axis must be [gate | up] of even width, got {gate_up.shape}")
+    g = round_to_fp16(gate_up[..., :inter], xp)
+    u = round_to_fp16(gate_up[..., inter:], xp)
+    with np.errstate(over="ignore"):
+        silu = g / (xp.float32(1) + xp.exp(-g))
+    return (silu * u).astype(xp.float16)
+
+
+def silu_mul_quant(gate_up, xp=np, with_sums: bool = True) -> QuantizedActivation:
+    """quantize_per_token(silu_mul(gate_up)): the down_proj input of a quantized MLP, one GPU kernel."""
+    if _gpu_input(gate_up, xp):
+        return _rows_gpu("silu", gate_up, gate_up.shape[-1] // 2, want_sum=with_sums).qa
+    return quantize_per_token(silu_mul(gate_up, xp), xp, with_sums)
+
+
+class _RowResult(NamedTuple):
+    y: object
+    qa: QuantizedActivation | None
+    residual: object
+
+
+def _gpu_input(x, xp) -> bool:
+    return getattr(xp, "__name__", "") == "cupy" and x.dtype in (xp.float16, xp.float32) and x.ndim >= 1
+
+
+def _rows_gpu(op: str, x, k: int, residual=None, **kw) -> _RowResult:
+    """Runs a row kernel of cuda/rows.cu over x [..., width] (any leading shape), restoring that shape."""
+    from . import _gpu
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if op != "quant":
+        x2 = x2.astype("float16", copy=False)
+    if residual is not None:
+        residual = residual.reshape(-1, k).astype("float16", copy=False)
+    y, q, scales, sums, res = _gpu.rows(op, x2, k, residual=residual, **kw)
+    qa = None if q is None else QuantizedActivation(q.reshape(*lead, k), scales.reshape(lead),
+                                                    sums.reshape(lead) if sums is not None else None)
+    return _RowResult(None if y is None else y.reshape(*lead, k), qa,
+                      None if res is None else res.reshape(*lead, k))

@@ -85,3 +85,71 @@ def w4a8_group_gemm(q_x, x_scales, level1, s1_scales, bias=None, xp=np):
     copy), s1_scales fp16 [N] -> fp16 [M, N]. K < K_pad: activations are zero-padded."""
     acc = exact_int_matmul(pad_k(q_x, level1.shape[1], xp), level1, xp)
     return w4a8_group_epilogue(acc, x_scales, s1_scales, bias, xp)
+
+
+# ---- the packed QServe layout: numpy twin (via unpack) or the CUDA kernel ----
+
+def _is_cupy(xp) -> bool:
+    return getattr(xp, "__name__", "") == "cupy"
+
+
+def w4a8_per_channel_gemm_packed(q_x, x_scales, x_sums, qweight, s1_scales, s1_szeros, bias=None, xp=np,
+                                 method: str = "mma"):
+    """w4a8_per_channel_gemm on QServe's packed ``qweight`` int8 [N, K_pad / 2] (quant/pack.py).
+
+    numpy: unpacks and runs the twin above. cupy: the CUDA kernel (cuda/gemm.cu, mode 0), bit-identical;
+    method "cublas" instead dequantizes to int8 and calls cuBLAS gemmEx + the same epilogue (prefill
+    option; not capturable in a CUDA graph)."""
+    if not _is_cupy(xp):
+        from ..quant.pack import unpack_w4
+
+        codes = unpack_w4(np.asarray(qweight))
+        return w4a8_per_channel_gemm(q_x, x_scales, x_sums, codes, s1_scales, s1_szeros, bias, xp)
+    from . import _gpu
+
+    n, k_pad = qweight.shape[0], 2 * qweight.shape[1]
+    if method == "cublas":
+        acc = _gpu.int8_matmul_cublas(pad_k(q_x, k_pad, xp), _gpu.w4_to_int8(qweight))
+        return _gpu.epilogue_i32(acc, "w4_per_channel", x_scales, s1_scales, x_sums, s1_szeros, bias)
+    return _gpu.gemm("w4_per_channel", q_x, qweight, n, k_pad, x_scales=x_scales, x_sums=x_sums,
+                     w_scales=s1_scales, w_szeros=s1_szeros, bias=bias)
+
+
+def w4a8_group_gemm_packed(q_x, x_scales, qweight, s1_scales, s2_scales, s2_zeros, bias=None, xp=np,
+                           method: str = "mma"):
+    """w4a8_group_gemm (g128) on QServe's packed ``qweight`` [N, K_pad / 2] and its ``s2_scales`` /
+    ``s2_zeros`` int8 [K_pad / 128, N] (group-major, 0,8,16,24-permuted; quant/pack.py).
+
+    numpy: unpacks and runs the twin above. cupy: the CUDA kernel (cuda/gemm.cu, mode 1), bit-identical;
+    method "cublas": dequantize to int8 + cuBLAS gemmEx + epilogue."""
+    if not _is_cupy(xp):
+        from ..quant.pack import from_qserve_group_params, unpack_w4
+
+        codes = unpack_w4(np.asarray(qweight))
+        s2, zeros = from_qserve_group_params(np.asarray(s2_scales), np.asarray(s2_zeros))
+        level1 = group_level1(codes, s2, zeros, 128, np)
+        return w4a8_group_gemm(q_x, x_scales, level1, s1_scales, bias, xp)
+    from . import _gpu
+
+    n, k_pad = qweight.shape[0], 2 * qweight.shape[1]
+    if method == "cublas":
+        acc = _gpu.int8_matmul_cublas(pad_k(q_x, k_pad, xp), _gpu.w4_to_int8(qweight, s2_scales, s2_zeros))
+        return _gpu.epilogue_i32(acc, "w4_g128", x_scales, s1_scales, bias=bias)
+    return _gpu.gemm("w4_g128", q_x, qweight, n, k_pad, x_scales=x_scales, w_scales=s1_scales,
+                     s2_scales=s2_scales, s2_zeros=s2_zeros, bias=bias)
+
+
+def w4_to_int8(qweight, s2_scales=None, s2_zeros=None, xp=np):
+    """Packed W4 -> row-major int8 [N, K_pad]: the codes (per-channel) or, given the g128 parameters, the
+    level-1 weights codes * s2 - z (what the cuBLAS INT8 path multiplies)."""
+    if _is_cupy(xp):
+        from . import _gpu
+
+        return _gpu.w4_to_int8(qweight, s2_scales, s2_zeros)
+    from ..quant.pack import from_qserve_group_params, unpack_w4
+
+    codes = unpack_w4(np.asarray(qweight))
+    if s2_scales is None:
+        return codes.astype(np.int8)
+    s2, zeros = from_qserve_group_params(np.asarray(s2_scales), np.asarray(s2_zeros))
+    return group_level1(codes, s2, zeros, 128, np)

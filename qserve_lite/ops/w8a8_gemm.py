@@ -64,6 +64,14 @@ def w8a8_epilogue(acc, x_scales, w_scales, bias=None, xp=np):
 
 def w8a8_gemm(q_x, x_scales, codes, w_scales, bias=None, xp=np):
     """QServe W8A8: q_x int8 [M, K], x_scales fp16 [M], codes int8 [N, K] (or their float64 copy),
-    w_scales fp16 [N] (QServe dequant_scale) -> fp16 [M, N]."""
+    w_scales fp16 [N] (QServe dequant_scale) -> fp16 [M, N].
+
+    With xp = cupy and int8 codes this runs the CUDA kernel (cuda/gemm.cu, mode 2), bit-identical; float64
+    codes (the emulation's cached BLAS operand) keep the emulation on either array module."""
+    if getattr(xp, "__name__", "") == "cupy" and codes.dtype == xp.int8:
+        from . import _gpu
+
+        n, k = codes.shape
+        return _gpu.gemm("w8", q_x, codes, n, k, x_scales=x_scales, w_scales=w_scales, bias=bias)
     acc = exact_int_matmul(pad_k(q_x, codes.shape[1], xp), codes, xp)
     return w8a8_epilogue(acc, x_scales, w_scales, bias, xp)

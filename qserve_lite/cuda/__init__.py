@@ -1,0 +1,1 @@
+"""CUDA sources of qserve-lite's kernels and their NVRTC loader (see loader.py)."""
