@@ -1,4 +1,4 @@
-"""qserve-lite command line: generate, chat, ppl, quantize, import-gguf."""
+"""qserve-lite command line: generate, chat, ppl, quantize, import-gguf, serve."""
 
 from __future__ import annotations
 
@@ -220,6 +220,31 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible HTTP server (needs the [server] extra)."""
+    import os
+
+    from .server import missing_server_deps
+
+    missing = missing_server_deps()
+    if missing:
+        raise QServeLiteError(
+            f"qserve-lite serve needs {' and '.join(missing)}: pip install 'qserve-lite[server]'"
+        )
+    from .server.app import serve
+
+    device = _pick_device(args.device)
+    serve(
+        args.model, precision=args.precision, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("QSERVE_LITE_API_KEY") or None,
+        served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, num_pages=args.num_pages, device=device,
+        max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
+        access_log=not args.no_access_log, log_level=args.log_level, seed=args.seed,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qserve-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +309,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("out_dir")
     i.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     i.set_defaults(func=cmd_import_gguf)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_arg(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $QSERVE_LITE_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
+    s.add_argument("--max-num-seqs", type=int, default=256, help="sequences in flight at once")
+    s.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    s.add_argument("--num-pages", type=int, default=None, help="64-token KV cache pages")
+    s.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on Ctrl-C before they are aborted")
+    s.add_argument("--seed", type=int, default=0, help="seeds requests that have no seed of their own")
+    s.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
+    _add_precision_arg(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
