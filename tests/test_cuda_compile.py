@@ -36,6 +36,12 @@ CONFIGS = [
     ("rows.cu", {"QS_ROW_OP": 1, "QS_NC": 4}),
     ("rows.cu", {"QS_ROW_OP": 2, "QS_NC": 2, "QS_VEC": 0}),
     ("arch_probe.cu", {}),
+    ("attention.cu", {"QS_D": 128, "QS_BITS": 4, "QS_WARPS": 4, "QS_PF_WARPS": 4}),
+    ("attention.cu", {"QS_D": 64, "QS_BITS": 8, "QS_WARPS": 4, "QS_PF_WARPS": 8}),
+    ("attention.cu", {"QS_D": 128, "QS_BITS": 16, "QS_WARPS": 4, "QS_PF_WARPS": 4}),
+    ("kv_writer.cu", {"QS_D": 128, "QS_BITS": 4, "QS_ROPE": 1}),
+    ("kv_writer.cu", {"QS_D": 64, "QS_BITS": 8, "QS_ROPE": 1}),
+    ("kv_writer.cu", {"QS_D": 128, "QS_BITS": 16, "QS_ROPE": 0}),
 ]
 
 

@@ -1,0 +1,326 @@
+"""Attention benchmark: paged decode attention (KV4 / KV8 / fp16 pages) against a device copy, causal prefill
+attention TFLOP/s, and the RoPE + KV writer, Llama-3-8B heads (32 query, 8 kv heads, head_dim 128).
+
+    python benchmarks/attention.py [--quick] [--out DIR] [--precompile-only]
+
+Decode: batch {1, 32, 256} x context {512, 1536, 4096, 16384}; GB/s counts the KV bytes the kernel must read
+(codes + fp16 scale and zero of every token, K and V, one layer) over its time, compared with a 1 GiB
+device-to-device copy measured in the same run (bytes read + written over time). Each sequence's pages are
+a random permutation, and the timed calls rotate over disjoint page sets worth 4x the L2 cache, so the
+bytes come from DRAM as in a real decode step. Batches 1 and 32 also time 1/2x and 2x the heuristic's
+split count, and a few KV4 points the kernel's alternatives (16-token subtiles per tile, warps per block).
+Prefill: one causal sequence of 1024 and 4096 tokens; effective TFLOP/s = 4 * head_dim * heads * T (T + 1)
+/ 2 (the causal half of the score and value products) over the time. Timing: CUDA events around batches of
+back-to-back calls queued behind a spin kernel (benchmarks/kernels.Timer), the median of 5 batches after a
+warm-up. Results: a table on stdout and JSON lines appended to
+benchmarks/results/<date>-<gpu>-attention.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+BATCHES = [1, 32, 256]
+CONTEXTS = [512, 1536, 4096, 16384]
+PREFILL_TOKENS = [1024, 4096]
+# KV4 decode alternatives timed at a few points (decode warps per block, 16-token subtiles per tile)
+VARIANTS = {"sub4": {"sub": 4}, "sub1": {"sub": 1}, "warps8": {"warps": 8}}
+VARIANT_POINTS = [(1, 16384), (32, 4096), (256, 1536)]
+
+
+# ---- precompiling (fills CuPy's on-disk cache; the GPU tests use the same modules) ----
+
+def all_modules() -> list[tuple[str, dict]]:
+    from qserve_lite.ops._gpu_attention import attention_defines, writer_defines
+
+    jobs = []
+    for d in (64, 128):
+        for bits in (4, 8, 16):
+            jobs.append(("attention.cu", attention_defines(d, bits)))
+            jobs.append(("kv_writer.cu", writer_defines(d, bits)))
+    jobs.append(("attention.cu", attention_defines(128, 16, 8)))
+    for d, bits in ((128, 4), (64, 4), (128, 8)):  # the benchmark's and the GPU tests' alternatives
+        for variant in ({"sub": 1}, {"sub": 2}, {"sub": 4}, {"warps": 8}):
+            jobs.append(("attention.cu", attention_defines(d, bits, variant=variant)))
+    return jobs
+
+
+def _compile_job(job):
+    name, defines = job
+    from qserve_lite.cuda.loader import load_module
+
+    t0 = time.perf_counter()
+    try:
+        load_module(name, defines)
+    except Exception as e:  # noqa: BLE001 - report every failing module
+        return name, defines, f"FAILED: {e}"
+    return name, defines, time.perf_counter() - t0
+
+
+def precompile(workers: int) -> bool:
+    jobs = all_modules()
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_compile_job, jobs))
+    failed = [(n, d, t) for n, d, t in results if isinstance(t, str)]
+    for name, defines, msg in failed[:3]:
+        print(f"{name} {defines}: {msg}", flush=True)
+    times = [t for _, _, t in results if not isinstance(t, str)]
+    print(f"precompiled {len(jobs) - len(failed)} of {len(jobs)} modules in {time.perf_counter() - t0:.1f} s "
+          f"(longest {max(times, default=0):.1f} s)", flush=True)
+    return not failed
+
+
+# ---- decode ----
+
+def fill_pool(cp, pool, rng) -> None:
+    """Random codes (or fp16 values in (-2, 2)) and sane random scales / zeros, in 256 MiB chunks."""
+    flat = pool.pool.reshape(-1)
+    chunk = 1 << 28
+    for s in range(0, flat.size, chunk):
+        n = min(chunk, flat.size - s)
+        flat[s : s + n] = cp.random.randint(0, 256, n, dtype=cp.int32).astype(cp.uint8)
+    if pool.layout.quantized:
+        for layer in range(pool.num_layers):
+            for which in (0, 1):
+                _, sc, zr = pool.views(layer, which)
+                sc[...] = cp.asarray(rng.uniform(0.01, 0.2, sc.shape).astype(np.float16))
+                zr[...] = cp.asarray(rng.uniform(0, 2**pool.kv_bits - 1, zr.shape).astype(np.float16))
+    else:
+        halves = flat.view(cp.uint16)
+        for s in range(0, halves.size, chunk):
+            halves[s : s + chunk] &= 0xBBFF  # exponent <= 15: |x| < 2, no inf / NaN
+
+
+def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
+    from qserve_lite.ops import _gpu_attention
+    from qserve_lite.ops.attention import decode_attention
+    from qserve_lite.ops.paged_kv import PagedKVPool
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for bits in (4, 8, 16):
+        max_pages = max(batches) * max(contexts) // 64
+        pool = PagedKVPool(1, max_pages, KV_HEADS, HEAD_DIM, bits, cp)
+        fill_pool(cp, pool, rng)
+        per_token = KV_HEADS * pool.layout.kv_bytes_per_token()
+        for b in batches:
+            q = (cp.random.standard_normal((b, HEADS, HEAD_DIM), dtype=cp.float32)).astype(cp.float16)
+            out = cp.empty((b, HEADS, HEAD_DIM), dtype=cp.float16)
+            for ctx in contexts:
+                need = b * ctx // 64
+                kv_bytes = b * ctx * per_token
+                copies = int(max(1, min(max_pages // need, -(-4 * l2 // kv_bytes), 256)))
+                perm = cp.random.permutation(max_pages)[: copies * need].astype(cp.int32)
+                bts = [perm[i * need : (i + 1) * need].reshape(b, ctx // 64) for i in range(copies)]
+                lens = cp.full((b,), ctx, dtype=cp.int32)
+                base, tps = _gpu_attention.decode_geometry(b, HEADS, KV_HEADS, ctx)
+                variants = {"heuristic": (None, None)}
+                if tune and b <= 32:
+                    for sp in sorted({max(1, base // 2), base * 2, 1}):
+                        if sp != base:
+                            variants[f"splits{sp}"] = (sp, None)
+                if tune and bits == 4 and (b, ctx) in VARIANT_POINTS:
+                    for vname, var in VARIANTS.items():
+                        variants[vname] = (None, var)
+                        if b == 1:
+                            variants[f"{vname}:splits{base * 2}"] = (base * 2, var)
+                times = {}
+                for name, (sp, var) in variants.items():
+                    if var is None:
+                        call = functools.partial(decode_attention, q, pool, 0, max_context=ctx, splits=sp,
+                                                 out=out)
+                    else:
+                        call = functools.partial(_gpu_attention.decode_attention, q, pool, 0, scale=0.088,
+                                                 max_context=ctx, splits=sp, out=out, workspace=None,
+                                                 variant=var)
+                    times[name] = timer(lambda i, c=call, bts=bts, lens=lens: c(bts[i % len(bts)],
+                                                                                 context_lens=lens))
+                t = times["heuristic"]
+                best = min(times, key=lambda k: times[k] if times[k] == times[k] else 1e9)
+                gbps = kv_bytes / t / 1e9
+                row = {"kv_bits": bits, "batch": b, "context": ctx, "splits": base, "tokens_per_split": tps,
+                       "kv_bytes": kv_bytes, "time_us": t * 1e6, "gbps": gbps,
+                       "frac_of_copy": gbps / copy_gbps,
+                       "variants_us": {k: v * 1e6 for k, v in times.items()}, "best": best,
+                       "l2_rotation_copies": copies}
+                rows.append(row)
+                log(dict(bench="decode", **row))
+                extra = f"  best {best} {times[best] * 1e6:.1f} us" if len(times) > 1 else ""
+                print(f"decode KV{bits:<2d} B={b:4d} ctx={ctx:6d} splits={base:3d} {t * 1e6:9.1f} us "
+                      f"{gbps:7.0f} GB/s {gbps / copy_gbps:6.1%} of copy{extra}", flush=True)
+        pool = None
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+# ---- prefill and writer ----
+
+def bench_prefill(cp, timer, tokens, log):
+    from qserve_lite.ops.attention import prefill_attention
+
+    rows = []
+    for T in tokens:
+        q = cp.random.standard_normal((T, HEADS, HEAD_DIM), dtype=cp.float32).astype(cp.float16)
+        k = cp.random.standard_normal((T, KV_HEADS, HEAD_DIM), dtype=cp.float32).astype(cp.float16)
+        v = cp.random.standard_normal((T, KV_HEADS, HEAD_DIM), dtype=cp.float32).astype(cp.float16)
+        cu = cp.asarray(np.array([0, T], dtype=np.int32))
+        out = cp.empty_like(q)
+        flops = 4.0 * HEAD_DIM * HEADS * T * (T + 1) / 2
+        for warps in (4, 8):
+            call = functools.partial(prefill_attention, q, k, v, cu, max_seqlen_q=T, out=out, warps=warps)
+            t = timer(lambda i, call=call: call())
+            row = {"tokens": T, "warps": warps, "block_rows": 16 * warps, "time_us": t * 1e6,
+                   "tflops": flops / t / 1e12, "flops": flops}
+            rows.append(row)
+            log(dict(bench="prefill", **row))
+            print(f"prefill T={T:5d} causal hd{HEAD_DIM} {warps} warps ({16 * warps} rows): "
+                  f"{t * 1e6:9.1f} us {flops / t / 1e12:6.1f} TFLOP/s", flush=True)
+    return rows
+
+
+def bench_writer(cp, timer, log):
+    from qserve_lite.ops.attention import rope_write_kv
+    from qserve_lite.ops.paged_kv import PagedKVPool
+
+    rows = []
+    T = 4096
+    inv_freq = cp.asarray(1.0 / 500000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))
+    for bits in (4, 8, 16):
+        pool = PagedKVPool(1, T // 64, KV_HEADS, HEAD_DIM, bits, cp)
+        qkv = cp.random.standard_normal((T, (HEADS + 2 * KV_HEADS) * HEAD_DIM), dtype=cp.float32)
+        qkv = qkv.astype(cp.float16)
+        q = qkv[:, : HEADS * HEAD_DIM].reshape(T, HEADS, HEAD_DIM)
+        k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].reshape(T, KV_HEADS, HEAD_DIM)
+        v = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].reshape(T, KV_HEADS, HEAD_DIM)
+        pos = cp.arange(T, dtype=cp.int32)
+        slots = cp.random.permutation(T).astype(cp.int32)
+        call = functools.partial(rope_write_kv, q, k, v, pos, inv_freq, pool, 0, slots)
+        t = timer(lambda i, call=call: call())
+        nbytes = T * ((HEADS + 2 * KV_HEADS) * HEAD_DIM * 2 + (HEADS + KV_HEADS) * HEAD_DIM * 2
+                      + KV_HEADS * pool.layout.kv_bytes_per_token())
+        row = {"kv_bits": bits, "tokens": T, "time_us": t * 1e6, "bytes": nbytes, "gbps": nbytes / t / 1e9}
+        rows.append(row)
+        log(dict(bench="writer", **row))
+        print(f"rope+write KV{bits:<2d} T={T}: {t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} GB/s", flush=True)
+    return rows
+
+
+def summary(copy_gbps, dec, pre, wri) -> None:
+    print(f"\n=== decode attention, Llama-3-8B heads (32 q / 8 kv, hd 128), one layer; GB/s of KV bytes "
+          f"read, % of the device copy ({copy_gbps:.0f} GB/s) ===")
+    ctxs = sorted({r["context"] for r in dec})
+    print(f"{'format':6s} {'batch':>5s} | " + " | ".join(f"ctx {c:>5d}: us / GB/s / %copy" for c in ctxs))
+    for bits in (4, 8, 16):
+        for b in sorted({r["batch"] for r in dec}):
+            cells = []
+            for c in ctxs:
+                r = next((x for x in dec if (x["kv_bits"], x["batch"], x["context"]) == (bits, b, c)), None)
+                cells.append(f"{r['time_us']:8.1f} / {r['gbps']:5.0f} / {r['frac_of_copy']:5.1%}" if r
+                             else " " * 26)
+            print(f"{'KV' + str(bits) if bits < 16 else 'fp16':6s} {b:5d} | " + " | ".join(cells))
+    if pre:
+        print("\n=== prefill attention, causal, hd 128, 32 q / 8 kv heads ===")
+        for r in pre:
+            print(f"T={r['tokens']:5d} {r['warps']} warps: {r['time_us']:9.1f} us {r['tflops']:6.1f} TFLOP/s")
+    acc = {(r["kv_bits"], r["batch"], r["context"]): r for r in dec}
+    print("\n=== acceptance ===")
+    a = acc.get((4, 256, 1536))
+    if a:
+        print(f"decode KV4 B=256 ctx=1536: {a['frac_of_copy']:.1%} of copy (>= 70%: "
+              f"{'PASS' if a['frac_of_copy'] >= 0.7 else 'FAIL'})")
+    a = acc.get((4, 1, 16384))
+    if a:
+        best = min(a["variants_us"].values())
+        frac_best = a["kv_bytes"] / (best / 1e6) / 1e9 / copy_gbps
+        print(f"decode KV4 B=1 ctx=16384: {a['frac_of_copy']:.1%} of copy with the heuristic, "
+              f"{frac_best:.1%} best split (>= 50%: {'PASS' if a['frac_of_copy'] >= 0.5 else 'FAIL'})")
+    p = [r for r in pre if r["tokens"] == 4096]
+    if p:
+        best = max(p, key=lambda r: r["tflops"])
+        print(f"prefill T=4096 causal hd128: {best['tflops']:.1f} TFLOP/s ({best['warps']} warps) (>= 200: "
+              f"{'PASS' if best['tflops'] >= 200 else 'FAIL'})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="batches 1 and 256, contexts 1536 and 16384")
+    ap.add_argument("--precompile-only", action="store_true")
+    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--no-tune", action="store_true", help="skip the split-count variants")
+    ap.add_argument("--out", default=None, help="also copy the JSON lines into this folder")
+    args = ap.parse_args()
+    ok = precompile(args.workers)
+    if args.precompile_only:
+        sys.exit(0 if ok else 1)
+    import cupy as cp
+
+    from benchmarks.kernels import Timer
+
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    l2 = int(props.get("l2CacheSize", 50 << 20))
+    try:
+        sha = os.environ.get("QSERVE_GIT_SHA") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        sha = sha or "unknown"
+        if "QSERVE_GIT_SHA" not in os.environ:
+            dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                                   text=True).stdout
+            sha += "+dirty" if dirty.strip() else ""
+    except OSError:
+        sha = "unknown"
+    date = dt.date.today().isoformat()
+    gpu_slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "-")
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{date}-{gpu_slug}-attention.jsonl"
+    lines = []
+
+    def log(obj):
+        obj = dict(date=date, gpu=gpu, git_sha=sha, **obj)
+        lines.append(json.dumps(obj))
+        with open(path, "a") as f:
+            f.write(lines[-1] + "\n")
+
+    print(f"{gpu}, {props['multiProcessorCount']} SMs, L2 {l2 >> 20} MiB, CuPy {cp.__version__}, git {sha}, "
+          f"{date}", flush=True)
+    timer = Timer(cp)
+    half = 1 << 30
+    src, dst = cp.empty(half, dtype=cp.uint8), cp.empty(half, dtype=cp.uint8)
+    t_copy = timer(lambda i, src=src, dst=dst: dst.data.copy_from_device_async(src.data, half))
+    copy_gbps = 2 * half / t_copy / 1e9
+    src = dst = None
+    log(dict(bench="copy", bytes=2 * half, time_us=t_copy * 1e6, gbps=copy_gbps))
+    print(f"device-to-device copy (1 GiB): {copy_gbps:.0f} GB/s read+write", flush=True)
+    batches = [1, 256] if args.quick else BATCHES
+    contexts = [1536, 16384] if args.quick else CONTEXTS
+    pre = bench_prefill(cp, timer, PREFILL_TOKENS, log)
+    wri = bench_writer(cp, timer, log)
+    dec = bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, not args.no_tune)
+    summary(copy_gbps, dec, pre, wri)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / path.name).write_text("\n".join(lines) + "\n")
+    print(f"\nappended {len(lines)} lines to {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

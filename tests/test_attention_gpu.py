@@ -1,0 +1,288 @@
+"""The paged-KV writer and attention kernels against their numpy twins (pytest -m gpu; skipped without a GPU).
+
+Writer: rotated q / k and every byte of the page pool identical to the twin's (both pools start poisoned with
+0xFF), except the sign of a zero point that is zero (a head whose minimum is a signed zero: numpy's min over
++0 / -0 picks either; both dequantize identically). Attention: |gpu - twin| <= 5e-3 * max|V| + 2^-10 |twin|
+elementwise (ops/attention.py states why), no NaN, every output written (outputs come from a memory pool
+refilled with 0x7f bytes, fp16 NaN); unwritten page slots past each context hold 0xFF (NaN scales / values),
+so a kernel that reads them unmasked fails.
+Context lengths 1, 63, 64, 65, 1000, 4097; head_dim 64 and 128; GQA ratios 1, 3, 4, 8 (and 16); KV4, KV8,
+fp16 pages; batches up to 64; split-K forced on and off; decode replayed from a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from qserve_lite.model.rope import rope_inv_freq
+from qserve_lite.ops.attention import decode_attention, prefill_attention, rope_write_kv
+from qserve_lite.ops.paged_kv import PagedKVPool
+
+pytestmark = pytest.mark.gpu
+
+cp = pytest.importorskip("cupy")
+try:
+    if cp.cuda.runtime.getDeviceCount() < 1:
+        raise RuntimeError("no device")
+except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
+    pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
+
+from qserve_lite.ops import _gpu_attention  # noqa: E402
+
+CONTEXTS = [1, 63, 64, 65, 1000, 4097]
+GQA = [(4, 4), (6, 2), (8, 2), (16, 2)]  # (query heads, kv heads): ratios 1, 3, 4, 8
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+def poison_pool(nbytes: int = 256 << 20) -> None:
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    block = cp.full(nbytes, 0x7F, dtype=cp.uint8)
+    del block
+
+
+def gpu_pool(np_pool: PagedKVPool) -> PagedKVPool:
+    lay = np_pool.layout
+    g = PagedKVPool(np_pool.num_layers, np_pool.num_pages, lay.num_kv_heads, lay.head_dim, lay.kv_bits, cp)
+    g.pool[...] = cp.asarray(np_pool.pool)
+    return g
+
+
+def close(got_gpu, want, vmax: float, what: str) -> None:
+    got = cp.asnumpy(got_gpu).astype(np.float32)
+    want = np.asarray(want).astype(np.float32)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert np.isfinite(got).all(), f"{what}: {int((~np.isfinite(got)).sum())} non-finite outputs"
+    err = np.abs(got - want)
+    bound = 5e-3 * vmax + np.abs(want) * 2.0**-10
+    bad = err > bound
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {got.size} outside tolerance, worst "
+                           f"{float((err - bound).max()):.3g} over at {worst}"
+                           f" (max err {float(err.max()):.3g}, vmax {vmax:.3g})")
+
+
+def build(r, lens, kvh, d, bits, layers=1):
+    """A numpy pool (poisoned 0xFF) holding random K/V for sequences of `lens` tokens on shuffled pages."""
+    need = [-(-n // 64) for n in lens]
+    pages = sum(need) + 3
+    pool = PagedKVPool(layers, pages, kvh, d, bits, fill=0xFF)
+    perm = r.permutation(pages)
+    bt = -np.ones((len(lens), max(need) + 2), dtype=np.int32)
+    slots, at = [], 0
+    for i, n in enumerate(lens):
+        bt[i, : need[i]] = perm[at : at + need[i]]
+        at += need[i]
+        p = np.arange(n)
+        slots.append(bt[i, p // 64] * 64 + p % 64)
+    total = sum(lens)
+    # keys with per-channel outliers, values plain; a few constant heads (scale 1)
+    k = (r.standard_normal((total, kvh, d)) * r.uniform(0.3, 4.0, d)).astype(np.float16)
+    v = r.standard_normal((total, kvh, d)).astype(np.float16)
+    k[r.integers(0, total, 2), 0] = 0.25
+    q_dummy = np.zeros((total, 1, d), np.float16)
+    for layer in range(layers):
+        rope_write_kv(q_dummy, k, v, np.zeros(total), np.ones(d // 2), pool, layer, np.concatenate(slots),
+                      rope=False)
+    vmax = max(float(np.abs(pool.gather(0, bt[i], n)[1]).max()) for i, n in enumerate(lens))
+    return pool, bt, vmax
+
+
+# ---- writer ----
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (32, 8)])
+def test_rope_write_kv_bit_exact(bits, d, heads):
+    r = np.random.default_rng()
+    h, kvh = heads
+    T, pages = 300, 9
+    inv_freq = rope_inv_freq(SimpleNamespace(head_dim=d, rope_theta=500000.0, rope_scaling=LLAMA3))
+    width = (h + 2 * kvh) * d
+    qkv = (r.standard_normal((T, width + 8)) * r.uniform(0.1, 8.0, (T, 1))).astype(np.float16)
+    qkv[5, h * d : (h + 1) * d] = 1.5  # a constant k head
+    qkv[6] = 0.0
+    pos = r.integers(0, 131072, T).astype(np.int32)
+    slots = r.permutation(pages * 64)[:T].astype(np.int32)
+    slots[r.integers(0, T, 10)] = -1
+    np_pool = PagedKVPool(2, pages, kvh, d, bits, fill=0xFF)
+    g_pool = gpu_pool(np_pool)
+    g_qkv = cp.asarray(qkv)
+
+    def split(a):
+        return (a[:, : h * d].reshape(-1, h, d), a[:, h * d : (h + kvh) * d].reshape(-1, kvh, d),
+                a[:, (h + kvh) * d : width].reshape(-1, kvh, d))
+
+    q, k, v = split(qkv)
+    rope_write_kv(q, k, v, pos, inv_freq, np_pool, 1, slots)
+    gq, gk, gv = split(g_qkv)
+    assert gq.strides[0] == (width + 8) * 2  # a strided view, rotated in place
+    rope_write_kv(gq, gk, gv, cp.asarray(pos), cp.asarray(inv_freq), g_pool, 1, cp.asarray(slots))
+    got = cp.asnumpy(g_qkv)
+    assert (got.view(np.uint16) == qkv.view(np.uint16)).all(), "rotated q / k differ"
+    got_pool = PagedKVPool(2, pages, kvh, d, bits)
+    got_pool.pool[...] = cp.asnumpy(g_pool.pool)
+    for layer in (0, 1):
+        for which in (0, 1):
+            for name, a, b in zip(("data", "scales", "zeros"), got_pool.views(layer, which),
+                                  np_pool.views(layer, which), strict=True):
+                if a is None:
+                    continue
+                diff = a.view(np.uint8) != b.view(np.uint8)
+                if name == "zeros":  # a zero point of +-0 (the head's minimum is a signed zero): either sign
+                    diff = (a != b) & ~(np.isnan(a) & np.isnan(b))
+                assert not diff.any(), (f"layer {layer} {'KV'[which]} {name}: {int(diff.sum())} differ, "
+                                        f"first at {np.argwhere(diff)[0]}")
+
+
+# ---- decode ----
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", GQA)
+def test_decode_contexts(bits, d, heads):
+    r = np.random.default_rng()
+    h, kvh = heads
+    np_pool, bt, vmax = build(r, CONTEXTS, kvh, d, bits)
+    g_pool = gpu_pool(np_pool)
+    q = (r.standard_normal((len(CONTEXTS), h, d)) * 1.5).astype(np.float16)
+    ctx = np.array(CONTEXTS, dtype=np.int32)
+    want = decode_attention(q, np_pool, 0, bt, ctx)
+    for splits in (None, 1):
+        poison_pool()
+        got = decode_attention(cp.asarray(q), g_pool, 0, cp.asarray(bt), cp.asarray(ctx), splits=splits)
+        close(got, want, vmax, f"decode bits={bits} d={d} heads={heads} splits={splits}")
+
+
+@pytest.mark.parametrize("bits,d,heads", [(4, 128, (32, 8)), (8, 64, (16, 2)), (16, 128, (12, 4)),
+                                          (4, 64, (16, 1))])
+def test_decode_batch_64(bits, d, heads):
+    r = np.random.default_rng()
+    h, kvh = heads
+    lens = list(r.integers(1, 1500, 64))
+    lens[:6] = CONTEXTS
+    np_pool, bt, vmax = build(r, lens, kvh, d, bits)
+    g_pool = gpu_pool(np_pool)
+    q = (r.standard_normal((64, h, d)) * 2.0).astype(np.float16)
+    ctx = np.array(lens, dtype=np.int32)
+    want = decode_attention(q, np_pool, 0, bt, ctx)
+    for splits in (None, 1, 7):
+        poison_pool()
+        got = decode_attention(cp.asarray(q), g_pool, 0, cp.asarray(bt), cp.asarray(ctx), splits=splits)
+        close(got, want, vmax, f"decode batch 64 bits={bits} splits={splits}")
+    # q as a strided view of a fused qkv buffer, output into a strided view
+    qkv = cp.zeros((64, (h + 2 * kvh) * d), dtype=cp.float16)
+    qkv[:, : h * d] = cp.asarray(q.reshape(64, h * d))
+    out = cp.full((64, (h + 1) * d), cp.nan, dtype=cp.float16)
+    decode_attention(qkv[:, : h * d].reshape(64, h, d), g_pool, 0, cp.asarray(bt), cp.asarray(ctx),
+                     out=out[:, d:].reshape(64, h, d))
+    close(out[:, d:].reshape(64, h, d), want, vmax, "decode strided")
+
+
+@pytest.mark.parametrize("bits,d", [(4, 128), (4, 64), (8, 128)])
+@pytest.mark.parametrize("variant", [{"sub": 1}, {"sub": 2}, {"sub": 4}, {"warps": 8}])
+def test_decode_variants(bits, d, variant):
+    """The tuning alternatives of the decode kernel (subtiles per tile, warps per block) compute the same."""
+    r = np.random.default_rng()
+    h, kvh = 24, 8
+    lens = CONTEXTS + [int(x) for x in r.integers(1, 3000, 10)]
+    np_pool, bt, vmax = build(r, lens, kvh, d, bits)
+    g_pool = gpu_pool(np_pool)
+    q = (r.standard_normal((len(lens), h, d)) * 1.5).astype(np.float16)
+    ctx = np.array(lens, dtype=np.int32)
+    want = decode_attention(q, np_pool, 0, bt, ctx)
+    for splits in (None, 1, 5):
+        poison_pool()
+        got = _gpu_attention.decode_attention(cp.asarray(q), g_pool, 0, cp.asarray(bt), cp.asarray(ctx),
+                                              1 / np.sqrt(d), None, splits, None, None, variant=variant)
+        close(got, want, vmax, f"decode variant {variant} bits={bits} d={d} splits={splits}")
+
+
+def test_decode_cuda_graph():
+    """Capture once, then replay with new queries and longer contexts written into the same buffers."""
+    r = np.random.default_rng()
+    h, kvh, d, bits, B = 32, 8, 128, 4, 8
+    lens = [int(x) for x in r.integers(1, 3000, B)]
+    np_pool, bt, vmax = build(r, [n + 40 for n in lens], kvh, d, bits)
+    g_pool = gpu_pool(np_pool)
+    q1 = r.standard_normal((B, h, d)).astype(np.float16)
+    q2 = r.standard_normal((B, h, d)).astype(np.float16)
+    g_q, g_bt = cp.asarray(q1), cp.asarray(bt)
+    g_ctx = cp.asarray(np.array(lens, dtype=np.int32))
+    max_ctx = bt.shape[1] * 64
+    splits, _ = _gpu_attention.decode_geometry(B, h, kvh, max_ctx)
+    assert splits > 1
+    out = cp.empty((B, h, d), dtype=cp.float16)
+    ws = _gpu_attention.decode_workspace(B, h, d, splits)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        decode_attention(g_q, g_pool, 0, g_bt, g_ctx, max_context=max_ctx, out=out, workspace=ws)
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            decode_attention(g_q, g_pool, 0, g_bt, g_ctx, max_context=max_ctx, out=out, workspace=ws)
+        finally:
+            graph = stream.end_capture()
+        new_lens = np.array(lens, dtype=np.int32) + 40
+        g_q[...] = cp.asarray(q2)
+        g_ctx[...] = cp.asarray(new_lens)
+        out[...] = cp.nan
+        graph.launch(stream)
+        stream.synchronize()
+    close(out, decode_attention(q2, np_pool, 0, bt, new_lens), vmax, "decode graph replay")
+
+
+# ---- prefill ----
+
+# (new tokens, cached tokens before them): contexts 1, 63, 64, 65, 1000 fresh; chunks over cached pages
+# ending at 101, 1065 and 4097 tokens.
+PREFILL_SEQS = [(1, 0), (63, 0), (64, 0), (65, 0), (1000, 0), (37, 64), (100, 965), (5, 4092)]
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", GQA)
+def test_prefill_varlen_with_cache(bits, d, heads):
+    r = np.random.default_rng()
+    h, kvh = heads
+    ctx = [n + c for n, c in PREFILL_SEQS]
+    np_pool, bt, vmax = build(r, ctx, kvh, d, bits)
+    new = np.array([n for n, _ in PREFILL_SEQS])
+    cu = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    T = int(cu[-1])
+    q = (r.standard_normal((T, h, d)) * 1.5).astype(np.float16)
+    k = (r.standard_normal((T, kvh, d)) * r.uniform(0.3, 4.0, d)).astype(np.float16)
+    v = r.standard_normal((T, kvh, d)).astype(np.float16)
+    vmax = max(vmax, float(np.abs(v).max()))
+    ctx = np.array(ctx, dtype=np.int32)
+    want = prefill_attention(q, k, v, cu, ctx, np_pool, 0, bt)
+    g_pool = gpu_pool(np_pool)
+    for warps in ((4, 8) if (bits, d, heads) == (16, 128, (8, 2)) else (None,)):
+        poison_pool()
+        got = prefill_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(cu), cp.asarray(ctx),
+                                g_pool, 0, cp.asarray(bt), warps=warps)
+        close(got, want, vmax, f"prefill bits={bits} d={d} heads={heads} warps={warps}")
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_prefill_no_cache_long(d):
+    """One 4097-token causal sequence plus a short one, no pool (pure fresh K/V), qkv views."""
+    r = np.random.default_rng()
+    h, kvh = 8, 2
+    lens = [4097, 3]
+    cu = np.array([0, 4097, 4100], dtype=np.int32)
+    T = 4100
+    qkv = r.standard_normal((T, (h + 2 * kvh) * d)).astype(np.float16)
+    q = qkv[:, : h * d].reshape(T, h, d)
+    k = qkv[:, h * d : (h + kvh) * d].reshape(T, kvh, d)
+    v = qkv[:, (h + kvh) * d :].reshape(T, kvh, d)
+    want = prefill_attention(q, k, v, cu)
+    g = cp.asarray(qkv)
+    poison_pool()
+    got = prefill_attention(g[:, : h * d].reshape(T, h, d), g[:, h * d : (h + kvh) * d].reshape(T, kvh, d),
+                            g[:, (h + kvh) * d :].reshape(T, kvh, d), cp.asarray(cu), max_seqlen_q=max(lens))
+    close(got, want, float(np.abs(v).max()), f"prefill long d={d}")
