@@ -45,12 +45,18 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pick_device(requested: str) -> str:
+    """Check --device early (an unusable 'gpu' fails before loading anything); returns it unchanged, so
+    'auto' reaches LLM, which also falls back to the CPU for models the GPU kernels cannot run."""
+    from .engine.device import resolve_device
+
+    resolve_device(requested)
+    return requested
+
+
+def _cpu_only(requested: str, command: str) -> None:
+    """Commands that run the numpy reference only (ppl, quantize): --device gpu is an error."""
     if requested == "gpu":
-        raise DeviceError(
-            "--device gpu is not available yet: the CuPy GPU engine is still being built. "
-            "Use --device cpu (the numpy reference engine)."
-        )
-    return "cpu"  # auto -> cpu until the GPU engine lands
+        raise DeviceError(f"qserve-lite {command} runs on the CPU only; use --device cpu (or auto)")
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -85,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         requests = [llm.tokenizer.encode_chat(system + [{"role": "user", "content": p}]) for p in prompts]
     else:
         requests = [llm.tokenizer.encode(p) for p in prompts]
-    where = f"device cpu, {llm.precision}"
+    where = f"device {llm.device}, {llm.precision}"
     t1 = time.perf_counter()
     if len(requests) == 1 and not args.no_stream:
         stream = llm.stream(requests[0], params)
@@ -159,7 +165,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from .eval.perplexity import perplexity
     from .model.loader import load_model
 
-    _pick_device(args.device)
+    _cpu_only(args.device, "ppl")
     files = list(args.text or [])
     if args.python_doc:
         if args.python_doc_split == "all":
@@ -185,7 +191,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quant.qoq import config_for_precision, quantize_model
 
-    _pick_device(args.device)
+    _cpu_only(args.device, "quantize")
     calib = {"seed": args.seed}
     if args.calib_seq_len is not None:
         calib["seq_len"] = args.calib_seq_len

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import logging
+
 import numpy as np
 
 from .engine.llm_engine import LLMEngine
-from .errors import DeviceError, QServeLiteError
+from .errors import QServeLiteError
 from .model.default_models import DEFAULT_MODEL
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 Conversation = list[dict]
@@ -61,7 +65,9 @@ class LLM:
     (None = the model's own). max_num_seqs: sequences in flight at once. max_num_batched_tokens: tokens
     per prefill step. num_pages: 64-token KV pages (default: what 2 GiB holds on the CPU).
     max_model_len: prompt + output tokens per sequence (default: the model's context, capped to what
-    fits). seed: seeds requests that have no seed of their own.
+    fits). seed: seeds requests that have no seed of their own. device: 'cpu' (numpy), 'gpu' (CuPy; the KV
+    pool takes gpu_memory_utilization of the device's memory unless num_pages or NUM_GPU_PAGE_BLOCKS is set)
+    or 'auto' (the GPU when cupy sees one and its kernels can run the model, else the CPU).
     """
 
     def __init__(
@@ -75,24 +81,37 @@ class LLM:
         num_pages: int | None = None,
         max_model_len: int | None = None,
         seed: int = 0,
+        gpu_memory_utilization: float = 0.9,
     ):
+        from .engine.device import resolve_device
         from .model.loader import load_model
 
-        if device not in ("cpu", "auto"):
-            raise DeviceError(
-                f"device {device!r} is not available yet: the CuPy GPU runner is still being built; use 'cpu'"
-            )
+        self.device = resolve_device(device)  # before loading: a missing GPU fails fast
         self.loaded = load_model(model, precision=precision)
         self.tokenizer = self.loaded.tokenizer
         self.precision = self.loaded.precision
-        self.engine = LLMEngine(
-            self.loaded,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            num_pages=num_pages,
-            max_model_len=max_model_len,
-            seed=seed,
-        )
+
+        def engine(on: str) -> LLMEngine:
+            return LLMEngine(
+                self.loaded,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                num_pages=num_pages,
+                max_model_len=max_model_len,
+                seed=seed,
+                device=on,
+                gpu_memory_utilization=gpu_memory_utilization,
+            )
+
+        try:
+            self.engine = engine(self.device)
+        except QServeLiteError as e:
+            if device != "auto" or self.device != "gpu":
+                raise
+            # auto: a model the GPU kernels cannot run (head_dim, channel counts) runs on the CPU instead
+            log.warning("device auto: the GPU runner cannot take this model (%s); running on the CPU", e)
+            self.device = "cpu"
+            self.engine = engine("cpu")
 
     def generate(
         self,

@@ -88,10 +88,13 @@ def test_cli_generate_chat(tiny_model_dir, capsys):
     assert out.out == want + "\n"
 
 
-def test_cli_gpu_not_available_yet(tiny_model_dir, capsys):
+def test_cli_gpu_unavailable_is_a_clear_error(tiny_model_dir, capsys, monkeypatch):
+    from qserve_lite.engine import device
+
+    monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: "cupy is not installed")
     rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--device", "gpu"])
     assert rc == 2
-    assert "--device gpu is not available yet" in capsys.readouterr().err
+    assert "--device gpu needs cupy and a CUDA device: cupy is not installed" in capsys.readouterr().err
 
 
 def test_cli_bad_inputs_exit_cleanly(tmp_path, tiny_model_dir, capsys):

@@ -39,6 +39,8 @@ class LLMEngine:
         watermark: float = 0.01,
         seed: int = 0,
         runner=None,
+        device: str = "cpu",
+        gpu_memory_utilization: float = 0.9,
     ):
         cfg = loaded.config
         if max_num_seqs < 1:
@@ -53,6 +55,20 @@ class LLMEngine:
             max_num_batched_tokens = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, limit)
         if max_num_batched_tokens < 2:
             raise QServeLiteError(f"max_num_batched_tokens must be >= 2, got {max_num_batched_tokens}")
+        if runner is None and device == "gpu":  # the CuPy runner sizes its page pool from free GPU memory
+            from .gpu_model_runner import GPUModelRunner
+
+            runner = GPUModelRunner(
+                loaded,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                max_model_len=limit,
+                num_pages=num_pages,
+                gpu_memory_utilization=gpu_memory_utilization,
+            )
+            num_pages = runner.num_pages
+        elif device != "cpu" and runner is None:
+            raise QServeLiteError(f"LLMEngine device must be 'cpu' or 'gpu', got {device!r}")
         if num_pages is None:
             if runner is not None:
                 raise QServeLiteError("give num_pages along with a custom runner")

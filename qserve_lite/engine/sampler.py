@@ -60,8 +60,9 @@ def apply_penalties(logits, seqs, xp):
     R, V = logits.shape
     out_rows = np.concatenate([np.full(s.num_output_tokens, r) for r, s in enumerate(seqs)] + [[]])
     out_toks = np.concatenate([s.output_token_ids for s in seqs] + [[]])
-    counts = xp.zeros((R, V), dtype=xp.float32)
-    xp.add.at(counts, (xp.asarray(out_rows, dtype=np.int64), xp.asarray(out_toks, dtype=np.int64)), 1.0)
+    # occurrences per (row, token) by bincount over flat indices (cupy has no ufunc.at for every version)
+    flat = xp.asarray(out_rows.astype(np.int64) * V + out_toks.astype(np.int64))
+    counts = xp.bincount(flat, minlength=R * V).reshape(R, V).astype(xp.float32)
     prompt_rows = np.concatenate([np.full(s.num_prompt_tokens, r) for r, s in enumerate(seqs)])
     prompt_toks = np.concatenate([s.token_ids[: s.num_prompt_tokens] for s in seqs])
     seen = counts > 0

@@ -1,0 +1,463 @@
+"""GPUModelRunner: the CuPy runner. Same contract as engine/model_runner.ModelRunner (run(seqs, is_prefill) ->
+next-token logits [num_seqs, vocab] fp32, here on the device; `xp` is cupy), with QServe's fused kernels.
+
+Weights come from the loaded model (model/loader.load_model: our QServe-format checkpoints, QServe zoo ones,
+or float models at w16a16*) and go to the device once, in the layouts the kernels take: packed W4 qweights
+(quant/pack.py) with q/k/v and gate/up concatenated along the output channels (s2 parameters along their
+columns), int8 W8A8 weights, fp16 for float linears, embeddings, lm_head and norms.
+
+One decoder layer on a packed batch of T tokens (ops/*):
+    rms_norm_quant(x + residual)  -> qkv GEMM (fp16 out) -> rope_write_kv (RoPE in place, K/V into the pages)
+    -> prefill_attention (varlen, cu_seqlens) | decode_attention (block tables) -> quantize_per_token
+    -> o_proj GEMM -> rms_norm_quant(o + residual) -> gate_up GEMM -> silu_mul_quant -> down GEMM
+Then the final RMSNorm and the fp16 lm_head GEMM run on each sequence's last token only. Float models
+(w16a16, w16a16kv4/kv8) take the same path with fp16 GEMMs and no activation quantization.
+
+GEMM and attention outputs go to buffers preallocated for max(max_num_batched_tokens, max_num_seqs) tokens;
+the row kernels (norm, quantization) still allocate from cupy's pool. Prefill runs eagerly; decode steps are
+captured as CUDA graphs, one per padded batch bucket (1, 2, 4, 8, 16, 24, 32, 48, ... up to max_num_seqs),
+over static inputs, at first use of the bucket (QSERVE_LITE_CUDA_GRAPHS=0 keeps decode eager).
+
+KV pool: as many 64-token pages as `gpu_memory_utilization` of the device's memory leaves after weights,
+buffers and a reserve (capped at what every sequence at full length needs); NUM_GPU_PAGE_BLOCKS (or
+num_pages) overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DeviceError, QServeLiteError
+from ..model.linear import Linear
+from ..model.loader import LoadedModel
+from ..model.paged_kv_cache import PAGE_SIZE
+from ..model.quant_linear import W4A8Linear, W8A8Linear
+from ..model.rope import rope_inv_freq
+from ..ops.paged_kv import KVPageLayout, PagedKVPool
+from ..quant.formats import W4Group
+from ..quant.pack import pack_w4, to_qserve_group_params
+from .model_runner import ModelRunner, kv_bits_of
+from .sequence import Sequence
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+RESERVED_BYTES = 512 << 20  # kernel workspaces, row-kernel outputs, sampler temporaries, fragmentation
+
+
+@dataclass
+class DeviceLinear:
+    """One (possibly fused) linear on the device, in its GEMM kernel's layout (ops/_gpu.gemm modes)."""
+
+    mode: str  # "w4_g128" | "w4_per_channel" | "w8" | "f16"
+    weight: object  # packed int8 [n, k_pad / 2] | int8 [n, k] | fp16 [n, k]
+    n: int
+    k_w: int  # the weight's K (K_pad for packed W4)
+    scales: object = None  # fp16 [n]: s1_scales (W4) or dequant_scale (W8)
+    szeros: object = None  # fp16 [n]: s1_szeros (W4 per-channel)
+    s2_scales: object = None  # int8 [k_pad / 128, n] (W4 g128)
+    s2_zeros: object = None
+    bias: object = None  # fp16 [n]
+
+    def __call__(self, act, out):
+        """act: QuantizedActivation (int8 modes) or fp16 [M, K] (f16); out: fp16 [M, n], contiguous rows."""
+        if isinstance(self.weight, np.ndarray):  # numpy: the kernels' twins (ops/*), for checks on the CPU
+            return self._twin(act, out)
+        from ..ops import _gpu
+
+        if self.mode == "f16":
+            return _gpu.gemm("f16", act, self.weight, self.n, self.k_w, bias=self.bias, out=out)
+        return _gpu.gemm(
+            self.mode,
+            act.q,
+            self.weight,
+            self.n,
+            self.k_w,
+            x_scales=act.scales,
+            x_sums=act.sums,
+            w_scales=self.scales,
+            w_szeros=self.szeros,
+            s2_scales=self.s2_scales,
+            s2_zeros=self.s2_zeros,
+            bias=self.bias,
+            out=out,
+        )
+
+    def _twin(self, act, out):
+        from ..ops.fp16_gemm import fp16_gemm
+        from ..ops.w4a8_gemm import w4a8_group_gemm_packed, w4a8_per_channel_gemm_packed
+        from ..ops.w8a8_gemm import w8a8_gemm
+
+        if self.mode == "f16":
+            out[...] = fp16_gemm(act, self.weight, self.bias, xp=np)
+        elif self.mode == "w8":
+            out[...] = w8a8_gemm(act.q, act.scales, self.weight, self.scales, self.bias, np)
+        elif self.mode == "w4_g128":
+            out[...] = w4a8_group_gemm_packed(
+                act.q, act.scales, self.weight, self.scales, self.s2_scales, self.s2_zeros, self.bias, xp=np
+            )
+        else:
+            out[...] = w4a8_per_channel_gemm_packed(
+                act.q, act.scales, act.sums, self.weight, self.scales, self.szeros, self.bias, xp=np
+            )
+        return out
+
+
+def _concat(arrays, axis: int = 0) -> np.ndarray:
+    return np.concatenate([np.asarray(a) for a in arrays], axis=axis)
+
+
+def fuse_linears(linears: list, cp, name: str) -> DeviceLinear:
+    """Concatenate linears sharing their input (q/k/v, gate/up) along the output channels; upload."""
+    kinds = {type(lin) for lin in linears} | {type(getattr(lin, "qweight", None)) for lin in linears}
+    if len(kinds) != 2:
+        raise QServeLiteError(
+            f"{name}: the fused linears mix weight formats ({sorted(k.__name__ for k in kinds)})"
+        )
+    f16 = cp.float16
+    biases = [lin.bias for lin in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = cp.asarray(
+            _concat(
+                [
+                    b if b is not None else np.zeros(lin.out_features, np.float32)
+                    for b, lin in zip(biases, linears, strict=True)
+                ]
+            ),
+            dtype=f16,
+        )
+    first = linears[0]
+    if isinstance(first, W4A8Linear):
+        qws = [lin.qweight for lin in linears]
+        codes = _concat([q.codes for q in qws])
+        n, k_pad = codes.shape
+        if n % 32 or k_pad % 32:
+            raise QServeLiteError(
+                f"{name}: the GPU W4 GEMM needs output and input channels that are multiples "
+                f"of 32, got {n} x {k_pad}"
+            )
+        qweight = cp.asarray(pack_w4(codes))
+        scales = cp.asarray(_concat([q.s1 if isinstance(q, W4Group) else q.scales for q in qws]), dtype=f16)
+        if isinstance(qws[0], W4Group):
+            if any(q.group_size != 128 for q in qws):
+                raise QServeLiteError(
+                    f"{name}: the GPU W4A8 GEMM supports group size 128 or per-channel, got "
+                    f"{qws[0].group_size}"
+                )
+            s2, zeros = to_qserve_group_params(_concat([q.s2 for q in qws]), _concat([q.zeros for q in qws]))
+            return DeviceLinear(
+                "w4_g128",
+                qweight,
+                n,
+                k_pad,
+                scales=scales,
+                s2_scales=cp.asarray(s2),
+                s2_zeros=cp.asarray(zeros),
+                bias=bias,
+            )
+        szeros = cp.asarray(_concat([q.szeros for q in qws]), dtype=f16)
+        return DeviceLinear("w4_per_channel", qweight, n, k_pad, scales=scales, szeros=szeros, bias=bias)
+    if isinstance(first, W8A8Linear):
+        codes = _concat([lin.qweight.codes for lin in linears]).astype(np.int8)
+        scales = cp.asarray(_concat([lin.qweight.scales for lin in linears]), dtype=f16)
+        return DeviceLinear("w8", cp.asarray(codes), codes.shape[0], codes.shape[1], scales=scales, bias=bias)
+    if isinstance(first, Linear):
+        w = _concat([lin.weight for lin in linears]).astype(np.float16)
+        return DeviceLinear("f16", cp.asarray(w), w.shape[0], w.shape[1], bias=bias)
+    raise QServeLiteError(f"{name}: unsupported linear type {type(first).__name__}")
+
+
+@dataclass
+class DeviceLayer:
+    input_norm: object
+    post_attn_norm: object
+    qkv: DeviceLinear
+    o_proj: DeviceLinear
+    gate_up: DeviceLinear
+    down: DeviceLinear
+
+
+@dataclass
+class DecodeGraph:
+    graph: object  # cupy.cuda.Graph
+    inputs: object  # int32 static inputs: tokens, positions, slots, context lengths, block tables
+    logits: object  # fp32 [bucket, vocab], written by each replay
+    keep: list  # the graph's memory pool and the split-K workspaces it writes
+
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def _env_pages() -> int | None:
+    raw = os.environ.get("NUM_GPU_PAGE_BLOCKS")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise QServeLiteError(f"NUM_GPU_PAGE_BLOCKS must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise QServeLiteError(f"NUM_GPU_PAGE_BLOCKS must be a positive integer, got {raw!r}")
+    return value
+
+
+class GPUModelRunner:
+    """The model on one CUDA device (cupy), with its paged KV pool and activation buffers."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        num_pages: int | None = None,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+        xp=None,
+        cuda_graphs: bool | None = None,
+    ):
+        """xp: cupy (default). numpy runs the same fused-op sequence on the kernels' numpy twins (a check of
+        the runner itself on the CPU; needs num_pages). cuda_graphs: replay decode steps as CUDA graphs
+        (default: on; QSERVE_LITE_CUDA_GRAPHS=0 turns them off)."""
+        if xp is None:
+            import cupy as xp
+        cp = xp
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise QServeLiteError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        self.xp = cp
+        cfg = self.cfg = loaded.config
+        model = loaded.model
+        self.H, self.KVH, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if self.D not in (64, 128):
+            raise DeviceError(
+                f"the GPU attention kernels support head_dim 64 and 128, this model has {self.D}"
+            )
+        self.kv_bits = kv_bits_of(model)
+        self.eps = float(cfg.rms_norm_eps)
+        w = model.weights
+        f16 = cp.float16
+        self.layers = []
+        for i, lw in enumerate(w.layers):
+            p = f"model.layers.{i}"
+            self.layers.append(
+                DeviceLayer(
+                    input_norm=cp.asarray(lw.input_norm, dtype=f16),
+                    post_attn_norm=cp.asarray(lw.post_attn_norm, dtype=f16),
+                    qkv=fuse_linears([lw.q_proj, lw.k_proj, lw.v_proj], cp, f"{p}.self_attn.qkv_proj"),
+                    o_proj=fuse_linears([lw.o_proj], cp, f"{p}.self_attn.o_proj"),
+                    gate_up=fuse_linears([lw.gate_proj, lw.up_proj], cp, f"{p}.mlp.gate_up_proj"),
+                    down=fuse_linears([lw.down_proj], cp, f"{p}.mlp.down_proj"),
+                )
+            )
+        modes = {
+            m
+            for layer in self.layers
+            for m in (layer.qkv.mode, layer.o_proj.mode, layer.gate_up.mode, layer.down.mode)
+        }
+        if len(modes) != 1:
+            raise QServeLiteError(f"the model mixes linear formats {sorted(modes)}; the GPU runner needs one")
+        self.mode = modes.pop()
+        self.float_acts = self.mode == "f16"
+        self.need_sums = self.mode == "w4_per_channel"
+        self.embed = cp.asarray(w.embed_tokens, dtype=f16)
+        head = w.lm_head.weight
+        self.lm_head = self.embed if head is w.embed_tokens else cp.asarray(head, dtype=f16)
+        self.lm_head_bias = None if w.lm_head.bias is None else cp.asarray(w.lm_head.bias, dtype=f16)
+        self.final_norm = cp.asarray(w.final_norm, dtype=f16)
+        self.inv_freq = cp.asarray(rope_inv_freq(cfg), dtype=cp.float64)
+
+        self.max_tokens = max(max_num_batched_tokens, max_num_seqs)
+        T, h = self.max_tokens, cfg.hidden_size
+        qkv_n, gu_n = self.layers[0].qkv.n, self.layers[0].gate_up.n
+        self.qkv_buf = cp.empty((T, qkv_n), dtype=f16)
+        self.attn_buf = cp.empty((T, self.H, self.D), dtype=f16)
+        self.o_buf = cp.empty((T, h), dtype=f16)
+        self.gate_up_buf = cp.empty((T, gu_n), dtype=f16)
+        self.down_buf = cp.empty((T, h), dtype=f16)
+
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("QSERVE_LITE_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = bool(cuda_graphs) and cp is not np
+        self.graph_buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+        self.max_pages = -(-max_model_len // PAGE_SIZE)
+        self.max_context = self.max_pages * PAGE_SIZE
+        self.graphs: dict[int, DecodeGraph] = {}
+        self.graph_stream = cp.cuda.Stream(non_blocking=False) if self.cuda_graphs else None
+
+        self.layout = KVPageLayout(self.kv_bits, self.KVH, self.D)
+        self.num_pages = self._choose_num_pages(
+            num_pages, max_num_seqs, max_num_batched_tokens, max_model_len, gpu_memory_utilization
+        )
+        try:
+            self.kv_pool = PagedKVPool(
+                len(self.layers),
+                self.num_pages,
+                self.KVH,
+                self.D,
+                self.kv_bits,
+                xp=cp,
+                fill=0 if cp is np else None,  # the twin dequantizes whole pages: no garbage NaNs
+            )
+        except MemoryError:  # cupy's OutOfMemoryError is one
+            raise DeviceError(
+                f"the KV pool of {self.num_pages} pages does not fit in GPU memory; lower "
+                "NUM_GPU_PAGE_BLOCKS / num_pages or gpu_memory_utilization"
+            ) from None
+
+    def _choose_num_pages(self, num_pages, max_num_seqs, max_num_batched_tokens, max_model_len, util) -> int:
+        cp = self.xp
+        per_page = len(self.layers) * 2 * self.layout.page_bytes
+        one_batch = -(-min(max_model_len, max_num_batched_tokens) // PAGE_SIZE)
+        given = num_pages if num_pages is not None else _env_pages()
+        if given is not None:
+            return int(given)
+        if cp is np:
+            raise QServeLiteError("the numpy twin of the GPU runner needs num_pages")
+        cp.get_default_memory_pool().free_all_blocks()
+        free, total = cp.cuda.runtime.memGetInfo()
+        h, inter = self.cfg.hidden_size, self.cfg.intermediate_size
+        temporaries = self.max_tokens * (8 * h + 4 * inter + 64) + max_num_seqs * self.cfg.vocab_size * 16
+        budget = int(total * util) - (total - free) - RESERVED_BYTES - temporaries
+        pages = min(max(budget, 0) // per_page, max_num_seqs * -(-max_model_len // PAGE_SIZE))
+        if pages < one_batch:
+            raise DeviceError(
+                f"the KV cache does not fit: {max(budget, 0) / 2**20:.0f} MiB of GPU memory are left for it "
+                f"(gpu_memory_utilization {util}), {pages} pages of {PAGE_SIZE} tokens, but one sequence of "
+                f"{min(max_model_len, max_num_batched_tokens)} tokens needs {one_batch}. Raise "
+                "gpu_memory_utilization, lower max_model_len, or set NUM_GPU_PAGE_BLOCKS"
+            )
+        return int(pages)
+
+    # ---- the step ----
+
+    def run(self, seqs: list[Sequence], is_prefill: bool):
+        """Next-token logits [len(seqs), vocab] fp32 on the device; writes the batch's K/V to the pages."""
+        cp = self.xp
+        if not is_prefill and self.cuda_graphs and len(seqs) <= self.graph_buckets[-1]:
+            return self._run_decode_graph(seqs)
+        token_ids, positions, batch = ModelRunner.prepare(seqs, is_prefill)
+        T = len(token_ids)
+        assert T <= self.max_tokens, (T, self.max_tokens)
+        qs = batch.query_start
+        host = np.concatenate(
+            [token_ids, positions, batch.slot_mapping, qs, batch.context_lens, batch.block_tables.ravel()]
+        ).astype(np.int32)
+        dev = cp.asarray(host)
+        B = len(seqs)
+        offs = np.cumsum([0, T, T, T, B + 1, B])
+        tok, pos, slots, cu, ctx = (dev[offs[i] : offs[i + 1]] for i in range(5))
+        block_tables = dev[offs[5] :].reshape(batch.block_tables.shape)
+        max_q = int((qs[1:] - qs[:-1]).max())
+        max_ctx = int(batch.context_lens.max())
+        x, residual = self._forward(tok, pos, slots, cu, ctx, block_tables, T, is_prefill, max_q, max_ctx)
+        last = cu[1:] - 1
+        return self._logits(x[last], residual[last])
+
+    def _norm(self, x, residual, gamma):
+        """(the next linear's input, the new residual stream)."""
+        from ..ops.norm_quant import rms_norm, rms_norm_quant
+
+        if self.float_acts:
+            return rms_norm(x, gamma, self.eps, residual=residual, xp=self.xp)
+        return rms_norm_quant(x, gamma, self.eps, residual=residual, xp=self.xp, with_sums=self.need_sums)
+
+    def _forward(self, tok, pos, slots, cu, ctx, block_tables, T, is_prefill, max_q, max_ctx):
+        """The decoder layers on T packed tokens -> (last hidden, residual stream)."""
+        from ..ops.act_quant import quantize_per_token, silu_mul, silu_mul_quant
+        from ..ops.attention import decode_attention, prefill_attention, rope_write_kv
+
+        cp = self.xp
+        H, KVH, D = self.H, self.KVH, self.D
+        qs_n, kv_n = H * D, KVH * D
+        x = self.embed[tok]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            act, residual = self._norm(x, residual, layer.input_norm)
+            qkv = layer.qkv(act, self.qkv_buf[:T])
+            q = qkv[:, :qs_n].reshape(T, H, D)
+            k = qkv[:, qs_n : qs_n + kv_n].reshape(T, KVH, D)
+            v = qkv[:, qs_n + kv_n :].reshape(T, KVH, D)
+            rope_write_kv(q, k, v, pos, self.inv_freq, self.kv_pool, i, slots)
+            out = self.attn_buf[:T]
+            if is_prefill:
+                attn = prefill_attention(
+                    q, k, v, cu, ctx, self.kv_pool, i, block_tables, max_seqlen_q=max_q, out=out
+                )
+            else:
+                attn = decode_attention(q, self.kv_pool, i, block_tables, ctx, max_context=max_ctx, out=out)
+            attn = attn.reshape(T, qs_n)
+            act = attn if self.float_acts else quantize_per_token(attn, cp, self.need_sums)
+            o = layer.o_proj(act, self.o_buf[:T])
+            act, residual = self._norm(o, residual, layer.post_attn_norm)
+            gate_up = layer.gate_up(act, self.gate_up_buf[:T])
+            act = silu_mul(gate_up, cp) if self.float_acts else silu_mul_quant(gate_up, cp, self.need_sums)
+            x = layer.down(act, self.down_buf[:T])
+        return x, residual
+
+    def _logits(self, x, residual):
+        from ..ops.fp16_gemm import fp16_gemm
+        from ..ops.norm_quant import rms_norm
+
+        y, _ = rms_norm(x, self.final_norm, self.eps, residual=residual, xp=self.xp)
+        return fp16_gemm(y, self.lm_head, self.lm_head_bias, out_dtype=np.float32, xp=self.xp)
+
+    # ---- decode as CUDA graphs, one per padded batch bucket ----
+
+    def _run_decode_graph(self, seqs: list[Sequence]):
+        B = len(seqs)
+        bucket = next(b for b in self.graph_buckets if b >= B)
+        graph = self.graphs.get(bucket) or self._capture(bucket)
+        token_ids, positions, batch = ModelRunner.prepare(seqs, False)
+        host = self._graph_inputs(bucket)
+        tok, pos, slots, ctx, bt = self._graph_views(host, bucket)
+        tok[:B], pos[:B], slots[:B], ctx[:B] = token_ids, positions, batch.slot_mapping, batch.context_lens
+        tables = batch.block_tables
+        bt[:B, : tables.shape[1]] = np.maximum(tables, 0)  # -1 padding is never read; 0 is a valid page
+        graph.inputs.set(host)
+        graph.graph.launch()
+        return graph.logits[:B].copy()
+
+    def _graph_inputs(self, bucket: int) -> np.ndarray:
+        """Host inputs of a padded batch: padding rows write nothing (slot -1) and attend to one token."""
+        host = np.zeros(bucket * (4 + self.max_pages), dtype=np.int32)
+        tok, pos, slots, ctx, bt = self._graph_views(host, bucket)
+        slots[:] = -1
+        ctx[:] = 1
+        return host
+
+    def _graph_views(self, buf, bucket: int):
+        b = bucket
+        return buf[:b], buf[b : 2 * b], buf[2 * b : 3 * b], buf[3 * b : 4 * b], buf[4 * b :].reshape(b, -1)
+
+    def _capture(self, bucket: int) -> DecodeGraph:
+        """Capture one decode step of `bucket` sequences over static inputs (attending up to max_model_len
+        tokens). Everything the step allocates comes from a memory pool of the graph's own, warmed by an eager
+        run of the same step first (kernels compiled, blocks cached: no cudaMalloc while capturing); no one
+        else allocates from that pool, so no memory the graph writes is ever handed out again."""
+        from ..ops import _gpu, _gpu_attention
+
+        cp = self.xp
+        inputs = cp.asarray(self._graph_inputs(bucket))
+        tok, pos, slots, ctx, bt = self._graph_views(inputs, bucket)
+        stream, pool = self.graph_stream, cp.cuda.MemoryPool()
+
+        def step():
+            x, residual = self._forward(tok, pos, slots, None, ctx, bt, bucket, False, 1, self.max_context)
+            return self._logits(x, residual)
+
+        cp.cuda.Device().synchronize()
+        with stream, cp.cuda.using_allocator(pool.malloc):
+            step()
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                logits = step()
+            finally:
+                graph = stream.end_capture()
+        stream.synchronize()
+        key = (cp.cuda.Device().id, stream.ptr)  # split-K workspaces (per stream) may be regrown later
+        keep = [pool, _gpu._workspace.bufs.get(key), _gpu_attention._workspace.bufs.get(key)]
+        self.graphs[bucket] = DecodeGraph(graph, inputs, logits, keep)
+        return self.graphs[bucket]

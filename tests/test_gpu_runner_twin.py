@@ -1,0 +1,107 @@
+"""The GPU runner's op sequence on the kernels' numpy twins (GPUModelRunner(xp=numpy)), on the CPU: fused and
+packed weights round-trip, and its greedy tokens follow the CPU emulation's (teacher-forced) on a tiny model.
+The GPU tests (test_engine_gpu.py) then check the device against this same twin."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import random_weights, tiny_config, write_model
+from qserve_lite.engine.gpu_model_runner import GPUModelRunner, fuse_linears
+from qserve_lite.engine.llm_engine import LLMEngine
+from qserve_lite.engine.sampler import SamplerOutput
+from qserve_lite.model.checkpoint import LINEARS, save_quantized
+from qserve_lite.model.config import ModelConfig
+from qserve_lite.model.loader import load_model
+from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
+from qserve_lite.model.weights import load_llama_weights
+from qserve_lite.quant.pack import from_qserve_group_params, unpack_w4
+from qserve_lite.quant.quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
+from qserve_lite.sampling_params import SamplingParams
+
+QC = {
+    "w4_g128": {"quant_method": "qoq", "w_bit": 4, "a_bit": 8, "group_size": 128, "kv_bit": 4},
+    "w4_chn": {"quant_method": "qoq", "w_bit": 4, "a_bit": 8, "group_size": -1, "kv_bit": 4},
+    "w8": {"quant_method": "qoq", "w_bit": 8, "a_bit": 8, "group_size": -1, "kv_bit": 8},
+}
+QUANTIZE = {"w4_g128": lambda w: W4A8Linear(quantize_w4_group(w, 128)),
+            "w4_chn": lambda w: W4A8Linear(quantize_w4_per_channel(w)),
+            "w8": lambda w: W8A8Linear(quantize_w8_per_channel(w))}
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    cfg = tiny_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=64, num_hidden_layers=2, vocab_size=320, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    tensors = random_weights(cfg, seed=11)
+    tensors["lm_head.weight"] *= 4.0  # clear argmax winners
+    return write_model(tmp_path_factory.mktemp("twin-float"), cfg, tensors)
+
+
+def _quantized(src, out, mode):
+    cfg_dict = json.loads((src / "config.json").read_text())
+    weights = load_llama_weights(ModelConfig.from_dict(cfg_dict), src)
+    for layer in weights.layers:
+        for _, name in LINEARS:
+            setattr(layer, name, QUANTIZE[mode](np.asarray(getattr(layer, name).weight, np.float64)))
+    return save_quantized(out, cfg_dict, weights, QC[mode], src)
+
+
+@pytest.mark.parametrize("mode", list(QC))
+def test_fused_weights_round_trip(float_dir, tmp_path, mode):
+    lm = load_model(_quantized(float_dir, tmp_path / "q", mode))
+    lw = lm.model.weights.layers[0]
+    parts = [lw.q_proj, lw.k_proj, lw.v_proj]
+    fused = fuse_linears(parts, np, "qkv")
+    codes = np.concatenate([p.qweight.codes for p in parts])
+    assert fused.n == codes.shape[0]
+    if mode == "w8":
+        assert fused.mode == "w8" and np.array_equal(fused.weight, codes)
+        return
+    assert np.array_equal(unpack_w4(fused.weight), codes)
+    if mode == "w4_g128":
+        s2, zeros = from_qserve_group_params(fused.s2_scales, fused.s2_zeros)
+        assert np.array_equal(s2, np.concatenate([p.qweight.s2 for p in parts]))
+        assert np.array_equal(zeros, np.concatenate([p.qweight.zeros for p in parts]))
+
+
+def _greedy_rows(engine, prompts, forced, n):
+    sampler, rows, own, index = engine.sampler, {}, {}, {}
+
+    def forcing(logits, seqs):
+        out = sampler(logits, seqs)
+        tokens = []
+        for r, (seq, tok) in enumerate(zip(seqs, out.token_ids, strict=True)):
+            key = (index[seq.request_id], seq.num_output_tokens)
+            rows[key], own[key] = np.array(logits[r], dtype=np.float32), tok
+            tokens.append(tok if forced is None else forced[key[0]][key[1]])
+        return SamplerOutput(tokens, out.logprobs)
+
+    engine.sampler = forcing
+    for i, p in enumerate(prompts):
+        index[engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True))] = i
+    while engine.has_unfinished():
+        engine.step()
+    return rows, own
+
+
+@pytest.mark.parametrize("mode,precision", [("float", "w16a16"), ("w8", None)])
+def test_twin_runner_follows_emulation(float_dir, tmp_path, mode, precision):
+    path = float_dir if mode == "float" else _quantized(float_dir, tmp_path / "q", mode)
+    lm = load_model(path, precision=precision)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (1, 17, 64, 65, 100)]
+    n = 16
+    ref_rows, ref_own = _greedy_rows(LLMEngine(lm, max_num_seqs=8), prompts, None, n)
+    forced = [[ref_own[(i, j)] for j in range(n)] for i in range(len(prompts))]
+    runner = GPUModelRunner(lm, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512, num_pages=32,
+                            xp=np)
+    rows, _ = _greedy_rows(LLMEngine(lm, max_num_seqs=8, num_pages=32, runner=runner), prompts, forced, n)
+    agree = np.mean([np.argmax(rows[k]) == np.argmax(ref_rows[k]) for k in ref_rows])
+    err = max(float(np.abs(rows[k] - ref_rows[k]).max() / np.abs(ref_rows[k]).max()) for k in ref_rows)
+    assert agree >= 0.9, agree
+    assert err < (0.01 if mode == "float" else 0.1), err
