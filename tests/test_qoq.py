@@ -75,6 +75,20 @@ def test_smooth_attention_keeps_logits_and_scales_keys(tiny_model_dir):
         np.testing.assert_allclose(after[i]["k"].absmax, stats[i]["k"].absmax / scales[i], rtol=1e-9)
 
 
+def test_smooth_attention_search_never_worse_than_none(qoq_model_dir):
+    from qserve_lite.quant.smooth_attention import alpha_beta_candidates, search_smooth_attention
+
+    cfg, w = _load64(qoq_model_dir)
+    ids = _samples(cfg, n=2, t=48, seed=6)
+    spec = {p: PointSpec(absmax=True, keep_samples=2) for p in ("q", "k", "v")}
+    st = LayerRunner(LlamaModel(cfg, w, np), ids).run(0, spec)
+    alpha, beta, err, base = search_smooth_attention(st["q"].samples, st["k"].samples, st["v"].samples,
+                                                     w.layers[0].o_proj.weight, st["k"].absmax,
+                                                     st["q"].absmax, kv_bits=4, grid=10, query_stride=2)
+    assert (alpha, beta) in alpha_beta_candidates(10) and len(alpha_beta_candidates(20)) == 39
+    assert 0 < err <= base
+
+
 def test_smooth_attention_degenerate_scales():
     from qserve_lite.quant.smooth_attention import smooth_attention_scales
 
@@ -105,7 +119,7 @@ def test_transformed_statistics_equal_recollected(qoq_model_dir):
     equal what a second calibration pass over the transformed layer would collect."""
     cfg, w = _load64(qoq_model_dir)
     ids = _samples(cfg, n=4, t=32, seed=2)
-    config = qoq.qoq_g128()
+    config = qoq.qoq_g128(smooth_attention_search=False)
     spec = {"down_in": PointSpec(absmax=True, hessian=True, rows=50), "k": PointSpec(absmax=True)}
     runner = LayerRunner(LlamaModel(cfg, w, np), ids, batch_size=3)
     stats = runner.run(0, spec)
@@ -175,6 +189,28 @@ def test_clip_search_never_increases_row_error():
     # the reported error is the one of the chosen ratio
     w_hat = rtn_w4_per_channel(w, best)
     np.testing.assert_allclose(err, np.sum((x.astype(np.float64) @ (w_hat - w).T) ** 2, axis=0), rtol=1e-3)
+
+
+def test_group_clip_search_lowers_weighted_error_and_keeps_int8_range():
+    from qserve_lite.quant.clip import search_group_clip
+    from qserve_lite.quant.gptq import progressive_params, rtn_w4_group
+
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((32, 200)) * rng.uniform(0.1, 2, (32, 1))
+    w[np.arange(32), rng.integers(0, 200, 32)] *= 6.0
+    h_diag = rng.uniform(0.1, 3.0, 200)
+    u = progressive_params(w, 128)[0]
+    ratio = search_group_clip(u, h_diag, 128, clip_ratios(20, 0.6))
+    assert ratio.shape == (32, 2) and ratio.min() >= 0.6 - 1e-12 and np.any(ratio < 1)
+
+    def weighted_err(q):
+        return ((q.dequantize() - w) ** 2 * h_diag).sum(axis=1)
+
+    clipped, plain = rtn_w4_group(w, 128, group_ratio=ratio), rtn_w4_group(w, 128)
+    np.testing.assert_array_equal(plain.codes, quantize_w4_group(w, 128).codes)
+    assert np.sum(weighted_err(clipped)) < np.sum(weighted_err(plain))
+    u8 = clipped.level1()
+    assert u8.min() >= -128 and u8.max() <= 127 and clipped.codes.max() <= 15
 
 
 def test_qk_block_clip_search(qoq_model_dir):
@@ -260,3 +296,29 @@ def test_quantize_cli_w8a8(qoq_model_dir, tmp_path):
     qc = lm.model.weights.extra["quantization_config"]
     assert (qc["w_bit"], qc["kv_bit"], qc["group_size"]) == (8, 8, -1)
     assert qc["calibration"]["n_samples"] == 4 and lm.precision.name == "w8a8kv8"
+
+
+def test_blocked_gptq_equals_textbook_recursion():
+    """Lazy batch updates (blocks of 128, sub-blocks of 16) give the column-by-column GPTQ result."""
+    from qserve_lite.quant.gptq import _inverse_cholesky_upper, gptq, per_channel_w4_column
+    from qserve_lite.quant.quantizers import w4_per_channel_params
+
+    rng = np.random.default_rng(11)
+    x = _correlated_inputs(rng, 400, 300)
+    w = rng.standard_normal((24, 300))
+    h = 2.0 / len(x) * x.T @ x
+    quant = per_channel_w4_column(*w4_per_channel_params(w))
+    got = gptq(w, h, quant, block_size=128)
+    perm = np.argsort(-np.diag(h), kind="stable")
+    hp = h[perm][:, perm]
+    u = _inverse_cholesky_upper(hp, 0.01)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(hp + 0.01 * np.mean(np.diag(h)) * np.eye(300)),
+                               rtol=1e-6, atol=1e-9)
+    wp = w[:, perm].copy()
+    ref = np.empty_like(wp)
+    for i in range(300):
+        ref[:, i] = quant(int(perm[i]), wp[:, i])
+        wp[:, i + 1:] -= np.outer((wp[:, i] - ref[:, i]) / u[i, i], u[i, i + 1:])
+    expect = np.empty_like(ref)
+    expect[:, perm] = ref
+    np.testing.assert_allclose(got, expect, atol=1e-9)

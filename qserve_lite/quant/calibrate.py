@@ -169,11 +169,16 @@ def load_calibration_samples(tokenizer, source: str | Sequence[str | Path] = "py
     return build_samples(tokenizer, calibration_documents(source), n_samples, seq_len, seed, progress)
 
 
-def default_calibration_size() -> tuple[int, int]:
-    """(n_samples, seq_len): deepcompressor's 128 x 1024 with a GPU (cupy importable), 16 x 512 on CPU."""
+def gpu_available() -> bool:
+    """cupy is importable (the GPU defaults apply)."""
     import importlib.util
 
-    return (128, 1024) if importlib.util.find_spec("cupy") is not None else (16, 512)
+    return importlib.util.find_spec("cupy") is not None
+
+
+def default_calibration_size() -> tuple[int, int]:
+    """(n_samples, seq_len): deepcompressor's 128 x 1024 with a GPU (cupy importable), 16 x 512 on CPU."""
+    return (128, 1024) if gpu_available() else (16, 512)
 
 
 # ---------------------------------------------------------------- statistics ----
@@ -183,7 +188,7 @@ class PointSpec:
     """What to keep of one observed point (see llama.OBSERVED_POINTS)."""
 
     absmax: bool = False  # max |x| per channel over all tokens (shape x.shape[2:])
-    hessian: bool = False  # sum over tokens of x^T x (float64), for GPTQ
+    hessian: bool = False  # sum over tokens of x^T x (per batch in x's dtype, summed in float64), for GPTQ
     rows: int = 0  # keep up to this many token rows, evenly strided over all tokens (clip search)
     keep_samples: int = 0  # keep the whole activations of the first N samples (block-output searches)
 
@@ -224,9 +229,12 @@ class _PointReducer:
             st.absmax = m if st.absmax is None else np.maximum(st.absmax, m)
         flat = x.reshape(B * T, -1)
         if spec.hessian:
-            x64 = flat.astype(np.float64)
-            h = x64.T @ x64
-            st.hessian = h if st.hessian is None else st.hessian + h
+            # one batch's X^T X in the activations' precision (BLAS syrk), accumulated in float64
+            h = (flat.T @ flat).astype(np.float64)
+            if st.hessian is None:
+                st.hessian = h
+            else:
+                st.hessian += h
         st.tokens += B * T
         if self._row_index is not None:
             off = first_sample * T
@@ -261,7 +269,9 @@ class LayerRunner:
     """Steps every calibration sample through the decoder one layer at a time.
 
     `run(i, points)` runs layer i (which must be the next one) over all samples with the observer
-    reducing `points`, returns {point: PointStats} and keeps the layer's outputs as the next inputs.
+    reducing `points`, returns {point: PointStats} and keeps the layer's outputs as the next inputs
+    (the float model's, or, when the caller swaps in the quantized layer and runs it again, the quantized
+    model's).
     """
 
     def __init__(self, model: LlamaModel, samples: np.ndarray, batch_size: int = 4, progress: bool = False):
@@ -278,7 +288,9 @@ class LayerRunner:
         self.next_layer = 0
         self.progress = progress
 
-    def run(self, i: int, points: dict[str, PointSpec] | None = None) -> dict[str, PointStats]:
+    def run(self, i: int, points: dict[str, PointSpec] | None = None, advance: bool = True
+            ) -> dict[str, PointStats]:
+        """advance=False keeps the hidden states at layer i (run it again, e.g. once quantized)."""
         if i != self.next_layer:
             raise ValueError(f"layer {i} requested, but the hidden states are at layer {self.next_layer}")
         points = points or {}
@@ -304,8 +316,9 @@ class LayerRunner:
                 out[s:e] = model.layer(i, lw, self.hidden[s:e], self.cos, self.sin, _LayerCache(), 0)
         finally:
             model.observer = saved
-        self.hidden = out
-        self.next_layer += 1
+        if advance:
+            self.hidden = out
+            self.next_layer += 1
         return {p: r.finish() for p, r in reducers.items()}
 
 

@@ -41,24 +41,67 @@ def row_output_errors(w: np.ndarray, w_hat: np.ndarray, x_rows: np.ndarray) -> n
     return np.einsum("ij,ij->i", e, e, dtype=np.float64)
 
 
-def search_row_clip(w: np.ndarray, x_rows: np.ndarray, ratios: np.ndarray | None = None
+class _RowClipEvaluator:
+    """Output error per row of w [n, k] RTN-quantized with per-row clip ratios, on rows x [m, k]."""
+
+    def __init__(self, w: np.ndarray, x_rows: np.ndarray):
+        self.w = np.asarray(w, dtype=np.float64)
+        self.wmax, self.wmin = self.w.max(axis=1), self.w.min(axis=1)
+        self.w32 = self.w.astype(np.float32)
+        self.x = np.asarray(x_rows, dtype=np.float32)
+
+    def __call__(self, ratio: np.ndarray) -> np.ndarray:
+        # the parameters exactly as w4_per_channel_params makes them; the codes in float32 (search only)
+        scales = (self.wmax * ratio - self.wmin * ratio) / 15.0
+        scales = scales.astype(np.float16).astype(np.float32)
+        scales[scales == 0] = 1.0
+        szeros = (-self.wmin * ratio).astype(np.float16).astype(np.float32)
+        s, z = scales[:, None], szeros[:, None]
+        d = np.add(self.w32, z)
+        d /= s
+        np.rint(d, out=d)
+        np.clip(d, 0, 15, out=d)
+        d *= s
+        d -= z
+        d -= self.w32
+        e = d @ self.x.T
+        return np.einsum("ij,ij->i", e, e, dtype=np.float64)
+
+
+def search_row_clip(w: np.ndarray, x_rows: np.ndarray, ratios: np.ndarray | None = None, stride: int = 1
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best clip ratio per output row of w [n, k] for inputs x_rows [m, k].
 
-    Returns (ratio [n], error [n] at that ratio, error [n] at ratio 1.0). Ratio 1.0 is always a candidate
-    and only a strictly smaller error replaces it, so the chosen error never exceeds the unclipped one.
+    stride > 1 searches coarse-to-fine: every stride-th ratio first, then each row's grid neighbours
+    within stride - 1 of its best (about len(ratios) / stride + 2 * (stride - 1) evaluations instead of
+    len(ratios)). Returns (ratio [n], error [n] at that ratio, error [n] at ratio 1.0). Ratio 1.0 (the
+    first) is always evaluated and only a strictly smaller error replaces it, so the chosen error never
+    exceeds the unclipped one.
     """
-    w = np.asarray(w, dtype=np.float64)
     ratios = clip_ratios() if ratios is None else np.asarray(ratios, dtype=np.float64)
-    best_ratio = np.full(w.shape[0], ratios[0])
-    best_err = row_output_errors(w, rtn_w4_per_channel(w, ratios[0]), x_rows)
+    evaluate = _RowClipEvaluator(w, x_rows)
+    n = evaluate.w.shape[0]
+    best_idx = np.zeros(n, dtype=np.int64)
+    best_err = evaluate(np.full(n, ratios[0]))
     base_err = best_err.copy()
-    for r in ratios[1:]:
-        err = row_output_errors(w, rtn_w4_per_channel(w, r), x_rows)
+    stride = max(1, int(stride))
+    for i in range(stride, len(ratios), stride):
+        err = evaluate(np.full(n, ratios[i]))
         better = err < best_err
         best_err = np.where(better, err, best_err)
-        best_ratio = np.where(better, r, best_ratio)
-    return best_ratio, best_err, base_err
+        best_idx = np.where(better, i, best_idx)
+    if stride > 1:
+        center = best_idx.copy()
+        for off in [o for o in range(-(stride - 1), stride) if o != 0]:
+            idx = center + off
+            valid = (idx > 0) & (idx < len(ratios))
+            if not valid.any():
+                continue
+            err = evaluate(ratios[np.clip(idx, 0, len(ratios) - 1)])
+            better = valid & (err < best_err)
+            best_err = np.where(better, err, best_err)
+            best_idx = np.where(better, idx, best_idx)
+    return ratios[best_idx], best_err, base_err
 
 
 # ---- q/k: attention-block output error ----
@@ -68,16 +111,27 @@ def _linear(x: np.ndarray, w: np.ndarray, b) -> np.ndarray:
     return y + b if b is not None else y
 
 
-def _attention(q: np.ndarray, q_pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Causal GQA attention of queries q [S, Tq, H, D] at positions q_pos over keys/values [S, T, KVH, D]
-    at positions 0..T-1 -> [S, Tq, H*D]."""
+def query_positions(n_tokens: int, stride: int) -> np.ndarray:
+    """Every stride-th position, ending at the last one (the query subset block-output searches score)."""
+    return np.arange(n_tokens - 1, -1, -stride)[::-1].copy()
+
+
+def causal_bias(q_pos: np.ndarray, n_keys: int, group: int) -> np.ndarray:
+    """Additive mask [group * Tq, n_keys]: -inf where a key lies after its query (rows: head-major)."""
+    future = np.arange(n_keys)[None, :] > np.tile(q_pos, group)[:, None]
+    return np.where(future, -np.inf, 0.0).astype(np.float32)
+
+
+def gqa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Causal GQA attention of queries q [S, Tq, H, D] over keys/values [S, T, KVH, D] with the additive
+    mask `bias` of causal_bias -> [S, Tq, H*D]."""
     S, Tq, H, D = q.shape
-    KVH, T = k.shape[2], k.shape[1]
+    KVH = k.shape[2]
     g = H // KVH
     qg = q.reshape(S, Tq, KVH, g, D).transpose(0, 2, 3, 1, 4).reshape(S, KVH, g * Tq, D)
-    scores = qg @ k.transpose(0, 2, 3, 1) / math.sqrt(D)  # [S, KVH, g*Tq, T]
-    mask = np.arange(T)[None, :] > np.tile(q_pos, g)[:, None]
-    scores = np.where(mask, -np.inf, scores)
+    scores = qg @ k.transpose(0, 2, 3, 1)  # [S, KVH, g*Tq, T]
+    scores *= 1.0 / math.sqrt(D)
+    scores += bias
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
@@ -97,7 +151,7 @@ def search_qk_clip(lw: LayerWeights, attn_in: np.ndarray, num_heads: int, num_kv
     x = np.asarray(attn_in, dtype=np.float32)
     S, T, _ = x.shape
     H, KVH, D = num_heads, num_kv_heads, head_dim
-    q_pos = np.arange(T - 1, -1, -query_stride)[::-1].copy()  # always includes the last position
+    q_pos = query_positions(T, query_stride)
     cos, sin = rope_cos_sin(np.arange(T), inv_freq, np, dtype=np.float32)
     cos_q, sin_q = cos[q_pos], sin[q_pos]
     f32 = np.float32
@@ -113,10 +167,11 @@ def search_qk_clip(lw: LayerWeights, attn_in: np.ndarray, num_heads: int, num_kv
     k = project(x, lw.k_proj, wk, KVH, cos, sin)
     v_bias = None if lw.v_proj.bias is None else lw.v_proj.bias.astype(f32)
     v = _linear(x, lw.v_proj.weight.astype(f32), v_bias).reshape(S, T, KVH, D)
-    ref = _attention(q, q_pos, k, v) @ wo.T
+    bias = causal_bias(q_pos, T, H // KVH)
+    ref = gqa_attention(q, k, v, bias) @ wo.T
 
     def mse(qq, kk) -> float:
-        d = _attention(qq, q_pos, kk, v) @ wo.T - ref
+        d = gqa_attention(qq, kk, v, bias) @ wo.T - ref
         return float(np.mean(d.astype(np.float64) ** 2))
 
     best_q, best_q_err = ratios[0], math.inf
@@ -131,3 +186,39 @@ def search_qk_clip(lw: LayerWeights, attn_in: np.ndarray, num_heads: int, num_kv
         if err < best_k_err:
             best_k, best_k_err = r, err
     return float(best_q), float(best_k)
+
+
+# ---- g128: level-2 (group) range clipping ----
+
+def search_group_clip(u: np.ndarray, h_diag: np.ndarray, group_size: int, ratios: np.ndarray | None = None
+                      ) -> np.ndarray:
+    """Clip ratio per (row, group) of level-1 weights u [n, k_pad] (k_pad a multiple of group_size).
+
+    A ratio shrinks the group's [umin, umax] before the integer s2 / z are chosen; the error of a group is
+    sum_j h_j (u_hat_j - u_j)^2 with h = diag(X^T X) of the layer input (zero on padded columns), which is
+    separable over groups, so every (row, group) takes its own best ratio. Ratio 1.0 is first and only a
+    strictly smaller error replaces it. Returns ratios [n, k_pad // group_size].
+    """
+    from .quantizers import progressive_codes, progressive_group_params
+
+    ratios = clip_ratios() if ratios is None else np.asarray(ratios, dtype=np.float64)
+    n, k = u.shape
+    G = k // group_size
+    h = np.zeros(k)
+    h[: len(h_diag)] = h_diag
+    hg = h.reshape(G, group_size)
+    ug = u.reshape(n, G, group_size)
+    best_ratio = np.ones((n, G))
+    best_err = None
+    for r in ratios:
+        s2, z = progressive_group_params(u * r, group_size)
+        codes = progressive_codes(ug, s2[..., None], z[..., None])
+        d = codes * s2[..., None].astype(np.float64) - z[..., None] - ug
+        err = np.einsum("ngj,gj->ng", d * d, hg)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_ratio = np.where(better, r, best_ratio)
+    return best_ratio

@@ -34,18 +34,20 @@ ColumnQuantizer = Callable[[int, np.ndarray], np.ndarray]
 
 def _inverse_cholesky_upper(h: np.ndarray, damp: float, max_tries: int = 250) -> np.ndarray:
     """Upper U with U^T U = (H + damping I)^-1; damping starts at damp * mean(diag H) and grows by
-    0.1 % of the mean diagonal per failed Cholesky."""
+    0.1 % of the mean diagonal per failed Cholesky.
+
+    With J the order reversal: J H J = L L^T gives H = (J L J)(J L J)^T with J L J upper, hence
+    H^-1 = U^T U for the upper U = (J L J)^-1 = J L^-1 J: one Cholesky and one triangular inverse.
+    """
     mean_diag = float(np.mean(np.diag(h)))
     eye = np.eye(h.shape[0])
+    flipped = h[::-1, ::-1]
     for t in range(max_tries):
-        hd = h + (damp + 0.001 * t) * mean_diag * eye
         try:
-            low = np.linalg.cholesky(hd)
-            low_inv = np.linalg.inv(low)  # triangular; H^-1 = L^-T L^-1
-            h_inv = low_inv.T @ low_inv
-            return np.linalg.cholesky(h_inv).T
+            low = np.linalg.cholesky(flipped + (damp + 0.001 * t) * mean_diag * eye)
         except np.linalg.LinAlgError:
             continue
+        return np.ascontiguousarray(np.linalg.inv(low)[::-1, ::-1])
     raise np.linalg.LinAlgError(f"GPTQ: the Hessian stayed singular after {max_tries} damping increases")
 
 
@@ -54,6 +56,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, quantize_column: ColumnQuantizer, b
     """Dequantized GPTQ weight [n, k] (float64) of w [n, k] given H [k, k].
 
     Dead input channels (H_jj == 0) get H_jj = 1 and a zeroed weight column before quantization.
+    Inside each block of `block_size` columns the error feedback is itself batched per 16 columns
+    (the same arithmetic, fewer large temporaries).
     """
     w = np.array(w, dtype=np.float64)
     h = np.array(hessian, dtype=np.float64)
@@ -68,18 +72,25 @@ def gptq(w: np.ndarray, hessian: np.ndarray, quantize_column: ColumnQuantizer, b
     hinv = _inverse_cholesky_upper(h, damp)
     wt = np.ascontiguousarray(w[:, perm].T)  # [k, n]: column j of W is row j here (contiguous)
     qt = np.empty_like(wt)
+    inner = 16
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         block = wt[b0:b1].copy()
         err = np.empty_like(block)
         hb = hinv[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            col = block[i]
-            q = quantize_column(int(perm[b0 + i]), col)
-            qt[b0 + i] = q
-            e = (col - q) / hb[i, i]
-            block[i:] -= hb[i, i:, None] * e[None, :]
-            err[i] = e
+        nb = b1 - b0
+        for s0 in range(0, nb, inner):
+            s1 = min(s0 + inner, nb)
+            for i in range(s0, s1):
+                col = block[i]
+                q = quantize_column(int(perm[b0 + i]), col)
+                qt[b0 + i] = q
+                e = (col - q) / hb[i, i]
+                if i + 1 < s1:
+                    block[i + 1:s1] -= hb[i, i + 1:s1, None] * e[None, :]
+                err[i] = e
+            if s1 < nb:
+                block[s1:] -= hb[s0:s1, s1:].T @ err[s0:s1]
         if b1 < k:
             wt[b1:] -= hinv[b0:b1, b1:].T @ err
     out = np.empty((n, k))
@@ -135,14 +146,34 @@ def gptq_w4_per_channel(w: np.ndarray, hessian: np.ndarray, clip_ratio=1.0, **kw
     return W4PerChannel(w4_per_channel_codes(q, scales, szeros), scales, szeros, in_features=w.shape[1])
 
 
-def gptq_w4_group(w: np.ndarray, hessian: np.ndarray, group_size: int = 128, protect: int = PROTECTIVE_RANGE,
-                  **kw) -> W4Group:
-    """Progressive group W4 (g128): s1, s2, z as quantize_w4_group computes them, codes by GPTQ."""
-    w = np.asarray(w, dtype=np.float64)
-    k = w.shape[1]
+def progressive_params(w: np.ndarray, group_size: int = 128, protect: int = PROTECTIVE_RANGE,
+                       group_ratio: np.ndarray | None = None):
+    """(padded level-1 U, s1, s2, zeros) as quantize_w4_group computes them; group_ratio [n, G] shrinks
+    each group's range first (level-2 clipping)."""
     wp = pad_columns(w, group_size)
     s1 = progressive_s1(wp, protect)
-    s2, zeros = progressive_group_params(to_level1(wp, s1, protect), group_size)
+    u = to_level1(wp, s1, protect)
+    scaled = u if group_ratio is None else u * np.repeat(group_ratio, group_size, axis=1)
+    s2, zeros = progressive_group_params(scaled, group_size)
+    return u, s1, s2, zeros
+
+
+def rtn_w4_group(w: np.ndarray, group_size: int = 128, protect: int = PROTECTIVE_RANGE,
+                 group_ratio: np.ndarray | None = None) -> W4Group:
+    """quantize_w4_group with optional level-2 clip ratios."""
+    w = np.asarray(w, dtype=np.float64)
+    u, s1, s2, zeros = progressive_params(w, group_size, protect, group_ratio)
+    codes = progressive_codes(u, np.repeat(s2, group_size, axis=1), np.repeat(zeros, group_size, axis=1))
+    return W4Group(codes, s1, s2, zeros, group_size, in_features=w.shape[1])
+
+
+def gptq_w4_group(w: np.ndarray, hessian: np.ndarray, group_size: int = 128, protect: int = PROTECTIVE_RANGE,
+                  group_ratio: np.ndarray | None = None, **kw) -> W4Group:
+    """Progressive group W4 (g128): s1, s2, z as quantize_w4_group computes them (with optional level-2
+    clip ratios), codes by GPTQ."""
+    w = np.asarray(w, dtype=np.float64)
+    k = w.shape[1]
+    _, s1, s2, zeros = progressive_params(w, group_size, protect, group_ratio)
     q = gptq(w, hessian, progressive_column(s1, s2, zeros, group_size, protect), **kw)
     u = pad_columns(q / s1.astype(np.float64)[:, None], group_size)  # q * s2 - z: integers up to rounding
     codes = progressive_codes(u, np.repeat(s2, group_size, axis=1), np.repeat(zeros, group_size, axis=1))

@@ -32,11 +32,11 @@ from ..model.rope import rope_inv_freq
 from ..model.weights import LayerWeights, LlamaWeights, load_llama_weights
 from . import calibrate
 from .calibrate import LayerRunner, PointSpec, PointStats
-from .clip import clip_ratios, search_qk_clip, search_row_clip
-from .gptq import gptq_w4_group, gptq_w4_per_channel, gptq_w8
-from .quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
+from .clip import clip_ratios, search_group_clip, search_qk_clip, search_row_clip
+from .gptq import gptq_w4_group, gptq_w4_per_channel, gptq_w8, progressive_params, rtn_w4_group
+from .quantizers import quantize_w4_per_channel, quantize_w8_per_channel
 from .reorder import reorder_down
-from .smooth_attention import smooth_attention
+from .smooth_attention import search_smooth_attention, smooth_attention
 from .smooth_proj import DEFAULT_ALPHA_BETA, smooth_proj
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -53,8 +53,11 @@ class QoQConfig:
     kv_bit: int = 4  # runtime KV cache bits recorded in the checkpoint (4 or 8)
     rotation: bool = True  # Hadamard on the residual stream + per-head Hadamard on v/o (norms always folded)
     smooth_attention: bool = True
-    smooth_attention_alpha: float = 0.5
+    smooth_attention_alpha: float = 0.5  # used when the search is off
     smooth_attention_beta: float = 0.0
+    smooth_attention_search: bool = False  # per-layer (alpha, beta) grid search with K KV-quantized
+    smooth_attention_grid: int = 20
+    smooth_attention_samples: int = 2  # whole calibration samples scored by the search
     smooth_proj: bool = True  # down_proj smoothing folded into up_proj
     smooth_proj_alpha: float | None = None  # None: (0.3, 0.7) for g128, (0.1, 0.9) per-channel
     smooth_proj_beta: float | None = None
@@ -62,8 +65,12 @@ class QoQConfig:
     clip: bool = True  # clip-ratio search (per-channel W4 only)
     clip_grid: int = 80  # ratios 1 - i/grid * (1 - clip_min_ratio), i = 0..grid
     clip_min_ratio: float = 0.2
+    clip_stride: int | None = None  # coarse-to-fine per-row search (None: 4 on CPU, 1 = exhaustive with cupy)
     clip_rows: int = 512  # calibration rows per linear for the per-row search
     clip_qk_samples: int = 2  # whole samples for the q/k attention-block search
+    group_clip: bool = False  # g128: level-2 range clipping per (row, group), diag(H)-weighted error
+    group_clip_grid: int = 20
+    group_clip_min_ratio: float = 0.6
     gptq: bool = True
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
@@ -73,6 +80,7 @@ class QoQConfig:
     seed: int = 42
     calib_source: str | list = "python-doc"  # "python-doc" (held-out split), "pile", or text files
     batch_size: int = 4  # calibration samples per layer forward
+    propagate: bool = False  # calibrate layer i on the outputs of the quantized layers < i (GPTQ-style)
 
     def __post_init__(self):
         if self.w_bit not in (4, 8):
@@ -94,6 +102,10 @@ class QoQConfig:
         return self.reorder and self.w_bit == 4 and self.group_size > 0
 
     @property
+    def does_group_clip(self) -> bool:
+        return self.group_clip and self.w_bit == 4 and self.group_size > 0
+
+    @property
     def does_clip(self) -> bool:
         return self.clip and self.w_bit == 4 and self.group_size == -1
 
@@ -105,6 +117,11 @@ class QoQConfig:
         n, t = calibrate.default_calibration_size()
         return (self.n_samples or n, self.seq_len or t)
 
+    def clip_search_stride(self) -> int:
+        if self.clip_stride is not None:
+            return self.clip_stride
+        return 1 if calibrate.gpu_available() else 4
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["calib_source"] = (self.calib_source if isinstance(self.calib_source, str)
@@ -113,13 +130,15 @@ class QoQConfig:
 
 
 def qoq_g128(**overrides) -> QoQConfig:
-    """deepcompressor's qoq-g128: progressive g128, reorder, smooth (0.3, 0.7), no clipping, GPTQ."""
-    return QoQConfig(**{"group_size": 128, "clip": False, **overrides})
+    """deepcompressor's qoq-g128 (progressive g128, reorder, smooth (0.3, 0.7), GPTQ) plus level-2 group
+    clipping, which deepcompressor does not do (measured on SmolLM2-135M: see docs/accuracy.md)."""
+    return QoQConfig(**{"group_size": 128, "clip": False, "group_clip": True, **overrides})
 
 
 def qoq_per_channel(**overrides) -> QoQConfig:
-    """deepcompressor's qoq-gchn: per-channel W4, clip search, smooth (0.1, 0.9), GPTQ, no reordering."""
-    return QoQConfig(**{"group_size": -1, "reorder": False, **overrides})
+    """deepcompressor's qoq-gchn: per-channel W4, clip search, smooth (0.1, 0.9), SmoothAttention grid
+    search, GPTQ, no reordering."""
+    return QoQConfig(**{"group_size": -1, "reorder": False, "smooth_attention_search": True, **overrides})
 
 
 def qoq_w8a8(**overrides) -> QoQConfig:
@@ -160,15 +179,21 @@ class QuantizeReport:
     layers: list[dict] = field(default_factory=list)  # per layer: what each step did
 
 
+def _float32_layer(lw: LayerWeights) -> LayerWeights:
+    """float32 copy of a layer; quantized linears become their dequantized weights."""
+    def lin(x) -> Linear:
+        w = x.weight if isinstance(x, Linear) else x.qweight.dequantize()
+        return Linear(w.astype(np.float32), None if x.bias is None else np.asarray(x.bias, np.float32))
+
+    return LayerWeights(input_norm=lw.input_norm.astype(np.float32), q_proj=lin(lw.q_proj),
+                        k_proj=lin(lw.k_proj), v_proj=lin(lw.v_proj), o_proj=lin(lw.o_proj),
+                        post_attn_norm=lw.post_attn_norm.astype(np.float32), gate_proj=lin(lw.gate_proj),
+                        up_proj=lin(lw.up_proj), down_proj=lin(lw.down_proj))
+
+
 def _float32_model(cfg: ModelConfig, w: LlamaWeights) -> LlamaModel:
     """A float32 copy of the decoder for the calibration forward (lm_head is never run)."""
-    def lin(x: Linear) -> Linear:
-        return Linear(x.weight.astype(np.float32), None if x.bias is None else x.bias.astype(np.float32))
-
-    layers = [LayerWeights(input_norm=lw.input_norm.astype(np.float32), q_proj=lin(lw.q_proj),
-                           k_proj=lin(lw.k_proj), v_proj=lin(lw.v_proj), o_proj=lin(lw.o_proj),
-                           post_attn_norm=lw.post_attn_norm.astype(np.float32), gate_proj=lin(lw.gate_proj),
-                           up_proj=lin(lw.up_proj), down_proj=lin(lw.down_proj)) for lw in w.layers]
+    layers = [_float32_layer(lw) for lw in w.layers]
     embed = w.embed_tokens.astype(np.float32)
     f32 = LlamaWeights(embed_tokens=embed, layers=layers, final_norm=w.final_norm.astype(np.float32),
                        lm_head=Linear(embed))
@@ -178,7 +203,7 @@ def _float32_model(cfg: ModelConfig, w: LlamaWeights) -> LlamaModel:
 def point_specs(config: QoQConfig) -> dict[str, PointSpec]:
     """What the calibration forward must keep for `config`."""
     rows = config.clip_rows if config.does_clip else 0
-    h = config.gptq
+    h = config.gptq or config.does_group_clip
     specs = {
         # attn_in rows serve v_proj's per-row search; whole samples the q/k attention-block search
         "attn_in": PointSpec(hessian=h, rows=rows, keep_samples=config.clip_qk_samples if rows else 0),
@@ -187,9 +212,12 @@ def point_specs(config: QoQConfig) -> dict[str, PointSpec]:
         "down_in": PointSpec(absmax=config.does_reorder or config.smooth_proj, hessian=h, rows=rows),
     }
     if config.smooth_attention:
-        specs["k"] = PointSpec(absmax=True)
-        if config.smooth_attention_beta != 0:
-            specs["q"] = PointSpec(absmax=True)
+        keep = config.smooth_attention_samples if config.smooth_attention_search else 0
+        specs["k"] = PointSpec(absmax=True, keep_samples=keep)
+        if config.smooth_attention_search or config.smooth_attention_beta != 0:
+            specs["q"] = PointSpec(absmax=True, keep_samples=keep)
+        if keep:
+            specs["v"] = PointSpec(keep_samples=keep)
     return {p: s for p, s in specs.items() if s != PointSpec()}
 
 
@@ -219,9 +247,15 @@ def transform_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSt
     info: dict = {}
     if config.smooth_attention:
         q_abs = stats["q"].absmax if "q" in stats else None
-        lam = smooth_attention(lw, stats["k"].absmax, q_abs, cfg.num_heads,
-                               config.smooth_attention_alpha, config.smooth_attention_beta)
-        info["smooth_attention_scale_range"] = [float(lam.min()), float(lam.max())]
+        alpha, beta = config.smooth_attention_alpha, config.smooth_attention_beta
+        if config.smooth_attention_search:
+            q, k, v = (stats[p].samples for p in ("q", "k", "v"))
+            k_abs = stats["k"].absmax
+            alpha, beta, err, err0 = search_smooth_attention(q, k, v, lw.o_proj.weight, k_abs, q_abs,
+                                                             config.kv_bit, config.smooth_attention_grid)
+            info["smooth_attention_error_ratio"] = round(err / err0, 4) if err0 > 0 else 1.0
+        lam = smooth_attention(lw, stats["k"].absmax, q_abs, cfg.num_heads, alpha, beta)
+        info["smooth_attention_alpha_beta"] = [alpha, beta]
     down = stats.get("down_in")
     if config.does_reorder:
         perm = reorder_down(lw, down.absmax)
@@ -243,11 +277,12 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
     ratios = {name: 1.0 for name in LINEAR_NAMES}
     if config.does_clip:
         grid = clip_ratios(config.clip_grid, config.clip_min_ratio)
+        stride = config.clip_search_stride()
         ratios["q_proj"], ratios["k_proj"] = search_qk_clip(
             lw, stats["attn_in"].samples, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, inv_freq, grid)
         for name in ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
             rows = stats[INPUT_POINT[name]].rows
-            ratios[name] = search_row_clip(getattr(lw, name).weight, rows, grid)[0]
+            ratios[name] = search_row_clip(getattr(lw, name).weight, rows, grid, stride)[0]
         info["clip_ratio_mean"] = {n: round(float(np.mean(r)), 4) for n, r in ratios.items()}
     gkw = dict(block_size=config.gptq_block_size, damp=config.gptq_damp, act_order=config.gptq_act_order)
     for name in LINEAR_NAMES:
@@ -258,8 +293,17 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
             q = gptq_w8(w, h, **gkw) if config.gptq else quantize_w8_per_channel(w)
             new = W8A8Linear(q, lin.bias)
         elif config.group_size > 0:
-            q = gptq_w4_group(w, h, config.group_size, **gkw) if config.gptq else quantize_w4_group(
-                w, config.group_size)
+            ratio = None
+            if config.does_group_clip:
+                u = progressive_params(w, config.group_size)[0]
+                h_diag = np.diag(stats[INPUT_POINT[name]].hessian)
+                grid = clip_ratios(config.group_clip_grid, config.group_clip_min_ratio)
+                ratio = search_group_clip(u, h_diag, config.group_size, grid)
+                info.setdefault("group_clip_ratio_mean", {})[name] = round(float(ratio.mean()), 4)
+            if config.gptq:
+                q = gptq_w4_group(w, h, config.group_size, group_ratio=ratio, **gkw)
+            else:
+                q = rtn_w4_group(w, config.group_size, group_ratio=ratio)
             new = W4A8Linear(q, lin.bias)
         else:
             r = ratios[name]
@@ -269,16 +313,45 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
     return info
 
 
+def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarray, config: QoQConfig,
+                     progress: bool = True) -> list[dict]:
+    """The QoQ pipeline on float64 weights, in place: rotate (or only fold the norms), then layer by layer
+    calibrate, transform and quantize every decoder linear. Returns per-layer records of what was done."""
+    from tqdm.auto import tqdm
+
+    from .rotate import fold_norms, rotate_model
+
+    if config.rotation:
+        rotate_model(cfg, weights, residual=True, heads_vo=True)
+    else:
+        fold_norms(weights)  # QServe's W4A8 runtime ignores norm weights: they must live in the linears
+    runner = LayerRunner(_float32_model(cfg, weights), samples, config.batch_size)
+    inv_freq = rope_inv_freq(cfg)
+    specs = point_specs(config)
+    layer_info = []
+    bar = tqdm(range(cfg.num_layers), desc=f"QoQ {config.precision} g{config.group_size}", unit="layer",
+               disable=not progress)
+    for i in bar:
+        stats = runner.run(i, specs, advance=not config.propagate)
+        lw = weights.layers[i]
+        info = transform_layer(cfg, lw, stats, config)
+        info.update(quantize_layer(cfg, lw, stats, config, inv_freq))
+        layer_info.append(info)
+        del stats
+        if config.propagate:  # the next layer sees this layer's quantized (dequantized-weight) outputs
+            runner.model.weights.layers[i] = _float32_layer(lw)
+            runner.run(i)
+        runner.model.weights.layers[i] = None  # the float32 copy of a done layer is no longer needed
+    return layer_info
+
+
 def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig | None = None,
                    calib_files: list[str | Path] | None = None, progress: bool = True,
                    overwrite: bool = False) -> QuantizeReport:
     """Quantize a float Llama-family model with QoQ and write a QServe-format checkpoint to out_dir."""
-    from tqdm.auto import tqdm
-
     from ..model.checkpoint import save_quantized
     from ..model.loader import resolve_model
     from ..model.tokenizer import Tokenizer
-    from .rotate import fold_norms, rotate_model
 
     config = config or qoq_g128()
     t0 = time.perf_counter()
@@ -297,25 +370,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
     n_samples = samples.shape[0]
 
     weights = load_llama_weights(cfg, path, dtype=np.float64)
-    if config.rotation:
-        rotate_model(cfg, weights, residual=True, heads_vo=True)
-    else:
-        fold_norms(weights)  # QServe's W4A8 runtime ignores norm weights: they must live in the linears
-    runner = LayerRunner(_float32_model(cfg, weights), samples, config.batch_size)
-    inv_freq = rope_inv_freq(cfg)
-    specs = point_specs(config)
-    layer_info = []
-    bar = tqdm(range(cfg.num_layers), desc=f"QoQ {config.precision} g{config.group_size}", unit="layer",
-               disable=not progress)
-    for i in bar:
-        stats = runner.run(i, specs)
-        lw = weights.layers[i]
-        info = transform_layer(cfg, lw, stats, config)
-        info.update(quantize_layer(cfg, lw, stats, config, inv_freq))
-        layer_info.append(info)
-        del stats
-        runner.model.weights.layers[i] = None  # the float32 copy of a done layer is no longer needed
-    del runner
+    layer_info = quantize_weights(cfg, weights, samples, config, progress)
 
     qc = {
         "quant_method": "qoq", "w_bit": config.w_bit, "a_bit": 8, "group_size": config.group_size,

@@ -3,10 +3,16 @@
     lambda = max|K|^alpha / max|Q|^beta        (per kv-head channel, post-RoPE statistics)
     q_proj rows * lambda,  k_proj rows / lambda   (and their biases)
 
-Q K^T is unchanged. RoPE rotates channel i together with i + d/2, so the two share one scale (the max of
-their spans); then scaling commutes with RoPE and can be folded into the projections before it. With GQA
-the key span is per kv head and the query span is max-reduced over the query heads that share it; every
-one of those query heads gets the kv head's scale.
+Q K^T is unchanged in float (only the KV-quantization error of K changes). RoPE rotates channel i
+together with i + d/2, so the two share one scale (the max of their spans); then scaling commutes with
+RoPE and can be folded into the projections before it. With GQA the key span is per kv head and the query
+span is max-reduced over the query heads that share it; every one of those query heads gets the kv head's
+scale.
+
+(alpha, beta) is either fixed (deepcompressor's g128 default 0.5, 0) or searched per layer
+(`search_smooth_attention`, deepcompressor's gchn GridSearch): the candidates (0, 0), (a, 0), (a, 1 - a)
+for a = 1/grid ... 1 - 1/grid, scored by the error of the attention block's output (through o_proj) with
+the keys KV-quantized.
 """
 
 from __future__ import annotations
@@ -64,3 +70,47 @@ def smooth_attention(lw: LayerWeights, k_absmax: np.ndarray, q_absmax: np.ndarra
     scales = smooth_attention_scales(k_absmax, q_absmax, alpha, beta)
     apply_smooth_attention(lw, scales, num_heads)
     return scales
+
+
+def alpha_beta_candidates(grid: int = 20) -> list[tuple[float, float]]:
+    """(0, 0), then (a, 0) and (a, 1 - a) for a = 1/grid, ..., (grid-1)/grid (deepcompressor's set)."""
+    alphas = [round(i / grid, 6) for i in range(1, grid)]
+    return [(0.0, 0.0)] + [(a, 0.0) for a in alphas] + [(a, round(1.0 - a, 6)) for a in alphas]
+
+
+def search_smooth_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, o_weight: np.ndarray,
+                            k_absmax: np.ndarray, q_absmax: np.ndarray, kv_bits: int, grid: int = 20,
+                            query_stride: int = 4) -> tuple[float, float, float, float]:
+    """Best (alpha, beta) for one layer by the attention block's output error with K quantized.
+
+    q [S, T, H, D], k and v [S, T, KVH, D]: post-RoPE queries/keys and values of a few whole calibration
+    samples; o_weight [hidden, H*D]; k_absmax/q_absmax: spans over all calibration tokens. Only every
+    query_stride-th query is scored. With lambda folded, scores are (q lambda) . deq(k / lambda), i.e. q
+    against k_hat = lambda * deq(k / lambda), which is what each candidate evaluates.
+    Returns (alpha, beta, error, error without smoothing).
+    """
+    from ..ops.kv_quant import kv_fake_quant
+    from .clip import causal_bias, gqa_attention, query_positions
+
+    q = np.asarray(q, dtype=np.float32)
+    k = np.asarray(k, dtype=np.float32)
+    v = np.asarray(v, dtype=np.float32)
+    S, T, H, D = q.shape
+    KVH = k.shape[2]
+    q_pos = query_positions(T, query_stride)
+    qs = q[:, q_pos]
+    bias = causal_bias(q_pos, T, H // KVH)
+    wo = np.asarray(o_weight, dtype=np.float32)
+    ref = gqa_attention(qs, k, v, bias) @ wo.T
+    best = (0.0, 0.0, np.inf)
+    base = np.inf
+    for alpha, beta in alpha_beta_candidates(grid):
+        lam = smooth_attention_scales(k_absmax, q_absmax, alpha, beta).astype(np.float32)  # [KVH, D]
+        k_hat = kv_fake_quant(k / lam, kv_bits) * lam
+        d = gqa_attention(qs, k_hat, v, bias) @ wo.T - ref
+        err = float(np.mean(d.astype(np.float64) ** 2))
+        if alpha == 0 and beta == 0:
+            base = err
+        if err < best[2]:
+            best = (alpha, beta, err)
+    return best[0], best[1], best[2], base
