@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ import numpy as np
 from ..errors import ConfigError, WeightsError
 from ..quant.formats import W4Group, W4PerChannel, W8PerChannel
 from ..quant.pack import TILE, from_qserve_group_params, pack_w4, to_qserve_group_params, unpack_w4
+from .atomic_dir import atomic_output_dir
 from .config import ModelConfig
 from .linear import Linear
 from .quant_linear import W4A8Linear, W8A8Linear
@@ -317,39 +317,11 @@ def save_quantized(out_dir: str | Path, config: dict, weights: LlamaWeights, qua
             log.warning("no tokenizer files (%s) in %s; the checkpoint will need a separate tokenizer",
                         ", ".join(TOKENIZER_FILES), tokenizer_dir)
 
-    parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise WeightsError(f"cannot create the parent directory of {out_dir}: {e}") from e
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.saving-", dir=parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_output_dir(out_dir, WeightsError, "the checkpoint") as tmp:
         _write_shards(tmp, _tensor_stream(cfg, weights, qc), max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n")
         for f in tok_files:
             shutil.copyfile(f, tmp / f.name)
-        backup = None
-        if out_dir.exists():
-            if any(out_dir.iterdir()):
-                backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-                backup.rmdir()
-                os.replace(out_dir, backup)
-            else:
-                out_dir.rmdir()
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if backup is not None:
-                os.replace(backup, out_dir)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise WeightsError(f"writing the checkpoint to {out_dir} failed: {e}") from e
-        raise
     return out_dir
 
 

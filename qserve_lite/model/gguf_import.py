@@ -20,9 +20,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from qserve_lite.errors import GGUFImportError
+
+from .atomic_dir import atomic_output_dir
 
 __all__ = ["import_gguf", "read_gguf_summary", "SUPPORTED_TENSOR_TYPES", "SUPPORTED_DTYPES"]
 
@@ -912,40 +912,12 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         tok_cfg["chat_template"] = chat_template
     gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": _eos_ids(reader, info, chat_template)}
 
-    parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GGUFImportError(f"cannot create the parent directory of {out_dir}: {e}") from e
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model directory
+    with atomic_output_dir(out_dir, GGUFImportError, "the model") as tmp:
         _write_safetensors(tmp / "model.safetensors", plan, cfg, dt, progress, gguf_path)
         _write_json(tmp / "config.json", cfg)
         tok.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", tok_cfg)
         _write_json(tmp / "generation_config.json", gen_cfg)
-        backup = None
-        if out_dir.exists():
-            if any(out_dir.iterdir()):
-                backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-                backup.rmdir()
-                os.replace(out_dir, backup)
-            else:
-                out_dir.rmdir()
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if backup is not None:
-                os.replace(backup, out_dir)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise GGUFImportError(f"writing the model to {out_dir} failed: {e}") from e
-        raise
     for w in warns:
         log.warning("import-gguf: %s", w)
     return out_dir
