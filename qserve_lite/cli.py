@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-smooth-attn", action="store_true", help="skip SmoothAttention")
     q.add_argument("--no-smooth-proj", action="store_true", help="skip down_proj smoothing")
     q.add_argument("--no-reorder", action="store_true", help="skip down_proj channel reordering (g128)")
-    q.add_argument("--no-clip", action="store_true", help="skip the clip-ratio search (per-channel W4)")
+    q.add_argument("--no-clip", action="store_true",
+                   help="skip the clip-ratio search (per-channel: per row; g128: per group)")
     q.add_argument("--no-gptq", action="store_true", help="round to nearest instead of GPTQ")
     q.add_argument("--rtn", action="store_true", help="plain RTN baseline: every QoQ step off")
     q.add_argument("--seed", type=int, default=42, help="calibration sampling seed")

@@ -276,7 +276,8 @@ def test_quantize_model_end_to_end(qoq_model_dir, tmp_path):
         assert math.isfinite(results[name])
         qc = lm.model.weights.extra["quantization_config"]
         assert qc["w_bit"] == 4 and qc["group_size"] == config.group_size and qc["kv_bit"] == 4
-        assert qc["qoq"]["gptq"] == config.gptq and qc["calibration"]["tokens"] == 8 * 64
+        assert qc["qoq"]["gptq"] == config.gptq
+        assert qc["calibration"]["tokens"] == (0 if name == "rtn" else 8 * 64)  # RTN needs no calibration
         assert lm.precision.name == "w4a8kv4"
     # QoQ stays near the float model and well ahead of RTN, which the outlier channels hurt
     for name in ("g128", "per_channel"):

@@ -9,8 +9,9 @@ pass: post-RoPE q/k abs-max (SmoothAttention), down_proj input abs-max (reorder,
 linear's input (GPTQ), subsampled rows (clip search) and a few whole samples (q/k block-output search).
 Reordering and smoothing only permute / rescale down_proj's input channels, so its statistics are
 transformed with them (exactly what a second pass over the transformed layer would collect) instead of
-being collected again. Inputs are always the float model's activations (no error propagation, as
-deepcompressor); the layer's float outputs feed layer i+1.
+being collected again. Inputs are the float model's activations (no error propagation, as
+deepcompressor): the layer's float outputs feed layer i+1; `propagate=True` feeds the quantized layer's
+outputs instead (GPTQ's sequential mode).
 """
 
 from __future__ import annotations
@@ -62,14 +63,13 @@ class QoQConfig:
     smooth_proj_alpha: float | None = None  # None: (0.3, 0.7) for g128, (0.1, 0.9) per-channel
     smooth_proj_beta: float | None = None
     reorder: bool = True  # down_proj input channel reordering (g128 only)
-    clip: bool = True  # clip-ratio search (per-channel W4 only)
+    clip: bool = True  # W4 range-clipping search (per-channel: per row / q-k block; g128: per group, level 2)
     clip_grid: int = 80  # ratios 1 - i/grid * (1 - clip_min_ratio), i = 0..grid
     clip_min_ratio: float = 0.2
     clip_stride: int | None = None  # coarse-to-fine per-row search (None: 4 on CPU, 1 = exhaustive with cupy)
     clip_rows: int = 512  # calibration rows per linear for the per-row search
     clip_qk_samples: int = 2  # whole samples for the q/k attention-block search
-    group_clip: bool = False  # g128: level-2 range clipping per (row, group), diag(H)-weighted error
-    group_clip_grid: int = 20
+    group_clip_grid: int = 20  # g128 level-2 clipping: ratios down to group_clip_min_ratio, diag(H)-weighted
     group_clip_min_ratio: float = 0.6
     gptq: bool = True
     gptq_block_size: int = 128
@@ -103,7 +103,7 @@ class QoQConfig:
 
     @property
     def does_group_clip(self) -> bool:
-        return self.group_clip and self.w_bit == 4 and self.group_size > 0
+        return self.clip and self.w_bit == 4 and self.group_size > 0
 
     @property
     def does_clip(self) -> bool:
@@ -132,13 +132,14 @@ class QoQConfig:
 def qoq_g128(**overrides) -> QoQConfig:
     """deepcompressor's qoq-g128 (progressive g128, reorder, smooth (0.3, 0.7), GPTQ) plus level-2 group
     clipping, which deepcompressor does not do (measured on SmolLM2-135M: see docs/accuracy.md)."""
-    return QoQConfig(**{"group_size": 128, "clip": False, "group_clip": True, **overrides})
+    return QoQConfig(**{"group_size": 128, **overrides})
 
 
 def qoq_per_channel(**overrides) -> QoQConfig:
-    """deepcompressor's qoq-gchn: per-channel W4, clip search, smooth (0.1, 0.9), SmoothAttention grid
-    search, GPTQ, no reordering."""
-    return QoQConfig(**{"group_size": -1, "reorder": False, "smooth_attention_search": True, **overrides})
+    """deepcompressor's qoq-gchn: per-channel W4, clip search, smooth (0.1, 0.9), GPTQ, no reordering.
+    SmoothAttention stays at fixed (0.5, 0) (deepcompressor grid-searches it here: smooth_attention_search;
+    on SmolLM2-135M the search did not lower perplexity, see docs/accuracy.md)."""
+    return QoQConfig(**{"group_size": -1, "reorder": False, **overrides})
 
 
 def qoq_w8a8(**overrides) -> QoQConfig:
@@ -219,6 +220,11 @@ def point_specs(config: QoQConfig) -> dict[str, PointSpec]:
         if keep:
             specs["v"] = PointSpec(keep_samples=keep)
     return {p: s for p, s in specs.items() if s != PointSpec()}
+
+
+def needs_calibration(config: QoQConfig) -> bool:
+    """False for plain RTN (no step reads calibration statistics)."""
+    return bool(point_specs(config))
 
 
 def _permute_scale_stats(st: PointStats, perm: np.ndarray | None = None,
@@ -325,19 +331,23 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
         rotate_model(cfg, weights, residual=True, heads_vo=True)
     else:
         fold_norms(weights)  # QServe's W4A8 runtime ignores norm weights: they must live in the linears
-    runner = LayerRunner(_float32_model(cfg, weights), samples, config.batch_size)
-    inv_freq = rope_inv_freq(cfg)
     specs = point_specs(config)
+    # RTN needs no statistics: then the calibration forward is skipped (samples may be None)
+    runner = (LayerRunner(_float32_model(cfg, weights), samples, config.batch_size)
+              if needs_calibration(config) else None)
+    inv_freq = rope_inv_freq(cfg)
     layer_info = []
     bar = tqdm(range(cfg.num_layers), desc=f"QoQ {config.precision} g{config.group_size}", unit="layer",
                disable=not progress)
     for i in bar:
-        stats = runner.run(i, specs, advance=not config.propagate)
+        stats = runner.run(i, specs, advance=not config.propagate) if runner is not None else {}
         lw = weights.layers[i]
         info = transform_layer(cfg, lw, stats, config)
         info.update(quantize_layer(cfg, lw, stats, config, inv_freq))
         layer_info.append(info)
         del stats
+        if runner is None:
+            continue
         if config.propagate:  # the next layer sees this layer's quantized (dequantized-weight) outputs
             runner.model.weights.layers[i] = _float32_layer(lw)
             runner.run(i)
@@ -366,8 +376,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
                               f"{cfg.max_position_embeddings}")
     source = list(calib_files) if calib_files else config.calib_source
     config = dataclasses.replace(config, calib_source=source, n_samples=n_samples, seq_len=seq_len)
-    samples = calibrate.load_calibration_samples(tokenizer, source, n_samples, seq_len, config.seed, progress)
-    n_samples = samples.shape[0]
+    if needs_calibration(config):
+        samples = calibrate.load_calibration_samples(tokenizer, source, n_samples, seq_len, config.seed,
+                                                     progress)
+        n_samples = samples.shape[0]
+    else:
+        samples, n_samples, seq_len = np.zeros((0, 0), np.int64), 0, 0
 
     weights = load_llama_weights(cfg, path, dtype=np.float64)
     layer_info = quantize_weights(cfg, weights, samples, config, progress)
@@ -375,7 +389,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
     qc = {
         "quant_method": "qoq", "w_bit": config.w_bit, "a_bit": 8, "group_size": config.group_size,
         "kv_bit": config.kv_bit, "qoq": config.to_dict(),
-        "calibration": {"source": config.to_dict()["calib_source"], "n_samples": int(n_samples),
+        "calibration": {"source": config.to_dict()["calib_source"] if n_samples else None,
+                        "n_samples": int(n_samples),
                         "seq_len": int(seq_len), "tokens": int(samples.size), "seed": config.seed},
     }
     out = save_quantized(out_dir, dict(cfg.extra), weights, qc, path, overwrite=overwrite)
