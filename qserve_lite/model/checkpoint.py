@@ -328,8 +328,8 @@ def save_quantized(out_dir: str | Path, config: dict, weights: LlamaWeights, qua
 # ---------------------------------------------------------------------------------------------- reading
 
 
-class _TorchIndex:
-    """TensorIndex's interface over torch zip checkpoints (pytorch_model.bin, sharded or not, or *.pt)."""
+class _TorchIndex(TensorIndex):
+    """TensorIndex over torch zip checkpoints (pytorch_model.bin, sharded or not, or *.pt)."""
 
     def __init__(self, model_dir: Path, files: list[Path]):
         self.model_dir = model_dir
@@ -344,30 +344,6 @@ class _TorchIndex:
         except BaseException:
             self.close()
             raise
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._files[self._where[name]].shape(name)
-
-    def get(self, name: str, shape: tuple[int, ...] | None = None, dtype=np.float32) -> np.ndarray:
-        if name not in self._where:
-            raise WeightsError(f"tensor '{name}' is missing from the checkpoint in {self.model_dir}")
-        f = self._files[self._where[name]]
-        if shape is not None and f.shape(name) != tuple(shape):
-            raise WeightsError(
-                f"tensor '{name}' in {f.path.name} has shape {list(f.shape(name))}, expected {list(shape)} "
-                "from config.json"
-            )
-        return f.get(name, dtype=dtype)
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
 
 
 def _open_tensors(model_dir: Path):
