@@ -132,8 +132,10 @@ def test_preemption_takes_newest_and_requeues_first():
 
 
 @pytest.mark.parametrize("kv_bits", [16, 4, 8])
-def test_paged_attention_equals_contiguous(tiny, kv_bits):
-    """Same q/k/v: the paged backend's attention output is bit-identical to the contiguous cache's."""
+@pytest.mark.parametrize("fresh", [False, True])
+def test_paged_attention_equals_contiguous(tiny, kv_bits, fresh):
+    """Same q/k/v: the paged backend's attention output is bit-identical to the contiguous cache's, with
+    the new tokens read back from the cache or (fresh, as prefill steps run) taken unquantized."""
     cfg = tiny.config
     rng = np.random.default_rng(kv_bits)
     H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -164,7 +166,7 @@ def test_paged_attention_equals_contiguous(tiny, kv_bits):
         bt,
         np.concatenate([slots(t, np.arange(p, p + n)) for t, p, n in zip(tables, prefix, new, strict=True)]),
     )
-    backend = PagedAttention(paged, batch)
+    backend = PagedAttention(paged, batch, fresh_new_kv=fresh)
     backend.write(
         0,
         np.concatenate([c[0, :, p:] for c, p in zip(contexts, prefix, strict=True)], axis=1),
@@ -179,11 +181,16 @@ def test_paged_attention_equals_contiguous(tiny, kv_bits):
         cache = KVCache(cfg, 1, p + n, quantizer=quantizer)
         if p:
             ContiguousAttention(cache, 0).write(0, k[:, :p], v[:, :p])
-        contig = ContiguousAttention(cache, p)
+        contig = ContiguousAttention(cache, p, fresh_new_kv=fresh)
         contig.write(0, k[:, p:], v[:, p:])
         ((_, k_all, v_all, start),) = list(contig.contexts(0))
         ref = causal_attention(q_new[i], k_all, v_all, start, np)
         assert np.array_equal(out[:, qs[i] : qs[i + 1]], ref)
+        if quantizer is not None:  # fresh: the new tokens' own K/V, the prefix dequantized from the cache
+            assert np.array_equal(k_all[0, :, p:], k[0, p:].transpose(1, 0, 2)) == fresh
+            assert not np.array_equal(k_all[0, :, :p], k[0, :p].transpose(1, 0, 2)) or p == 0
+            stored, _ = cache.read(0, p + n)
+            assert not np.array_equal(stored[0, :, p:], k[0, p:].transpose(1, 0, 2))  # cache stays quantized
 
 
 def test_packed_forward_matches_contiguous_forward(tiny_kv4):
@@ -196,10 +203,15 @@ def test_packed_forward_matches_contiguous_forward(tiny_kv4):
     assert batch.is_prefill and [s.token_ids for s in batch.seqs] == prompts
     logits = engine.runner.run(batch.seqs, True)
     for row, prompt in zip(logits, prompts, strict=True):
-        ref = model.logits(model.forward(np.asarray([prompt]), model.new_cache(1, len(prompt)))[0, -1])
+        cache = model.new_cache(1, len(prompt))
+        ref = model.logits(model.forward(np.asarray([prompt]), cache, fresh_new_kv=True)[0, -1])
         np.testing.assert_allclose(
             row, ref, rtol=1e-5, atol=1e-5
         )  # only BLAS blocking of the linears differs
+        if len(prompt) > 1:  # a prefill step attends to fresh K/V, not to the KV4 codes (QServe's prefill)
+            cache = model.new_cache(1, len(prompt))
+            quantized = model.logits(model.forward(np.asarray([prompt]), cache)[0, -1])
+            assert np.abs(row - quantized).max() > 1e-3
 
 
 # ---- sampler ----

@@ -69,6 +69,7 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool):
         """Next-token logits [len(seqs), vocab] (fp32) after writing the batch's K/V into the pages."""
         token_ids, positions, batch = self.prepare(seqs, is_prefill)
-        hidden = self.model.forward_packed(token_ids, positions, PagedAttention(self.kv_cache, batch))
+        attn = PagedAttention(self.kv_cache, batch, fresh_new_kv=is_prefill)  # prefill as QServe runs it
+        hidden = self.model.forward_packed(token_ids, positions, attn)
         last = hidden[self.xp.asarray(batch.query_start[1:] - 1)]
         return self.model.logits(last)

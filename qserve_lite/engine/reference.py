@@ -36,7 +36,7 @@ def generate_tokens(
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
     rng = np.random.default_rng(params.seed)
     cache = model.new_cache(batch=1, max_len=len(prompt_ids) + max_new)
-    hidden = model.forward(np.asarray([prompt_ids]), cache)
+    hidden = model.forward(np.asarray([prompt_ids]), cache, fresh_new_kv=True)  # as QServe's prefill
     for step in range(max_new):
         logits = model.logits(hidden[0, -1])
         token = sample_next(logits, params, rng)

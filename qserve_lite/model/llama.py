@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .attention import AttentionBackend, as_backend
+from .attention import AttentionBackend, ContiguousAttention, as_backend
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -135,8 +135,9 @@ class LlamaModel:
         self._observe(i, "mlp_in", x)
         return h + self.mlp(i, lw, x)
 
-    def forward(self, token_ids, cache: KVCache, start: int | None = None):
+    def forward(self, token_ids, cache: KVCache, start: int | None = None, fresh_new_kv: bool = False):
         """Run token_ids [B, T] at positions start..start+T-1 (default: cache.length); update the cache.
+        fresh_new_kv: these tokens attend to their own unquantized K/V (a prefill step; model/attention.py).
 
         Returns the final-normed hidden states [B, T, hidden]; `logits` turns them into scores.
         """
@@ -153,8 +154,9 @@ class LlamaModel:
             raise ValueError(f"{start + T} tokens exceed the cache capacity {cache.max_len}")
         cos, sin = rope_cos_sin(np.arange(start, start + T), self.inv_freq, xp, dtype=w.embed_tokens.dtype)
         h = w.embed_tokens[token_ids]
+        attn = ContiguousAttention(cache, start, fresh_new_kv)
         for i, lw in enumerate(w.layers):
-            h = self.layer(i, lw, h, cos, sin, cache, start)
+            h = self.layer(i, lw, h, cos, sin, attn, start)
         cache.length = start + T
         return rms_norm(h, w.final_norm, cfg.rms_norm_eps, xp)
 
