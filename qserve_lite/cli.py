@@ -1,4 +1,4 @@
-"""qserve-lite command line: generate, chat, ppl, quantize, import-gguf, serve."""
+"""qserve-lite command line: generate, chat, ppl, quantize, import-gguf, bench, serve."""
 
 from __future__ import annotations
 
@@ -226,6 +226,13 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Throughput with QServe's protocol on random weights of a shipped model shape (bench/throughput.py)."""
+    from .bench.throughput import run
+
+    return run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP server (needs the [server] extra)."""
     import os
@@ -311,11 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     q.set_defaults(func=cmd_quantize)
 
-    i = sub.add_parser("import-gguf", help="convert a llama-architecture GGUF into a Hugging Face model directory")
+    i = sub.add_parser("import-gguf",
+                       help="convert a llama-architecture GGUF into a Hugging Face model directory")
     i.add_argument("file")
     i.add_argument("out_dir")
     i.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     i.set_defaults(func=cmd_import_gguf)
+
+    from .bench.throughput import add_arguments as add_bench_arguments
+
+    b = sub.add_parser("bench",
+                       help="generation throughput (QServe's protocol) on random weights of a model shape")
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_model_arg(s)

@@ -8,6 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+def cupy_or_skip():
+    """cupy with a usable CUDA device, else skip the calling test module (GPU tests, pytest -m gpu)."""
+    cp = pytest.importorskip("cupy")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no device")
+    except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
+        pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
+    return cp
+
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}"

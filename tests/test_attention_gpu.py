@@ -17,18 +17,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import cupy_or_skip
+
 from qserve_lite.model.rope import rope_inv_freq
 from qserve_lite.ops.attention import decode_attention, prefill_attention, rope_write_kv
 from qserve_lite.ops.paged_kv import PagedKVPool
 
 pytestmark = pytest.mark.gpu
 
-cp = pytest.importorskip("cupy")
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError("no device")
-except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
-    pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
+cp = cupy_or_skip()
 
 from qserve_lite.ops import _gpu_attention  # noqa: E402
 

@@ -15,14 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cupy_or_skip
+
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
-cp = pytest.importorskip("cupy")
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError("no device")
-except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
-    pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
+cp = cupy_or_skip()
 
 from test_engine_gpu import _compare, _teacher_forced  # noqa: E402
 

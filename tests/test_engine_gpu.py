@@ -15,17 +15,12 @@ import json
 import numpy as np
 import pytest
 
-from conftest import random_weights, tiny_config, write_model
+from conftest import cupy_or_skip, random_weights, tiny_config, write_model
 from qserve_lite.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-cp = pytest.importorskip("cupy")
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError("no device")
-except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
-    pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
+cp = cupy_or_skip()
 
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner  # noqa: E402
 from qserve_lite.engine.llm_engine import LLMEngine  # noqa: E402

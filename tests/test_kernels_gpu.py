@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import cupy_or_skip
+
 from qserve_lite.ops.act_quant import quantize_per_token, silu_mul, silu_mul_quant
 from qserve_lite.ops.fp16_gemm import fp16_gemm
 from qserve_lite.ops.norm_quant import rms_norm, rms_norm_quant
@@ -20,12 +22,7 @@ from qserve_lite.quant.pack import pack_w4, to_qserve_group_params
 
 pytestmark = pytest.mark.gpu
 
-cp = pytest.importorskip("cupy")
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError("no device")
-except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
-    pytest.skip(f"no CUDA device: {e}", allow_module_level=True)
+cp = cupy_or_skip()
 
 from qserve_lite.ops import _gpu  # noqa: E402
 

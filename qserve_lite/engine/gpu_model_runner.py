@@ -1,10 +1,10 @@
 """GPUModelRunner: the CuPy runner. Same contract as engine/model_runner.ModelRunner (run(seqs, is_prefill) ->
 next-token logits [num_seqs, vocab] fp32, here on the device; `xp` is cupy), with QServe's fused kernels.
 
-Weights come from the loaded model (model/loader.load_model: our QServe-format checkpoints, QServe zoo ones,
-or float models at w16a16*) and go to the device once, in the layouts the kernels take: packed W4 qweights
-(quant/pack.py) with q/k/v and gate/up concatenated along the output channels (s2 parameters along their
-columns), int8 W8A8 weights, fp16 for float linears, embeddings, lm_head and norms.
+Weights: a DeviceWeights (engine/device_weights.py), in the layouts the kernels take: uploaded once from a
+loaded model (model/loader.load_model; packed W4 qweights with q/k/v and gate/up concatenated along the
+output channels, int8 W8A8 weights, fp16 for float linears, embeddings, lm_head and norms), or built with
+random values directly on the device (bench/random_model.py).
 
 One decoder layer on a packed batch of T tokens (ops/*):
     rms_norm_quant(x + residual)  -> qkv GEMM (fp16 out) -> rope_write_kv (RoPE in place, K/V into the pages)
@@ -31,152 +31,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DeviceError, QServeLiteError
-from ..model.linear import Linear
+from ..model.config import ModelConfig
 from ..model.loader import LoadedModel
 from ..model.paged_kv_cache import PAGE_SIZE
-from ..model.quant_linear import W4A8Linear, W8A8Linear
 from ..model.rope import rope_inv_freq
 from ..ops.paged_kv import KVPageLayout, PagedKVPool
-from ..quant.formats import W4Group
-from ..quant.pack import pack_w4, to_qserve_group_params
-from .model_runner import ModelRunner, kv_bits_of
+from .device_weights import DeviceLayer, DeviceLinear, DeviceWeights, check_head_dim, fuse_linears
+from .model_runner import ModelRunner
 from .sequence import Sequence
+
+__all__ = ["DeviceLayer", "DeviceLinear", "DeviceWeights", "GPUModelRunner", "fuse_linears"]
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 RESERVED_BYTES = 512 << 20  # kernel workspaces, row-kernel outputs, sampler temporaries, fragmentation
-
-
-@dataclass
-class DeviceLinear:
-    """One (possibly fused) linear on the device, in its GEMM kernel's layout (ops/_gpu.gemm modes)."""
-
-    mode: str  # "w4_g128" | "w4_per_channel" | "w8" | "f16"
-    weight: object  # packed int8 [n, k_pad / 2] | int8 [n, k] | fp16 [n, k]
-    n: int
-    k_w: int  # the weight's K (K_pad for packed W4)
-    scales: object = None  # fp16 [n]: s1_scales (W4) or dequant_scale (W8)
-    szeros: object = None  # fp16 [n]: s1_szeros (W4 per-channel)
-    s2_scales: object = None  # int8 [k_pad / 128, n] (W4 g128)
-    s2_zeros: object = None
-    bias: object = None  # fp16 [n]
-
-    def __call__(self, act, out):
-        """act: QuantizedActivation (int8 modes) or fp16 [M, K] (f16); out: fp16 [M, n], contiguous rows."""
-        if isinstance(self.weight, np.ndarray):  # numpy: the kernels' twins (ops/*), for checks on the CPU
-            return self._twin(act, out)
-        from ..ops import _gpu
-
-        if self.mode == "f16":
-            return _gpu.gemm("f16", act, self.weight, self.n, self.k_w, bias=self.bias, out=out)
-        return _gpu.gemm(
-            self.mode,
-            act.q,
-            self.weight,
-            self.n,
-            self.k_w,
-            x_scales=act.scales,
-            x_sums=act.sums,
-            w_scales=self.scales,
-            w_szeros=self.szeros,
-            s2_scales=self.s2_scales,
-            s2_zeros=self.s2_zeros,
-            bias=self.bias,
-            out=out,
-        )
-
-    def _twin(self, act, out):
-        from ..ops.fp16_gemm import fp16_gemm
-        from ..ops.w4a8_gemm import w4a8_group_gemm_packed, w4a8_per_channel_gemm_packed
-        from ..ops.w8a8_gemm import w8a8_gemm
-
-        if self.mode == "f16":
-            out[...] = fp16_gemm(act, self.weight, self.bias, xp=np)
-        elif self.mode == "w8":
-            out[...] = w8a8_gemm(act.q, act.scales, self.weight, self.scales, self.bias, np)
-        elif self.mode == "w4_g128":
-            out[...] = w4a8_group_gemm_packed(
-                act.q, act.scales, self.weight, self.scales, self.s2_scales, self.s2_zeros, self.bias, xp=np
-            )
-        else:
-            out[...] = w4a8_per_channel_gemm_packed(
-                act.q, act.scales, act.sums, self.weight, self.scales, self.szeros, self.bias, xp=np
-            )
-        return out
-
-
-def _concat(arrays, axis: int = 0) -> np.ndarray:
-    return np.concatenate([np.asarray(a) for a in arrays], axis=axis)
-
-
-def fuse_linears(linears: list, cp, name: str) -> DeviceLinear:
-    """Concatenate linears sharing their input (q/k/v, gate/up) along the output channels; upload."""
-    kinds = {type(lin) for lin in linears} | {type(getattr(lin, "qweight", None)) for lin in linears}
-    if len(kinds) != 2:
-        raise QServeLiteError(
-            f"{name}: the fused linears mix weight formats ({sorted(k.__name__ for k in kinds)})"
-        )
-    f16 = cp.float16
-    biases = [lin.bias for lin in linears]
-    bias = None
-    if any(b is not None for b in biases):
-        bias = cp.asarray(
-            _concat(
-                [
-                    b if b is not None else np.zeros(lin.out_features, np.float32)
-                    for b, lin in zip(biases, linears, strict=True)
-                ]
-            ),
-            dtype=f16,
-        )
-    first = linears[0]
-    if isinstance(first, W4A8Linear):
-        qws = [lin.qweight for lin in linears]
-        codes = _concat([q.codes for q in qws])
-        n, k_pad = codes.shape
-        if n % 32 or k_pad % 32:
-            raise QServeLiteError(
-                f"{name}: the GPU W4 GEMM needs output and input channels that are multiples "
-                f"of 32, got {n} x {k_pad}"
-            )
-        qweight = cp.asarray(pack_w4(codes))
-        scales = cp.asarray(_concat([q.s1 if isinstance(q, W4Group) else q.scales for q in qws]), dtype=f16)
-        if isinstance(qws[0], W4Group):
-            if any(q.group_size != 128 for q in qws):
-                raise QServeLiteError(
-                    f"{name}: the GPU W4A8 GEMM supports group size 128 or per-channel, got "
-                    f"{qws[0].group_size}"
-                )
-            s2, zeros = to_qserve_group_params(_concat([q.s2 for q in qws]), _concat([q.zeros for q in qws]))
-            return DeviceLinear(
-                "w4_g128",
-                qweight,
-                n,
-                k_pad,
-                scales=scales,
-                s2_scales=cp.asarray(s2),
-                s2_zeros=cp.asarray(zeros),
-                bias=bias,
-            )
-        szeros = cp.asarray(_concat([q.szeros for q in qws]), dtype=f16)
-        return DeviceLinear("w4_per_channel", qweight, n, k_pad, scales=scales, szeros=szeros, bias=bias)
-    if isinstance(first, W8A8Linear):
-        codes = _concat([lin.qweight.codes for lin in linears]).astype(np.int8)
-        scales = cp.asarray(_concat([lin.qweight.scales for lin in linears]), dtype=f16)
-        return DeviceLinear("w8", cp.asarray(codes), codes.shape[0], codes.shape[1], scales=scales, bias=bias)
-    if isinstance(first, Linear):
-        w = _concat([lin.weight for lin in linears]).astype(np.float16)
-        return DeviceLinear("f16", cp.asarray(w), w.shape[0], w.shape[1], bias=bias)
-    raise QServeLiteError(f"{name}: unsupported linear type {type(first).__name__}")
-
-
-@dataclass
-class DeviceLayer:
-    input_norm: object
-    post_attn_norm: object
-    qkv: DeviceLinear
-    o_proj: DeviceLinear
-    gate_up: DeviceLinear
-    down: DeviceLinear
 
 
 @dataclass
@@ -190,7 +57,20 @@ class DecodeGraph:
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
-def _env_pages() -> int | None:
+def activation_buffer_bytes(cfg: ModelConfig, max_tokens: int) -> int:
+    """The runner's preallocated fp16 GEMM / attention output buffers for max_tokens tokens."""
+    qkv_n = cfg.q_size + 2 * cfg.kv_size
+    return 2 * max_tokens * (qkv_n + cfg.q_size + 2 * cfg.hidden_size + 2 * cfg.intermediate_size)
+
+
+def temporary_bytes(cfg: ModelConfig, max_tokens: int, max_num_seqs: int) -> int:
+    """An estimate of what one step allocates besides the buffers (row-kernel outputs, quantized
+    activations, logits and sampler temporaries)."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    return max_tokens * (8 * h + 4 * inter + 64) + max_num_seqs * cfg.vocab_size * 16
+
+
+def env_num_pages() -> int | None:
     raw = os.environ.get("NUM_GPU_PAGE_BLOCKS")
     if raw is None or raw.strip() == "":
         return None
@@ -208,7 +88,7 @@ class GPUModelRunner:
 
     def __init__(
         self,
-        loaded: LoadedModel,
+        model: LoadedModel | DeviceWeights,
         *,
         max_num_batched_tokens: int,
         max_num_seqs: int,
@@ -218,56 +98,34 @@ class GPUModelRunner:
         xp=None,
         cuda_graphs: bool | None = None,
     ):
-        """xp: cupy (default). numpy runs the same fused-op sequence on the kernels' numpy twins (a check of
-        the runner itself on the CPU; needs num_pages). cuda_graphs: replay decode steps as CUDA graphs
-        (default: on; QSERVE_LITE_CUDA_GRAPHS=0 turns them off)."""
+        """model: a loaded model (its weights are uploaded here) or DeviceWeights already on the device (of
+        the same array module). xp: cupy (default). numpy runs the same fused-op sequence on the kernels'
+        numpy twins (a check of the runner itself on the CPU; needs num_pages). cuda_graphs: replay decode
+        steps as CUDA graphs (default: on; QSERVE_LITE_CUDA_GRAPHS=0 turns them off)."""
         if xp is None:
             import cupy as xp
         cp = xp
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise QServeLiteError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         self.xp = cp
-        cfg = self.cfg = loaded.config
-        model = loaded.model
+        cfg = self.cfg = model.config
+        check_head_dim(cfg)
+        weights = model if isinstance(model, DeviceWeights) else DeviceWeights.from_loaded(model, cp)
+        self.weights = weights
         self.H, self.KVH, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        if self.D not in (64, 128):
-            raise DeviceError(
-                f"the GPU attention kernels support head_dim 64 and 128, this model has {self.D}"
-            )
-        self.kv_bits = kv_bits_of(model)
+        self.kv_bits = weights.kv_bits
         self.eps = float(cfg.rms_norm_eps)
-        w = model.weights
-        f16 = cp.float16
-        self.layers = []
-        for i, lw in enumerate(w.layers):
-            p = f"model.layers.{i}"
-            self.layers.append(
-                DeviceLayer(
-                    input_norm=cp.asarray(lw.input_norm, dtype=f16),
-                    post_attn_norm=cp.asarray(lw.post_attn_norm, dtype=f16),
-                    qkv=fuse_linears([lw.q_proj, lw.k_proj, lw.v_proj], cp, f"{p}.self_attn.qkv_proj"),
-                    o_proj=fuse_linears([lw.o_proj], cp, f"{p}.self_attn.o_proj"),
-                    gate_up=fuse_linears([lw.gate_proj, lw.up_proj], cp, f"{p}.mlp.gate_up_proj"),
-                    down=fuse_linears([lw.down_proj], cp, f"{p}.mlp.down_proj"),
-                )
-            )
-        modes = {
-            m
-            for layer in self.layers
-            for m in (layer.qkv.mode, layer.o_proj.mode, layer.gate_up.mode, layer.down.mode)
-        }
-        if len(modes) != 1:
-            raise QServeLiteError(f"the model mixes linear formats {sorted(modes)}; the GPU runner needs one")
-        self.mode = modes.pop()
+        self.layers = weights.layers
+        self.mode = weights.mode
         self.float_acts = self.mode == "f16"
         self.need_sums = self.mode == "w4_per_channel"
-        self.embed = cp.asarray(w.embed_tokens, dtype=f16)
-        head = w.lm_head.weight
-        self.lm_head = self.embed if head is w.embed_tokens else cp.asarray(head, dtype=f16)
-        self.lm_head_bias = None if w.lm_head.bias is None else cp.asarray(w.lm_head.bias, dtype=f16)
-        self.final_norm = cp.asarray(w.final_norm, dtype=f16)
+        self.embed = weights.embed
+        self.lm_head = weights.lm_head
+        self.lm_head_bias = weights.lm_head_bias
+        self.final_norm = weights.final_norm
         self.inv_freq = cp.asarray(rope_inv_freq(cfg), dtype=cp.float64)
 
+        f16 = cp.float16
         self.max_tokens = max(max_num_batched_tokens, max_num_seqs)
         T, h = self.max_tokens, cfg.hidden_size
         qkv_n, gu_n = self.layers[0].qkv.n, self.layers[0].gate_up.n
@@ -310,15 +168,14 @@ class GPUModelRunner:
         cp = self.xp
         per_page = len(self.layers) * 2 * self.layout.page_bytes
         one_batch = -(-min(max_model_len, max_num_batched_tokens) // PAGE_SIZE)
-        given = num_pages if num_pages is not None else _env_pages()
+        given = num_pages if num_pages is not None else env_num_pages()
         if given is not None:
             return int(given)
         if cp is np:
             raise QServeLiteError("the numpy twin of the GPU runner needs num_pages")
         cp.get_default_memory_pool().free_all_blocks()
         free, total = cp.cuda.runtime.memGetInfo()
-        h, inter = self.cfg.hidden_size, self.cfg.intermediate_size
-        temporaries = self.max_tokens * (8 * h + 4 * inter + 64) + max_num_seqs * self.cfg.vocab_size * 16
+        temporaries = temporary_bytes(self.cfg, self.max_tokens, max_num_seqs)
         budget = int(total * util) - (total - free) - RESERVED_BYTES - temporaries
         pages = min(max(budget, 0) // per_page, max_num_seqs * -(-max_model_len // PAGE_SIZE))
         if pages < one_batch:
@@ -418,6 +275,33 @@ class GPUModelRunner:
         graph.inputs.set(host)
         graph.graph.launch()
         return graph.logits[:B].copy()
+
+    def capture_decode_graphs(self, max_batch: int | None = None) -> list[int]:
+        """Capture now the decode graphs of every bucket a batch of up to max_batch sequences (default:
+        max_num_seqs) can use, so that no capture lands inside a timed run. Returns the buckets captured."""
+        if not self.cuda_graphs:
+            return []
+        limit = self.graph_buckets[-1] if max_batch is None else min(max_batch, self.graph_buckets[-1])
+        captured = []
+        for bucket in self.graph_buckets:
+            if bucket not in self.graphs:
+                self._capture(bucket)
+                captured.append(bucket)
+            if bucket >= limit:
+                break
+        return captured
+
+    def release_graphs(self) -> None:
+        """Drop the decode graphs, their memory pools and the split-K workspaces of the graph stream (a
+        benchmark building several runners in one process)."""
+        self.graphs.clear()
+        if self.graph_stream is not None:
+            from ..ops import _gpu, _gpu_attention
+
+            key = (self.xp.cuda.Device().id, self.graph_stream.ptr)
+            for workspace in (_gpu._workspace, _gpu_attention._workspace):
+                with workspace.lock:
+                    workspace.bufs.pop(key, None)
 
     def _graph_inputs(self, bucket: int) -> np.ndarray:
         """Host inputs of a padded batch: padding rows write nothing (slot -1) and attend to one token."""

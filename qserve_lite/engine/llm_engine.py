@@ -3,6 +3,9 @@
 add_request tokenizes and queues; step() asks the scheduler for a batch, has the runner compute the next
 logits, samples, then appends each token, detokenizes, checks the stop conditions and frees what
 finished. The runner is the only device-specific part (numpy here, CuPy on the GPU).
+
+A model without a tokenizer (LLMEngine(None, runner=...) over random device weights, bench/) takes token-id
+prompts only; its outputs carry token ids and no text, and EOS comes from the config.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 class LLMEngine:
     """max_model_len (prompt + output tokens per sequence) defaults to the model's context, capped to
-    what the page pool and one prefill step can hold; given explicitly, it must fit both."""
+    what the page pool and one prefill step can hold; given explicitly, it must fit both.
+
+    loaded: the model (config, weights, tokenizer), or None with a prebuilt `runner` (which then provides
+    the config as `runner.cfg`, and its page count as `runner.num_pages` unless num_pages is given)."""
 
     def __init__(
         self,
-        loaded: LoadedModel,
+        loaded: LoadedModel | None,
         *,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,
@@ -42,7 +48,9 @@ class LLMEngine:
         device: str = "cpu",
         gpu_memory_utilization: float = 0.9,
     ):
-        cfg = loaded.config
+        if loaded is None and runner is None:
+            raise QServeLiteError("LLMEngine needs a loaded model, or a runner built from device weights")
+        cfg = loaded.config if loaded is not None else runner.cfg
         if max_num_seqs < 1:
             raise QServeLiteError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_model_len is not None and not 1 < max_model_len <= cfg.max_position_embeddings:
@@ -69,9 +77,11 @@ class LLMEngine:
             num_pages = runner.num_pages
         elif device != "cpu" and runner is None:
             raise QServeLiteError(f"LLMEngine device must be 'cpu' or 'gpu', got {device!r}")
-        if num_pages is None:
-            if runner is not None:
+        if num_pages is None and runner is not None:
+            num_pages = getattr(runner, "num_pages", None)
+            if num_pages is None:
                 raise QServeLiteError("give num_pages along with a custom runner")
+        if num_pages is None:
             num_pages = default_num_pages(loaded.model, max_num_seqs, limit)
         if num_pages < 1:
             raise QServeLiteError(f"num_pages must be >= 1, got {num_pages}")
@@ -85,7 +95,8 @@ class LLMEngine:
             )
         self.max_model_len = min(limit, fits)
         self.loaded = loaded
-        self.tokenizer = loaded.tokenizer
+        self.config = cfg
+        self.tokenizer = loaded.tokenizer if loaded is not None else None
         self.vocab_size = cfg.vocab_size
         self.block_manager = BlockManager(num_pages, PAGE_SIZE, watermark)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
@@ -104,6 +115,8 @@ class LLMEngine:
         """Queue a prompt (text, or token ids); returns its request id."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise QServeLiteError("this model has no tokenizer: give the prompt as a list of token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
@@ -125,7 +138,8 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(self.rng.integers(2**63))
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
-            stop_ids |= set(self.tokenizer.eos_token_ids)
+            eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
+            stop_ids |= set(eos)
         seq = Sequence(
             self._next_seq_id,
             request_id,
@@ -133,7 +147,7 @@ class LLMEngine:
             params,
             np.random.default_rng(seed),
             prompt=text,
-            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None,
             stop_ids=frozenset(stop_ids),
         )
         self._next_seq_id += 1
@@ -194,6 +208,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | None = None) -> None:
         self.scheduler.finish(seq, reason, stop_reason)
+        if self.tokenizer is None:
+            return
         # the incremental text holds back incomplete characters; the final text is the full decode
         full = self.tokenizer.decode(seq.output_token_ids)
         if full.startswith(seq.text):

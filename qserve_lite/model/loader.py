@@ -26,7 +26,8 @@ HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 def require_gguf() -> None:
     if importlib.util.find_spec("gguf") is None:
         raise GGUFImportError(
-            "reading GGUF files needs the 'gguf' package: pip install 'qserve-lite[gguf]' (or pip install gguf)"
+            "reading GGUF files needs the 'gguf' package: "
+            "pip install 'qserve-lite[gguf]' (or pip install gguf)"
         )
 
 

@@ -1,7 +1,7 @@
 """Quantized weight containers, in the integer form QServe's kernels consume (unpacked here; see pack.py
 for the bit layout on disk). All shapes are HF layout: [out_features (n), in_features (k)].
 
-- W4PerChannel:  W_hat[r, j] = codes[r, j] * scales[r] - szeros[r]              (uint4 codes, fp16 s, fp16 s*z)
+- W4PerChannel:  W_hat[r, j] = codes[r, j] * scales[r] - szeros[r]    (uint4 codes, fp16 s, fp16 s*z)
 - W4Group (QoQ progressive, g128): level-1 int8  u8[r, j] = codes[r, j] * s2[r, g] - zeros[r, g],
                  W_hat[r, j] = s1[r] * u8[r, j],  g = j // group_size            (u8 always in [-128, 127])
 - W8PerChannel:  W_hat[r, j] = codes[r, j] * scales[r]                          (int8 codes, fp16 scales)
