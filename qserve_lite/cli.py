@@ -204,6 +204,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         steps = dict(rotation=not args.no_rotation, smooth_attention=not args.no_smooth_attn,
                      smooth_proj=not args.no_smooth_proj, reorder=not args.no_reorder, clip=not args.no_clip,
                      gptq=not args.no_gptq)
+    steps["k_hadamard"] = not args.no_k_hadamard
     config = config_for_precision(args.precision, args.group_size, **calib, **steps)
     if args.calib_tokens is not None:
         config.n_samples = max(1, args.calib_tokens // config.calibration_size()[1])
@@ -246,9 +247,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     from .server.app import serve
 
+    if args.random_weights is None and (args.tokenizer is not None or args.group_size is not None):
+        raise QServeLiteError("--tokenizer and --group-size go with --random-weights")
     device = _pick_device(args.device)
     serve(
         args.model, precision=args.precision, host=args.host, port=args.port,
+        random_weights=args.random_weights, tokenizer=args.tokenizer,
+        group_size=128 if args.group_size is None else args.group_size,
         api_key=args.api_key or os.environ.get("QSERVE_LITE_API_KEY") or None,
         served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, num_pages=args.num_pages, device=device,
@@ -313,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the clip-ratio search (per-channel: per row; g128: per group)")
     q.add_argument("--no-gptq", action="store_true", help="round to nearest instead of GPTQ")
     q.add_argument("--rtn", action="store_true", help="plain RTN baseline: every QoQ step off")
+    q.add_argument("--no-k-hadamard", action="store_true",
+                   help="do not mark the checkpoint for the runtime per-head Hadamard rotation of q and k "
+                   "(on by default: a much more accurate KV4 K cache; QServe's own runtime does not know it, "
+                   "so use this flag for checkpoints meant for QServe's runtime)")
     q.add_argument("--seed", type=int, default=42, help="calibration sampling seed")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     q.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
@@ -350,6 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     _add_precision_arg(s)
+    s.add_argument(
+        "--random-weights", default=None, metavar="SHAPE",
+        help="serve RANDOM weights of a shipped model shape (llama-3-8b, llama-2-7b, ...) or a config.json, "
+        "drawn on the GPU at --precision (default w4a8kv4), for load tests; the vocabulary is --tokenizer's",
+    )
+    s.add_argument(
+        "--tokenizer", default=None, metavar="DIR_OR_MODEL",
+        help="with --random-weights: a directory holding tokenizer.json (+ tokenizer_config.json) or a model "
+        "reference (alias, model directory, hub id); default: --model",
+    )
+    s.add_argument("--group-size", type=int, choices=(128, -1), default=None,
+                   help="with --random-weights at W4: 128 (default) or -1 (per-channel)")
     s.set_defaults(func=cmd_serve)
     return parser
 

@@ -95,17 +95,32 @@ def build(r, lens, kvh, d, bits, layers=1):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (32, 8)])
 def test_rope_write_kv_bit_exact(bits, d, heads):
+    check_writer(bits, d, heads, 300, rope=True, k_hadamard=False)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("T,heads,rope", [(1, (4, 4), True), (7, (6, 2), False), (301, (32, 8), True),
+                                          (77, (6, 2), True)])
+def test_rope_write_kv_hadamard_bit_exact(bits, d, T, heads, rope):
+    """QS_KHAD: q and k rotated per head by the FWHT after RoPE (or alone, write-only mode), bit for bit the
+    twin's (ops/attention.head_hadamard), and K quantized from the rotated fp16 values; v untouched."""
+    check_writer(bits, d, heads, T, rope=rope, k_hadamard=True)
+
+
+def check_writer(bits, d, heads, T, rope, k_hadamard):
     r = np.random.default_rng()
     h, kvh = heads
-    T, pages = 300, 9
+    pages = -(-T // 64) + 4
     inv_freq = rope_inv_freq(SimpleNamespace(head_dim=d, rope_theta=500000.0, rope_scaling=LLAMA3))
     width = (h + 2 * kvh) * d
     qkv = (r.standard_normal((T, width + 8)) * r.uniform(0.1, 8.0, (T, 1))).astype(np.float16)
-    qkv[5, h * d : (h + 1) * d] = 1.5  # a constant k head
-    qkv[6] = 0.0
+    qkv[5 % T, h * d : (h + 1) * d] = 1.5  # a constant k head
+    qkv[6 % T] = 0.0
+    qkv[T // 2, h * d + 3 : width : d] = 40.0  # outlier channels in every k and v head
     pos = r.integers(0, 131072, T).astype(np.int32)
     slots = r.permutation(pages * 64)[:T].astype(np.int32)
-    slots[r.integers(0, T, 10)] = -1
+    slots[r.integers(0, T, 10 if T > 10 else 0)] = -1
     np_pool = PagedKVPool(2, pages, kvh, d, bits, fill=0xFF)
     g_pool = gpu_pool(np_pool)
     g_qkv = cp.asarray(qkv)
@@ -115,12 +130,19 @@ def test_rope_write_kv_bit_exact(bits, d, heads):
                 a[:, (h + kvh) * d : width].reshape(-1, kvh, d))
 
     q, k, v = split(qkv)
-    rope_write_kv(q, k, v, pos, inv_freq, np_pool, 1, slots)
+    v_before = v.copy()
+    rope_write_kv(q, k, v, pos, inv_freq, np_pool, 1, slots, rope=rope, k_hadamard=k_hadamard)
+    assert (v.view(np.uint16) == v_before.view(np.uint16)).all()
     gq, gk, gv = split(g_qkv)
-    assert gq.strides[0] == (width + 8) * 2  # a strided view, rotated in place
-    rope_write_kv(gq, gk, gv, cp.asarray(pos), cp.asarray(inv_freq), g_pool, 1, cp.asarray(slots))
+    assert gq.strides[0] == (width + 8) * 2 or T == 1  # a strided view, rotated in place
+    rope_write_kv(gq, gk, gv, cp.asarray(pos), cp.asarray(inv_freq), g_pool, 1, cp.asarray(slots), rope=rope,
+                  k_hadamard=k_hadamard)
     got = cp.asnumpy(g_qkv)
-    assert (got.view(np.uint16) == qkv.view(np.uint16)).all(), "rotated q / k differ"
+    parts = {"q": slice(0, h * d), "k": slice(h * d, (h + kvh) * d),
+             "v and the row padding": slice((h + kvh) * d, None)}
+    for name, cols in parts.items():
+        diff = got[:, cols].view(np.uint16) != qkv[:, cols].view(np.uint16)
+        assert not diff.any(), f"{name}: {int(diff.sum())} values differ, first at {np.argwhere(diff)[0]}"
     got_pool = PagedKVPool(2, pages, kvh, d, bits)
     got_pool.pool[...] = cp.asnumpy(g_pool.pool)
     for layer in (0, 1):

@@ -266,3 +266,114 @@ def test_bench_needs_cupy_for_the_gpu(tmp_path, capsys):
         pytest.skip("a GPU is available here")
     assert throughput.main(["--device", "gpu", "--model", "llama-3-8b"]) == 2
     assert "--device gpu needs cupy" in capsys.readouterr().err
+
+
+# ---- out of GPU memory (faked on the CPU) ----
+
+CUPY_OOM = "Out of memory allocating 201,326,592 bytes (allocated so far: 84,270,825,472 bytes)."
+
+
+class FakeCupyOutOfMemory(MemoryError):
+    """What cupy.cuda.memory.OutOfMemoryError looks like (it is a MemoryError)."""
+
+
+def _bench_oom(tmp_path, capsys, batches: str, *extra: str) -> tuple[int, list[dict], str]:
+    from qserve_lite.cli import main
+
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps(tiny().extra))
+    out = tmp_path / "bench.jsonl"
+    rc = main(["bench", "--device", "cpu", "--model", str(cfg_path), "--batch", batches, "--prompt-len", "16",
+               "--gen", "4", "--json-out", str(out), *extra])
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return rc, rows, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("phase", ["allocating the runner", "in the warm-up", "in the timed run"])
+def test_bench_out_of_memory_is_one_line_and_other_batches_run(phase, tmp_path, capsys, monkeypatch):
+    import gc
+    import weakref
+
+    init, run = GPUModelRunner.__init__, GPUModelRunner.run
+    runners = []
+
+    def failing_init(self, weights, **kw):
+        if phase == "allocating the runner" and kw["max_num_seqs"] == 3:
+            raise FakeCupyOutOfMemory(CUPY_OOM)
+        init(self, weights, **kw)
+        self.calls = 0
+        runners.append(weakref.ref(self))
+
+    def failing_run(self, seqs, is_prefill):
+        self.calls += 1  # warm-up: calls 1 (prefill) and 2 (decode); the timed run from call 3
+        if self.graph_buckets[-1] == 3 and self.calls == (1 if phase == "in the warm-up" else 4):
+            raise FakeCupyOutOfMemory(CUPY_OOM)
+        return run(self, seqs, is_prefill)
+
+    monkeypatch.setattr(GPUModelRunner, "__init__", failing_init)
+    monkeypatch.setattr(GPUModelRunner, "run", failing_run)
+    rc, rows, err = _bench_oom(tmp_path, capsys, "2,3,4")
+    assert rc == 1 and [r["batch"] for r in rows] == [2, 4]  # the batch after the failed one still ran
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "Traceback" not in err and "FakeCupy" not in err
+    line = lines[0]
+    for part in ("config.json w4a8kv4 g128", "batch 3", phase, "192 MiB more did not fit",
+                 "78.48 GiB already allocated", "lower --batch / NUM_GPU_PAGE_BLOCKS", "--max-batch"):
+        assert part in line, (part, line)
+    if phase != "allocating the runner":
+        assert "KV pool" not in line
+    else:
+        assert "KV pool of 3 pages" in line
+    assert "batch 3 did not fit" in err
+    gc.collect()
+    assert all(r() is None for r in runners)  # the failed runner (its KV pool) was let go
+
+
+def test_bench_out_of_memory_everywhere(tmp_path, capsys, monkeypatch):
+    def oom(*args, **kw):
+        raise FakeCupyOutOfMemory(CUPY_OOM)
+
+    monkeypatch.setattr(GPUModelRunner, "run", oom)
+    rc, rows, err = _bench_oom(tmp_path, capsys, "2,3")
+    assert rc == 1 and rows == [] and err.count("out of GPU memory in the warm-up") == 2
+    monkeypatch.setattr("qserve_lite.bench.random_model.build_random_weights", oom)
+    rc, rows, err = _bench_oom(tmp_path, capsys, "2")
+    assert rc == 2 and rows == [] and "Traceback" not in err
+    assert "w4a8kv4 g128: out of GPU memory building the random weights (192 MiB more did not fit" in err
+
+
+def test_bench_says_when_the_weights_alone_do_not_fit(tmp_path, capsys, monkeypatch):
+    from qserve_lite.bench import random_model
+
+    monkeypatch.setattr(random_model, "free_device_memory", lambda xp: (100 << 20, 80 << 30))
+    built = []
+    monkeypatch.setattr(random_model, "build_random_weights", lambda *a, **k: built.append(1))
+    rc, rows, err = _bench_oom(tmp_path, capsys, "2", "--precision", "w16a16")
+    assert rc == 2 and not built and rows == []
+    assert "config.json w16a16: the weights alone do not fit" in err
+    assert "GiB are free" in err and "80.00 GiB" in err and "--precision w4a8kv4" in err
+    cfg = load_config("qwen1.5-72b")
+    with pytest.raises(QServeLiteError, match=r"qwen1.5-72b: the weights alone do not fit: 72.3B parameters "
+                       r"at w16a16 take 1\d\d.\d\d GiB"):
+        random_model.check_weights_fit(cfg, "w16a16", -1, np, name="qwen1.5-72b")
+
+
+def test_out_of_memory_recognised_through_chains():
+    from qserve_lite.bench.measure import OutOfMemory, describe_oom, is_out_of_memory
+    from qserve_lite.errors import DeviceError
+
+    try:
+        try:
+            raise FakeCupyOutOfMemory(CUPY_OOM)
+        finally:  # a failed graph capture: ending the capture raises too
+            raise RuntimeError("cudaErrorStreamCaptureInvalidated: operation failed due to a previous error")
+    except RuntimeError as e:
+        chained = e
+    assert is_out_of_memory(chained)
+    assert describe_oom(chained) == "192 MiB more did not fit, 78.48 GiB already allocated"
+    kv = DeviceError("the KV pool of 900 pages does not fit in GPU memory; lower NUM_GPU_PAGE_BLOCKS")
+    assert is_out_of_memory(kv) and describe_oom(kv) == "the KV pool of 900 pages does not fit in GPU memory"
+    assert is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"))
+    assert not is_out_of_memory(ValueError("shapes do not match"))
+    e = OutOfMemory(7, "in the timed run", "1.00 GiB more did not fit")
+    assert is_out_of_memory(e) and str(e).startswith("batch 7: out of GPU memory in the timed run: 1.00 GiB")

@@ -42,6 +42,8 @@ CONFIGS = [
     ("kv_writer.cu", {"QS_D": 128, "QS_BITS": 4, "QS_ROPE": 1}),
     ("kv_writer.cu", {"QS_D": 64, "QS_BITS": 8, "QS_ROPE": 1}),
     ("kv_writer.cu", {"QS_D": 128, "QS_BITS": 16, "QS_ROPE": 0}),
+    ("kv_writer.cu", {"QS_D": 64, "QS_BITS": 4, "QS_ROPE": 1, "QS_KHAD": 1}),  # q / k Hadamard (k_hadamard)
+    ("kv_writer.cu", {"QS_D": 128, "QS_BITS": 8, "QS_ROPE": 0, "QS_KHAD": 1}),
 ]
 
 

@@ -42,13 +42,18 @@ def float_dir(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("twin-float"), cfg, tensors)
 
 
+# checkpoints marked for the q / k Hadamard rotation (k_hadamard): (format, quantization_config changes)
+KHAD = {"w8_khad": ("w8", {"kv_bit": 4, "k_hadamard": True})}
+
+
 def _quantized(src, out, mode):
+    mode, extra = KHAD.get(mode, (mode, {}))
     cfg_dict = json.loads((src / "config.json").read_text())
     weights = load_llama_weights(ModelConfig.from_dict(cfg_dict), src)
     for layer in weights.layers:
         for _, name in LINEARS:
             setattr(layer, name, QUANTIZE[mode](np.asarray(getattr(layer, name).weight, np.float64)))
-    return save_quantized(out, cfg_dict, weights, QC[mode], src)
+    return save_quantized(out, cfg_dict, weights, {**QC[mode], **extra}, src)
 
 
 @pytest.mark.parametrize("mode", list(QC))
@@ -89,10 +94,16 @@ def _greedy_rows(engine, prompts, forced, n):
     return rows, own
 
 
-@pytest.mark.parametrize("mode,precision", [("float", "w16a16"), ("w8", None)])
+@pytest.mark.parametrize("mode,precision", [("float", "w16a16"), ("w8", None), ("w8_khad", None),
+                                            ("float_khad", "w16a16kv4")])
 def test_twin_runner_follows_emulation(float_dir, tmp_path, mode, precision):
-    path = float_dir if mode == "float" else _quantized(float_dir, tmp_path / "q", mode)
+    """*_khad: q and k rotated per head by H_D after RoPE (the emulation multiplies by the matrix, the twin
+    runs the KV writer's FWHT)."""
+    path = float_dir if mode.startswith("float") else _quantized(float_dir, tmp_path / "q", mode)
     lm = load_model(path, precision=precision)
+    if mode == "float_khad":
+        lm.model.k_hadamard = True
+    assert lm.model.k_hadamard is mode.endswith("khad")
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (1, 17, 64, 65, 100)]
     n = 16
@@ -100,8 +111,16 @@ def test_twin_runner_follows_emulation(float_dir, tmp_path, mode, precision):
     forced = [[ref_own[(i, j)] for j in range(n)] for i in range(len(prompts))]
     runner = GPUModelRunner(lm, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512, num_pages=32,
                             xp=np)
+    assert runner.k_hadamard is lm.model.k_hadamard
     rows, _ = _greedy_rows(LLMEngine(lm, max_num_seqs=8, num_pages=32, runner=runner), prompts, forced, n)
     agree = np.mean([np.argmax(rows[k]) == np.argmax(ref_rows[k]) for k in ref_rows])
     err = max(float(np.abs(rows[k] - ref_rows[k]).max() / np.abs(ref_rows[k]).max()) for k in ref_rows)
     assert agree >= 0.9, agree
     assert err < (0.01 if mode == "float" else 0.1), err
+    if mode.endswith("khad"):  # the rotation was really applied: off, the twin's logits move
+        lm.model.k_hadamard = False
+        plain = GPUModelRunner(lm, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512,
+                               num_pages=32, xp=np)
+        engine = LLMEngine(lm, max_num_seqs=8, num_pages=32, runner=plain)
+        rows_off, _ = _greedy_rows(engine, prompts, forced, n)
+        assert any(not np.array_equal(rows_off[k], rows[k]) for k in rows)

@@ -87,6 +87,11 @@ def test_smooth_attention_search_never_worse_than_none(qoq_model_dir):
                                                      st["q"].absmax, kv_bits=4, grid=10, query_stride=2)
     assert (alpha, beta) in alpha_beta_candidates(10) and len(alpha_beta_candidates(20)) == 39
     assert 0 < err <= base
+    # K cached Hadamard-rotated (k_hadamard): scored as the runtime will cache it
+    *_, err_h, base_h = search_smooth_attention(st["q"].samples, st["k"].samples, st["v"].samples,
+                                                w.layers[0].o_proj.weight, st["k"].absmax, st["q"].absmax,
+                                                kv_bits=4, grid=10, query_stride=2, k_hadamard=True)
+    assert 0 < err_h <= base_h and base_h != base
 
 
 def test_smooth_attention_degenerate_scales():
@@ -277,6 +282,7 @@ def test_quantize_model_end_to_end(qoq_model_dir, tmp_path):
         qc = lm.model.weights.extra["quantization_config"]
         assert qc["w_bit"] == 4 and qc["group_size"] == config.group_size and qc["kv_bit"] == 4
         assert qc["qoq"]["gptq"] == config.gptq
+        assert qc["k_hadamard"] is True and lm.model.k_hadamard  # on by default
         assert qc["calibration"]["tokens"] == (0 if name == "rtn" else 8 * 64)  # RTN needs no calibration
         assert lm.precision.name == "w4a8kv4"
     # QoQ stays near the float model and well ahead of RTN, which the outlier channels hurt

@@ -1,10 +1,16 @@
 """One throughput measurement on prebuilt device weights: a GPUModelRunner and LLMEngine for the batch, a
 warm-up, the timed run (bench/protocol.py); and --max-batch, which sizes the batch from free GPU memory
-(bench/max_batch.py) and steps down on out-of-memory errors."""
+(bench/max_batch.py) and steps down on out-of-memory errors.
+
+Running out of GPU memory anywhere in a measurement (the runner's buffers and KV pool, the warm-up with its
+decode-graph capture, the timed run) raises OutOfMemory: which batch, in which phase, what did not fit and
+what to do, in one line; the runner is dropped first, so the next batch size starts with its memory free.
+"""
 
 from __future__ import annotations
 
 import gc
+import re
 import sys
 import time
 
@@ -32,11 +38,52 @@ def memory_gib(xp) -> tuple[float | None, float | None]:
     return round((total - free) / 2**30, 2), round(total / 2**30, 2)
 
 
+OOM_HINT = "lower --batch / NUM_GPU_PAGE_BLOCKS, or use --max-batch to find the largest batch that fits"
+_CUPY_OOM = re.compile(r"allocating ([\d,]+) bytes \(allocated so far: ([\d,]+) bytes\)")
+
+
+class OutOfMemory(DeviceError):
+    """A measurement ran out of GPU memory: the batch, the phase it was in, what did not fit."""
+
+    def __init__(self, batch: int, phase: str, detail: str):
+        self.batch, self.phase, self.detail = batch, phase, detail
+        super().__init__(f"batch {batch}: out of GPU memory {phase}: {detail}; {OOM_HINT}")
+
+
+def _chain(e: BaseException | None, depth: int = 8):
+    """e and the exceptions it was raised from or during (a failed graph capture reports the capture's end,
+    with the out-of-memory error as its context)."""
+    while e is not None and depth > 0:
+        yield e
+        e, depth = e.__cause__ or e.__context__, depth - 1
+
+
 def is_out_of_memory(e: BaseException) -> bool:
-    text = str(e).lower()
-    if isinstance(e, MemoryError) or "out of memory" in text or "memoryallocation" in text:
-        return True
-    return isinstance(e, DeviceError) and "does not fit" in text
+    for x in _chain(e):
+        text = str(x).lower()
+        if isinstance(x, (MemoryError, OutOfMemory)) or "out of memory" in text:
+            return True
+        if "memoryallocation" in text or "alloc_failed" in text:  # CUDA runtime / cuBLAS spellings
+            return True
+        if isinstance(x, DeviceError) and "does not fit" in text:
+            return True
+    return False
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def describe_oom(e: BaseException) -> str:
+    """What did not fit, in a few words: cupy's 'Out of memory allocating N bytes (allocated so far: M
+    bytes)' -> 'N more did not fit, M already allocated'; otherwise the error's first clause."""
+    for x in _chain(e):
+        m = _CUPY_OOM.search(str(x))
+        if m is not None:
+            need, so_far = (int(g.replace(",", "")) for g in m.groups())
+            return f"{format_bytes(need)} more did not fit, {format_bytes(so_far)} already allocated"
+    text = " ".join(str(e).split()).split(";")[0].strip().rstrip(".")
+    return (text or type(e).__name__)[:200]
 
 
 def measure(
@@ -58,6 +105,7 @@ def measure(
     from ..engine.block_manager import pages_for
     from ..engine.gpu_model_runner import GPUModelRunner
     from ..engine.llm_engine import LLMEngine
+    from ..ops.paged_kv import KVPageLayout
     from .protocol import generation_lengths, random_prompts, run_requests, synchronizer
 
     if min(batch, prompt_len, gen_len) < 1:
@@ -79,25 +127,36 @@ def measure(
             f"--max-num-batched-tokens {max_num_batched_tokens} is below prompt + gen ({max_len}): the "
             "engine needs one step to hold a whole sequence (a preempted one is prefilled again whole)"
         )
-    runner = GPUModelRunner(
-        weights, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=batch, max_model_len=max_len,
-        num_pages=pages, xp=xp, cuda_graphs=cuda_graphs,
+    layout = KVPageLayout(weights.kv_bits, weights.config.num_kv_heads, weights.config.head_dim)
+    kv_bytes = pages * len(weights.layers) * 2 * layout.page_bytes
+    phase = (
+        f"allocating the runner (activation buffers for {max(max_num_batched_tokens, batch)} tokens, "
+        f"KV pool of {pages} pages = {format_bytes(kv_bytes)})"
     )
+    runner = engine = row = failure = None
     try:
+        runner = GPUModelRunner(
+            weights, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=batch,
+            max_model_len=max_len, num_pages=pages, xp=xp, cuda_graphs=cuda_graphs,
+        )
         engine = LLMEngine(
             None, runner=runner, max_num_seqs=batch, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_len, watermark=0.0, seed=seed,
         )
         sync = synchronizer(xp)
+        phase = "in the warm-up (first prefill and decode steps" + (
+            ", decode CUDA-graph capture)" if runner.cuda_graphs else ")"
+        )
         t0 = time.perf_counter()
         run_requests(engine, random_prompts(rng, batch, prompt_len, vocab), [warmup_gen] * batch, sync)
         if mode == "ifb":
             runner.capture_decode_graphs(batch)
         sync()
         warmup_s = time.perf_counter() - t0
+        phase = "in the timed run"
         log = run_requests(engine, random_prompts(rng, n, prompt_len, vocab), gens, sync)
         used, total = memory_gib(xp)
-        return {
+        row = {
             "mode": mode, "batch": batch, "num_requests": n, "prompt_len": prompt_len, "gen_len": gen_len,
             "max_num_batched_tokens": max_num_batched_tokens, "cuda_graphs": runner.cuda_graphs,
             "kv_pages": runner.num_pages, "generated_tokens": log.generated, "wall_s": round(log.wall_s, 4),
@@ -108,9 +167,17 @@ def measure(
             "num_preemptions": engine.scheduler.num_preemptions, "warmup_s": round(warmup_s, 3),
             "gpu_mem_used_gib": used, "gpu_mem_total_gib": total,
         }
+    except Exception as e:  # noqa: BLE001 - out-of-memory surfaces as several exception types
+        if not is_out_of_memory(e):
+            raise
+        failure = OutOfMemory(batch, phase, describe_oom(e))
     finally:
-        if runner.cuda_graphs:
+        if runner is not None and runner.cuda_graphs:
             runner.release_graphs()
+    if failure is not None:
+        runner = engine = None  # raised outside the except block: nothing keeps the failed runner alive
+        raise failure
+    return row
 
 
 def budget_bytes(xp, utilization: float) -> int:
@@ -155,9 +222,9 @@ def measure_largest_batch(weights, xp, utilization: float, **kw) -> dict:
             if not is_out_of_memory(e) or batch == 1:
                 raise
             smaller = max(1, min(batch - 1, int(batch * OOM_STEP)))
+            where = f"{e.phase}: {e.detail}" if isinstance(e, OutOfMemory) else f"({describe_oom(e)})"
             print(
-                f"--max-batch: batch {batch} ran out of GPU memory ({type(e).__name__}: {str(e)[:200]}); "
-                f"retrying with batch {smaller}",
+                f"--max-batch: batch {batch} ran out of GPU memory {where}; retrying with batch {smaller}",
                 file=sys.stderr,
             )
         batch = smaller

@@ -29,11 +29,12 @@ from collections.abc import Callable
 import numpy as np
 
 from ..engine.device_weights import DeviceLayer, DeviceLinear, DeviceWeights, check_head_dim
-from ..errors import QServeLiteError
+from ..errors import DeviceError, QServeLiteError
 from ..model.config import ModelConfig
 from ..quant.precision import Precision
 
 CHUNK_ELEMENTS = 1 << 26  # random draws per chunk: 256 MiB of float32 temporaries
+BUILD_TEMPORARY_BYTES = 3 * 4 * CHUNK_ELEMENTS  # a chunk's float32 draws and their conversions, at most
 S2_LOW, S2_HIGH = 8, 15  # g128 integer group scales (inclusive)
 CODE_RMS = math.sqrt((16**2 - 1) / 12)  # rms of (code - 7.5), codes uniform in 0..15
 G128_RMS = CODE_RMS * math.sqrt(np.mean(np.arange(S2_LOW, S2_HIGH + 1) ** 2))  # rms of codes * s2 - z
@@ -139,6 +140,71 @@ def random_layer(rnd: DeviceRandom, cfg: ModelConfig, mode: str) -> DeviceLayer:
         gate_up=random_linear(rnd, mode, 2 * cfg.intermediate_size, h),
         down=random_linear(rnd, mode, h, cfg.intermediate_size),
     )
+
+
+def linear_bytes(mode: str, n: int, k: int, bias: bool = False) -> int:
+    """Device bytes of random_linear(mode, n, k, bias), without building it."""
+    extra = 2 * n if bias else 0
+    if mode == "w4_g128":
+        k_pad = -(-k // 128) * 128
+        return n * k_pad // 2 + 2 * (k_pad // 128) * n + 2 * n + extra  # codes, s2 scales + zeros, s1
+    if mode == "w4_per_channel":
+        k_pad = -(-k // 32) * 32
+        return n * k_pad // 2 + 4 * n + extra  # codes, s1 scales + szeros
+    if mode == "w8":
+        return n * k + 2 * n + extra
+    if mode == "f16":
+        return 2 * n * k + extra
+    raise QServeLiteError(f"unknown linear mode {mode!r}; expected one of {MODES}")
+
+
+def weight_bytes(cfg: ModelConfig, precision: Precision | str = "w4a8kv4", group_size: int = 128) -> int:
+    """Device bytes build_random_weights(cfg, precision, group_size) holds (DeviceWeights.nbytes()), from
+    the config alone: checked against free GPU memory before anything is drawn."""
+    if isinstance(precision, str):
+        precision = Precision.parse(precision)
+    mode = linear_mode(precision, group_size)
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    layer = (
+        2 * 2 * h  # the two norms
+        + linear_bytes(mode, cfg.q_size + 2 * cfg.kv_size, h, cfg.qkv_bias)
+        + linear_bytes(mode, h, cfg.q_size)
+        + linear_bytes(mode, 2 * inter, h)
+        + linear_bytes(mode, h, inter)
+    )
+    embeddings = 2 * cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return cfg.num_layers * layer + embeddings + 2 * h
+
+
+def free_device_memory(xp) -> tuple[int, int] | None:
+    """(free, total) bytes of the current CUDA device after cupy's pool gave back its cached blocks, or None
+    for numpy (host memory is not checked)."""
+    if xp is np:
+        return None
+    xp.get_default_memory_pool().free_all_blocks()
+    free, total = xp.cuda.runtime.memGetInfo()
+    return int(free), int(total)
+
+
+def check_weights_fit(
+    cfg: ModelConfig, precision: Precision | str, group_size: int, xp, name: str = "the model"
+) -> int:
+    """Before anything is drawn: the weights' bytes (weight_bytes), or a DeviceError saying that they alone
+    (with the build's temporaries) do not fit in the device's free memory (`name` opens the message)."""
+    if isinstance(precision, str):
+        precision = Precision.parse(precision)
+    need = weight_bytes(cfg, precision, group_size)
+    memory = free_device_memory(xp)
+    if memory is not None and need + BUILD_TEMPORARY_BYTES > memory[0]:
+        free, total = memory
+        raise DeviceError(
+            f"{name}: the weights alone do not fit: {cfg.num_parameters() / 1e9:.1f}B parameters at "
+            f"{precision.name} take {need / 2**30:.2f} GiB (+ {BUILD_TEMPORARY_BYTES / 2**30:.2f} GiB of "
+            f"temporaries while they are drawn), but only {free / 2**30:.2f} GiB of the GPU's "
+            f"{total / 2**30:.2f} GiB are free. Use fewer weight bits (e.g. --precision w4a8kv4), free the "
+            "GPU, or use a larger one"
+        )
+    return need
 
 
 def build_random_weights(

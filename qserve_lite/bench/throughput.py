@@ -29,6 +29,11 @@ measures each) and NUM_GPU_PAGE_BLOCKS (64-token KV pages; default B x ceil((pro
 (bench/max_batch.py, within --gpu-memory-utilization), confirmed by running it; on out-of-memory the batch
 steps down by 10% until one runs.
 
+Out of GPU memory: the weights are checked against free memory before they are drawn (an error that says
+so); a batch that does not fit (runner buffers, KV pool, warm-up and graph capture, or the run) prints one
+line (model, precision, batch, phase, what did not fit, the hint) and the other batch sizes still run; the
+exit status is then 1.
+
 Output: one JSON line per measurement appended to benchmarks/results/<date>-<gpu>-bench.jsonl (or
 --json-out), a table, and <same name>.png (tok/s against batch; only when matplotlib is importable).
 """
@@ -43,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import QServeLiteError
+from ..errors import DeviceError, QServeLiteError
 
 DEFAULT_BATCH = 64
 CPU_MAX_PARAMETERS = 200_000_000  # the numpy twin is for tiny configs
@@ -125,11 +130,13 @@ def _model_label(ref: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The command: 0 when every measurement ran, 1 when some batch size ran out of GPU memory (its error
+    line printed, the other sizes measured), errors a user can fix raised as QServeLiteError."""
     from ..engine.gpu_model_runner import env_num_pages
     from ..model.shipped_configs import load_config
     from ..quant.precision import Precision
-    from .measure import measure, measure_largest_batch, release
-    from .random_model import build_random_weights
+    from .measure import OutOfMemory, describe_oom, is_out_of_memory, measure, measure_largest_batch, release
+    from .random_model import build_random_weights, check_weights_fit
     from .results import append_jsonl, device_name, format_table, git_sha, plot_throughput, read_jsonl
     from .results import results_file, today
 
@@ -145,10 +152,23 @@ def run(args: argparse.Namespace) -> int:
             "for tiny test configs. Use --device gpu"
         )
     group_size = args.group_size if precision.w_bits == 4 else None
+    label = f"{_model_label(args.model)} {precision.name}{f' g{group_size}' if group_size else ''}"
     t0 = time.perf_counter()
-    weights = build_random_weights(cfg, precision, args.group_size, xp=xp, seed=args.seed)
-    if xp is not np:
-        xp.cuda.Device().synchronize()
+    try:
+        check_weights_fit(cfg, precision, args.group_size, xp, name=label)
+        weights = build_random_weights(cfg, precision, args.group_size, xp=xp, seed=args.seed)
+        if xp is not np:
+            xp.cuda.Device().synchronize()
+    except Exception as e:  # noqa: BLE001 - out-of-memory surfaces as several exception types
+        if isinstance(e, QServeLiteError) or not is_out_of_memory(e):
+            raise
+        oom = describe_oom(e)
+    else:
+        oom = None
+    if oom is not None:  # raised outside the except block: the partly built weights are freed
+        release(xp)
+        raise DeviceError(f"{label}: out of GPU memory building the random weights ({oom}); use fewer "
+                          "weight bits (e.g. --precision w4a8kv4) or a larger GPU")
     build_s = time.perf_counter() - t0
     gpu = device_name(xp)
     base = {
@@ -156,17 +176,25 @@ def run(args: argparse.Namespace) -> int:
         "precision": precision.name, "group_size": group_size, "build_s": round(build_s, 2),
         "weights_gib": round(weights.nbytes() / 2**30, 3),
     }
-    print(f"{base['model']} {precision.name}{f' g{group_size}' if group_size else ''}: random weights "
-          f"({base['weights_gib']} GiB) built in {build_s:.1f}s on {gpu}", file=sys.stderr)
+    print(f"{label}: random weights ({base['weights_gib']} GiB) built in {build_s:.1f}s on {gpu}",
+          file=sys.stderr)
     kw = dict(mode=args.mode, num_requests=args.num_requests, prompt_len=args.prompt_len, gen_len=args.gen,
               max_num_batched_tokens=args.max_num_batched_tokens, num_pages=env_num_pages(),
               cuda_graphs=False if args.no_cuda_graphs else None, seed=args.seed)
-    rows = []
-    if batches is None:
-        rows.append(base | measure_largest_batch(weights, xp, args.gpu_memory_utilization, **kw))
-    for batch in batches or []:
-        rows.append(base | measure(weights, xp, batch=batch, **kw))
+    rows, failed = [], []
+    measurements = (
+        [lambda: measure_largest_batch(weights, xp, args.gpu_memory_utilization, **kw)] if batches is None
+        else [lambda b=b: measure(weights, xp, batch=b, **kw) for b in batches]
+    )
+    for measurement in measurements:
+        try:
+            rows.append(base | measurement())
+        except OutOfMemory as e:
+            print(f"qserve-lite bench: error: {label}, {e}", file=sys.stderr, flush=True)
+            failed.append(e.batch)
         release(xp)
+    if not rows:
+        return 1
     out = Path(args.json_out) if args.json_out else results_file("bench", gpu)
     append_jsonl(out, rows)
     print(format_table(rows, TABLE))
@@ -174,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
     png = plot_throughput(read_jsonl(out), out.with_suffix(".png"))
     if png is not None:
         print(f"plot: {png}", file=sys.stderr)
+    if failed:
+        print(f"qserve-lite bench: batch {', '.join(map(str, failed))} did not fit in GPU memory (see above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

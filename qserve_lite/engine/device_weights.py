@@ -173,6 +173,7 @@ class DeviceWeights:
     lm_head: object  # fp16 [vocab, hidden] (the embed array itself when tied)
     lm_head_bias: object | None
     final_norm: object  # fp16 [hidden]
+    k_hadamard: bool = False  # q and k rotated per head by H_D after RoPE (the model's k_hadamard)
 
     @property
     def mode(self) -> str:
@@ -227,6 +228,7 @@ class DeviceWeights:
             lm_head=embed if head is w.embed_tokens else xp.asarray(head, dtype=f16),
             lm_head_bias=None if w.lm_head.bias is None else xp.asarray(w.lm_head.bias, dtype=f16),
             final_norm=xp.asarray(w.final_norm, dtype=f16),
+            k_hadamard=bool(getattr(model, "k_hadamard", False)),
         )
 
 

@@ -7,7 +7,8 @@ output channels, int8 W8A8 weights, fp16 for float linears, embeddings, lm_head 
 random values directly on the device (bench/random_model.py).
 
 One decoder layer on a packed batch of T tokens (ops/*):
-    rms_norm_quant(x + residual)  -> qkv GEMM (fp16 out) -> rope_write_kv (RoPE in place, K/V into the pages)
+    rms_norm_quant(x + residual)  -> qkv GEMM (fp16 out) -> rope_write_kv (RoPE in place, then the per-head
+    Hadamard on q and k when the model has k_hadamard; K/V into the pages)
     -> prefill_attention (varlen, cu_seqlens) | decode_attention (block tables) -> quantize_per_token
     -> o_proj GEMM -> rms_norm_quant(o + residual) -> gate_up GEMM -> silu_mul_quant -> down GEMM
 Then the final RMSNorm and the fp16 lm_head GEMM run on each sequence's last token only. Float models
@@ -114,6 +115,7 @@ class GPUModelRunner:
         self.weights = weights
         self.H, self.KVH, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.kv_bits = weights.kv_bits
+        self.k_hadamard = bool(weights.k_hadamard)  # q / k Hadamard rotation in the KV writer
         self.eps = float(cfg.rms_norm_eps)
         self.layers = weights.layers
         self.mode = weights.mode
@@ -236,7 +238,7 @@ class GPUModelRunner:
             q = qkv[:, :qs_n].reshape(T, H, D)
             k = qkv[:, qs_n : qs_n + kv_n].reshape(T, KVH, D)
             v = qkv[:, qs_n + kv_n :].reshape(T, KVH, D)
-            rope_write_kv(q, k, v, pos, self.inv_freq, self.kv_pool, i, slots)
+            rope_write_kv(q, k, v, pos, self.inv_freq, self.kv_pool, i, slots, k_hadamard=self.k_hadamard)
             out = self.attn_buf[:T]
             if is_prefill:
                 attn = prefill_attention(

@@ -5,7 +5,9 @@ logits, samples, then appends each token, detokenizes, checks the stop condition
 finished. The runner is the only device-specific part (numpy here, CuPy on the GPU).
 
 A model without a tokenizer (LLMEngine(None, runner=...) over random device weights, bench/) takes token-id
-prompts only; its outputs carry token ids and no text, and EOS comes from the config.
+prompts only; its outputs carry token ids and no text, and EOS comes from the config. Given a tokenizer
+(LLMEngine(None, runner=..., tokenizer=...): random weights served with a real vocabulary,
+bench/random_engine.py), it takes text and detokenizes as a loaded model does.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class LLMEngine:
     what the page pool and one prefill step can hold; given explicitly, it must fit both.
 
     loaded: the model (config, weights, tokenizer), or None with a prebuilt `runner` (which then provides
-    the config as `runner.cfg`, and its page count as `runner.num_pages` unless num_pages is given)."""
+    the config as `runner.cfg`, and its page count as `runner.num_pages` unless num_pages is given), and
+    optionally a `tokenizer` whose ids fit the runner's vocabulary."""
 
     def __init__(
         self,
@@ -47,10 +50,18 @@ class LLMEngine:
         runner=None,
         device: str = "cpu",
         gpu_memory_utilization: float = 0.9,
+        tokenizer=None,
     ):
         if loaded is None and runner is None:
             raise QServeLiteError("LLMEngine needs a loaded model, or a runner built from device weights")
         cfg = loaded.config if loaded is not None else runner.cfg
+        if loaded is not None:
+            tokenizer = loaded.tokenizer
+        elif tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+            raise QServeLiteError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+                f"({cfg.vocab_size}): build the weights with vocab_size = the tokenizer's"
+            )
         if max_num_seqs < 1:
             raise QServeLiteError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_model_len is not None and not 1 < max_model_len <= cfg.max_position_embeddings:
@@ -96,7 +107,7 @@ class LLMEngine:
         self.max_model_len = min(limit, fits)
         self.loaded = loaded
         self.config = cfg
-        self.tokenizer = loaded.tokenizer if loaded is not None else None
+        self.tokenizer = tokenizer
         self.vocab_size = cfg.vocab_size
         self.block_manager = BlockManager(num_pages, PAGE_SIZE, watermark)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)

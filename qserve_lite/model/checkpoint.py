@@ -20,6 +20,13 @@ Reading accepts our safetensors checkpoints and QServe zoo checkpoints (``pytorc
 torch by torch_pickle.py). A zoo checkpoint may have no quantization_config: the granularity then comes from
 the tensor names. QServe's W4A8 runtime ignores norm weights (QoQ folds them into the linears): for zoo W4A8
 checkpoints we do the same and warn when the stored norms are not all ones.
+
+quantization_config["k_hadamard"] (ours, written true by default by `qserve-lite quantize`): the runtime
+multiplies q and k per head by the normalized Hadamard matrix after RoPE, before the KV cache (model/llama.py,
+cuda/kv_writer.cu), which makes the KV4 K cache much more accurate. Such checkpoints are meant for
+qserve-lite: QServe's own runtime does not know this key and never rotates (it would run the weights with the
+less accurate K cache it was not calibrated for); `quantize --no-k-hadamard` writes false, for strict
+QServe-runtime compatibility. Absent (QServe zoo checkpoints, older ones): false.
 """
 
 from __future__ import annotations
@@ -91,6 +98,8 @@ def validate_quant_config(qc, source: str = "quantization_config") -> dict:
         raise ConfigError(
             f"{source}: W8A8 weights are per-channel; group_size must be -1, got {out['group_size']}"
         )
+    if "k_hadamard" in out and not isinstance(out["k_hadamard"], bool):
+        raise ConfigError(f"{source}: k_hadamard must be true or false, got {out['k_hadamard']!r}")
     return out
 
 

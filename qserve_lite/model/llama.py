@@ -36,7 +36,8 @@ def softmax_(x, xp):
 
 ATTN_QUERY_BLOCK = 256  # queries per attention block in prefill
 # Where `LlamaModel.observer` is called, per layer: the residual entering the block, the normed inputs of
-# q/k/v and gate/up, post-RoPE q [B,T,H,D] and k [B,T,KVH,D], v [B,T,KVH,D], o_proj's and down_proj's inputs.
+# q/k/v and gate/up, post-RoPE q [B,T,H,D] and k [B,T,KVH,D] (never Hadamard-rotated: see k_hadamard),
+# v [B,T,KVH,D], o_proj's and down_proj's inputs.
 OBSERVED_POINTS = ("layer_in", "attn_in", "q", "k", "v", "o_in", "mlp_in", "down_in")
 
 
@@ -81,6 +82,11 @@ class LlamaModel:
         self.kv_quantizer = kv_quantizer
         # observer(layer_idx, point, array): calibration hook, called at the points listed in OBSERVED_POINTS.
         self.observer = None
+        # k_hadamard: q and k are multiplied per head by the normalized Hadamard matrix H_D after RoPE (after
+        # the observer sees them), before the KV cache write: q k^T is unchanged (H H^T = I), and the rotated
+        # K quantizes much better to KV4. Set from a checkpoint's quantization_config (model/loader.py).
+        self.k_hadamard = False
+        self._head_hadamard = None  # H_D in the model's dtype, built on first use
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(
@@ -95,6 +101,15 @@ class LlamaModel:
     def _observe(self, layer_idx: int, point: str, value) -> None:
         if self.observer is not None:
             self.observer(layer_idx, point, value)
+
+    def head_hadamard_matrix(self, dtype):
+        """The normalized Hadamard matrix H_D [head_dim, head_dim] (quant/hadamard.py) as an xp array."""
+        h = self._head_hadamard
+        if h is None or h.dtype != dtype:
+            from ..quant.hadamard import hadamard
+
+            h = self._head_hadamard = self.xp.asarray(hadamard(self.cfg.head_dim), dtype=dtype)
+        return h
 
     def attention(self, layer_idx: int, lw: LayerWeights, x, cos, sin, cache, start: int):
         """Self-attention of x [B, T, hidden]. `cache` is a KVCache-like cache (all sequences hold `start`
@@ -111,6 +126,9 @@ class LlamaModel:
             self._observe(layer_idx, "q", q)
             self._observe(layer_idx, "k", k)
             self._observe(layer_idx, "v", v)
+        if self.k_hadamard:
+            hd = self.head_hadamard_matrix(q.dtype)
+            q, k = q @ hd, k @ hd
         kv = as_backend(cache, start)
         kv.write(layer_idx, k, v)
         out = xp.empty((B, T, H * D), dtype=q.dtype)

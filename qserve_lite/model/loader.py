@@ -108,16 +108,20 @@ def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) 
     precision (see quant.precision; None = the model's own): a float model runs only at w16a16,
     w16a16kv4 or w16a16kv8 (the KV cache fake-quantized to 4/8 bits); a quantized checkpoint (config.json
     with `quantization_config`, or a QServe zoo checkpoint) runs at its own weight bits (default: the
-    checkpoint's w{w_bit}a8kv{kv_bit}), and the KV bits may be overridden.
+    checkpoint's w{w_bit}a8kv{kv_bit}), and the KV bits may be overridden. The model's k_hadamard (the
+    per-head Hadamard rotation of q and k after RoPE) comes from the checkpoint's quantization_config
+    ("k_hadamard", absent = off); float models run without it.
     """
     requested = Precision.parse(precision) if precision is not None else None  # before any download
     path = resolve_model(ref)
     cfg = ModelConfig.from_file(path / "config.json")
     tokenizer = Tokenizer(path)
+    k_hadamard = False
     if _is_quantized(path, cfg):
         from .checkpoint import read_quant_config, read_quantized_weights
 
         qc = read_quant_config(path)
+        k_hadamard = bool(qc.get("k_hadamard", False))  # absent (QServe zoo, older checkpoints): off
         w_bit, kv_bit = int(qc["w_bit"]), int(qc.get("kv_bit") or 16)
         if requested is None:
             requested = Precision(w_bit, 8, kv_bit if kv_bit in (4, 8) else 16)
@@ -140,4 +144,5 @@ def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) 
         weights = load_llama_weights(cfg, path, dtype=dtype)
     kv_quantizer = KVFakeQuantizer(requested.kv_bits) if requested.kv_bits < 16 else None
     model = LlamaModel(cfg, weights, np, kv_quantizer=kv_quantizer)
+    model.k_hadamard = k_hadamard
     return LoadedModel(path, cfg, model, tokenizer, requested)

@@ -63,8 +63,9 @@ def attention_defines(head_dim: int, kv_bits: int, prefill_warps: int = PREFILL_
     return defines
 
 
-def writer_defines(head_dim: int, kv_bits: int, rope: bool = True) -> dict[str, int]:
-    return {"QS_D": head_dim, "QS_BITS": kv_bits, "QS_ROPE": int(rope)}
+def writer_defines(head_dim: int, kv_bits: int, rope: bool = True,
+                   k_hadamard: bool = False) -> dict[str, int]:
+    return {"QS_D": head_dim, "QS_BITS": kv_bits, "QS_ROPE": int(rope), "QS_KHAD": int(k_hadamard)}
 
 
 def _pools(pool: PagedKVPool | None, layer: int):
@@ -76,12 +77,15 @@ def _pools(pool: PagedKVPool | None, layer: int):
 
 # ---- writer ----
 
-def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, slot_mapping, rope: bool):
+def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, slot_mapping, rope: bool,
+                  k_hadamard: bool = False):
     cp = _cp()
     lay = pool.layout
     D, KVH = lay.head_dim, lay.num_kv_heads
     if D % 64:
         raise ValueError(f"the GPU KV writer needs head_dim a multiple of 64, got {D}")
+    if k_hadamard and D & (D - 1):
+        raise ValueError(f"the q / k Hadamard rotation needs a power-of-two head_dim, got {D}")
     T, H = q.shape[0], q.shape[1]
     ldq = _heads(q, "q", None, D)
     ldk = _heads(k, "k", KVH, D)
@@ -97,7 +101,7 @@ def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, s
         raise ValueError(f"inv_freq: expected ({D // 2},), got {freq.shape}")
     if T == 0:
         return
-    kern = get_kernel("kv_writer.cu", "qs_rope_write_kv", writer_defines(D, lay.kv_bits, rope))
+    kern = get_kernel("kv_writer.cu", "qs_rope_write_kv", writer_defines(D, lay.kv_bits, rope, k_hadamard))
     k_pool, v_pool, page_bytes = _pools(pool, layer)
     kern((T,), (128,), (q, np.int64(ldq), k, np.int64(ldk), v, np.int64(ldv), pos, freq, k_pool, v_pool,
                         np.int64(page_bytes), slots, np.int32(H), np.int32(KVH)))

@@ -4,8 +4,10 @@ Each function runs the CUDA kernel (cuda/kv_writer.cu, cuda/attention.cu) on CuP
 on numpy arrays; the twins are the specification:
 
 - `rope_write_kv`: bit-exact. RoPE with fp32 cos/sin of fp64 angles (model/rope.rope_cos_sin), each fp32
-  operation rounded once (model/rope.apply_rope), q and k rotated in place in fp16; K (rotated) and V
-  quantized by ops/kv_quant.kv_quantize and stored at the slot mapping. The GPU writes the same bytes,
+  operation rounded once (model/rope.apply_rope), q and k rotated in place in fp16; with k_hadamard, q and k
+  then multiplied per head by the normalized Hadamard matrix (`head_hadamard`: a fast Walsh-Hadamard
+  transform with the kernel's fp32 steps, in place in fp16); K (rotated) and V quantized by
+  ops/kv_quant.kv_quantize and stored at the slot mapping. The GPU writes the same bytes,
   except that a zero point of 0 may carry the other sign (where a head's minimum is a signed zero, numpy's
   min over +0 / -0 picks either one); codes and dequantized values are the same.
 - `decode_attention`, `prefill_attention`: softmax(q k^T * scale) v over the dequantized cache
@@ -45,15 +47,47 @@ def _host(a):
 
 # ---- RoPE + KV writer ----
 
+def head_hadamard_scale(head_dim: int) -> np.float32:
+    """fp32(1 / sqrt(head_dim)) for a power-of-two head_dim, built exactly as cuda/kv_writer.cu does: a
+    power of two, or one times fp32(sqrt(1/2))."""
+    if head_dim < 1 or head_dim & (head_dim - 1):
+        raise ValueError(f"the q / k Hadamard rotation needs a power-of-two head_dim, got {head_dim}")
+    log2 = head_dim.bit_length() - 1
+    odd = np.sqrt(np.float32(0.5)) if log2 % 2 else np.float32(1.0)
+    return np.float32(odd / np.float32(1 << (log2 // 2)))
+
+
+def head_hadamard(x) -> np.ndarray:
+    """x [..., D] (fp16) times the normalized Sylvester Hadamard matrix H_D (quant/hadamard.hadamard(D)), per
+    row, as the KV writer computes it (the numpy twin of its QS_KHAD step): a fast Walsh-Hadamard transform
+    in fp32 with stages of increasing mask m = 1, 2, ..., D/2, each turning the channel pair (c, c | m),
+    c & m == 0, into (a + b, a - b) with one fp32 rounding, then fp16(y * fp32(1/sqrt(D))). Returns fp16."""
+    x = np.asarray(x)
+    D = x.shape[-1]
+    scale = head_hadamard_scale(D)
+    y = x.astype(np.float16).astype(np.float32)  # a fresh contiguous array: the views below write into it
+    m = 1
+    while m < D:
+        pairs = y.reshape(*y.shape[:-1], D // (2 * m), 2, m)  # [..., block, bit m of the channel, low bits]
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        total, diff = a + b, a - b
+        pairs[..., 0, :] = total
+        pairs[..., 1, :] = diff
+        m *= 2
+    return (y * scale).astype(np.float16)
+
+
 def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, slot_mapping,
-                  rope: bool = True) -> None:
+                  rope: bool = True, k_hadamard: bool = False) -> None:
     """Rotate q [T, H, D] and k [T, KVH, D] (fp16) in place with RoPE at `positions` [T] (inv_freq [D/2]
-    float64, e.g. model/rope.rope_inv_freq), then store k and v [T, KVH, D] into layer's pages of `pool`
-    at `slot_mapping` [T] (negative slots: not stored)."""
+    float64, e.g. model/rope.rope_inv_freq), with k_hadamard then multiply both by the head's normalized
+    Hadamard matrix (`head_hadamard`; D a power of two), then store k and v [T, KVH, D] into layer's pages of
+    `pool` at `slot_mapping` [T] (negative slots: not stored)."""
     if _is_cupy(q, k, v, pool.pool):
         from . import _gpu_attention
 
-        _gpu_attention.rope_write_kv(q, k, v, positions, inv_freq, pool, layer, slot_mapping, rope)
+        _gpu_attention.rope_write_kv(q, k, v, positions, inv_freq, pool, layer, slot_mapping, rope,
+                                     k_hadamard)
         return
     if q.dtype != np.float16 or k.dtype != np.float16 or v.dtype != np.float16:
         raise ValueError("rope_write_kv: q, k and v must be float16")
@@ -61,6 +95,9 @@ def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, s
         cos, sin = rope_cos_sin(np.asarray(positions), np.asarray(inv_freq, dtype=np.float64), np, np.float32)
         q[...] = apply_rope(q, cos, sin)
         k[...] = apply_rope(k, cos, sin)
+    if k_hadamard:
+        q[...] = head_hadamard(q)
+        k[...] = head_hadamard(k)
     slots = np.asarray(slot_mapping)
     for which, x in ((0, k), (1, v)):
         if pool.layout.quantized:

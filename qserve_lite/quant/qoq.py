@@ -52,6 +52,9 @@ class QoQConfig:
     w_bit: int = 4  # 4 (W4A8) or 8 (W8A8, per-channel int8)
     group_size: int = 128  # W4: 128 (progressive group quantization) or -1 (per-channel)
     kv_bit: int = 4  # runtime KV cache bits recorded in the checkpoint (4 or 8)
+    # runtime per-head Hadamard rotation of q and k after RoPE (quantization_config "k_hadamard"): a much more
+    # accurate KV4 K cache; QServe's own runtime does not know it (False for strict QServe compatibility)
+    k_hadamard: bool = True
     rotation: bool = True  # Hadamard on the residual stream + per-head Hadamard on v/o (norms always folded)
     smooth_attention: bool = True
     smooth_attention_alpha: float = 0.5  # used when the search is off
@@ -127,6 +130,11 @@ class QoQConfig:
         d["calib_source"] = (self.calib_source if isinstance(self.calib_source, str)
                              else [str(p) for p in self.calib_source])
         return d
+
+
+def k_hadamard_supported(head_dim: int) -> bool:
+    """The runtime q / k Hadamard rotation (k_hadamard) needs a power-of-two head_dim (the GPU's FWHT)."""
+    return head_dim > 0 and head_dim & (head_dim - 1) == 0
 
 
 def qoq_g128(**overrides) -> QoQConfig:
@@ -258,7 +266,9 @@ def transform_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSt
             q, k, v = (stats[p].samples for p in ("q", "k", "v"))
             k_abs = stats["k"].absmax
             alpha, beta, err, err0 = search_smooth_attention(q, k, v, lw.o_proj.weight, k_abs, q_abs,
-                                                             config.kv_bit, config.smooth_attention_grid)
+                                                             config.kv_bit, config.smooth_attention_grid,
+                                                             k_hadamard=config.k_hadamard
+                                                             and k_hadamard_supported(cfg.head_dim))
             info["smooth_attention_error_ratio"] = round(err / err0, 4) if err0 > 0 else 1.0
         lam = smooth_attention(lw, stats["k"].absmax, q_abs, cfg.num_heads, alpha, beta)
         info["smooth_attention_alpha_beta"] = [alpha, beta]
@@ -375,7 +385,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
         raise QServeLiteError(f"calibration seq_len {seq_len} exceeds the model's context "
                               f"{cfg.max_position_embeddings}")
     source = list(calib_files) if calib_files else config.calib_source
-    config = dataclasses.replace(config, calib_source=source, n_samples=n_samples, seq_len=seq_len)
+    k_hadamard = config.k_hadamard and k_hadamard_supported(cfg.head_dim)
+    if config.k_hadamard and not k_hadamard and progress:
+        print(f"head_dim {cfg.head_dim} is not a power of two: no q / k Hadamard rotation (k_hadamard false)",
+              file=sys.stderr)
+    config = dataclasses.replace(config, calib_source=source, n_samples=n_samples, seq_len=seq_len,
+                                 k_hadamard=k_hadamard)
     if needs_calibration(config):
         samples = calibrate.load_calibration_samples(tokenizer, source, n_samples, seq_len, config.seed,
                                                      progress)
@@ -388,7 +403,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
 
     qc = {
         "quant_method": "qoq", "w_bit": config.w_bit, "a_bit": 8, "group_size": config.group_size,
-        "kv_bit": config.kv_bit, "qoq": config.to_dict(),
+        "kv_bit": config.kv_bit, "k_hadamard": bool(config.k_hadamard), "qoq": config.to_dict(),
         "calibration": {"source": config.to_dict()["calib_source"] if n_samples else None,
                         "n_samples": int(n_samples),
                         "seq_len": int(seq_len), "tokens": int(samples.size), "seed": config.seed},

@@ -80,17 +80,21 @@ def alpha_beta_candidates(grid: int = 20) -> list[tuple[float, float]]:
 
 def search_smooth_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, o_weight: np.ndarray,
                             k_absmax: np.ndarray, q_absmax: np.ndarray, kv_bits: int, grid: int = 20,
-                            query_stride: int = 4) -> tuple[float, float, float, float]:
+                            query_stride: int = 4,
+                            k_hadamard: bool = False) -> tuple[float, float, float, float]:
     """Best (alpha, beta) for one layer by the attention block's output error with K quantized.
 
     q [S, T, H, D], k and v [S, T, KVH, D]: post-RoPE queries/keys and values of a few whole calibration
     samples; o_weight [hidden, H*D]; k_absmax/q_absmax: spans over all calibration tokens. Only every
     query_stride-th query is scored. With lambda folded, scores are (q lambda) . deq(k / lambda), i.e. q
-    against k_hat = lambda * deq(k / lambda), which is what each candidate evaluates.
+    against k_hat = lambda * deq(k / lambda), which is what each candidate evaluates. k_hadamard: the runtime
+    caches k / lambda rotated by the head's Hadamard matrix H (model/llama.py), so k_hat =
+    lambda * (deq((k / lambda) H) H) (H is symmetric and orthogonal).
     Returns (alpha, beta, error, error without smoothing).
     """
     from ..ops.kv_quant import kv_fake_quant
     from .clip import causal_bias, gqa_attention, query_positions
+    from .hadamard import hadamard
 
     q = np.asarray(q, dtype=np.float32)
     k = np.asarray(k, dtype=np.float32)
@@ -102,11 +106,15 @@ def search_smooth_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, o_weigh
     bias = causal_bias(q_pos, T, H // KVH)
     wo = np.asarray(o_weight, dtype=np.float32)
     ref = gqa_attention(qs, k, v, bias) @ wo.T
+    hd = hadamard(D).astype(np.float32) if k_hadamard else None
     best = (0.0, 0.0, np.inf)
     base = np.inf
     for alpha, beta in alpha_beta_candidates(grid):
         lam = smooth_attention_scales(k_absmax, q_absmax, alpha, beta).astype(np.float32)  # [KVH, D]
-        k_hat = kv_fake_quant(k / lam, kv_bits) * lam
+        if k_hadamard:
+            k_hat = (kv_fake_quant((k / lam) @ hd, kv_bits) @ hd) * lam
+        else:
+            k_hat = kv_fake_quant(k / lam, kv_bits) * lam
         d = gqa_attention(qs, k_hat, v, bias) @ wo.T - ref
         err = float(np.mean(d.astype(np.float64) ** 2))
         if alpha == 0 and beta == 0:

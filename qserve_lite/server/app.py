@@ -459,10 +459,15 @@ def create_app(
     *,
     api_key: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    model_metadata: dict | None = None,
 ) -> FastAPI:
     """The ASGI app. Its lifespan starts the engine thread and, at shutdown, aborts what is left and stops it
-    (uvicorn first lets in-flight requests finish, up to its timeout_graceful_shutdown)."""
+    (uvicorn first lets in-flight requests finish, up to its timeout_graceful_shutdown). model_metadata:
+    reported by /v1/models as the model's `metadata` (e.g. what random weights stand for)."""
     server = _Server(engine, model_name)
+
+    def model_card() -> ModelCard:
+        return ModelCard(id=model_name, max_model_len=server.max_model_len, metadata=model_metadata)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -514,12 +519,12 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models():
-        return ModelList(data=[ModelCard(id=model_name, max_model_len=server.max_model_len)])
+        return ModelList(data=[model_card()])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
     async def get_model(model: str):
         server.check_model(model)
-        return ModelCard(id=model_name, max_model_len=server.max_model_len)
+        return model_card()
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
@@ -709,31 +714,64 @@ def serve(
     access_log: bool = True,
     log_level: str = "info",
     seed: int = 0,
+    random_weights: str | None = None,
+    tokenizer: str | None = None,
+    group_size: int = 128,
 ) -> None:
     """Load the model and serve it until interrupted (Ctrl-C: in-flight requests get shutdown_timeout seconds
-    to finish, then are aborted)."""
+    to finish, then are aborted).
+
+    random_weights: a shipped config name (llama-3-8b, ...) or a config.json: serve random weights of that
+    shape at `precision` (default w4a8kv4; group_size for W4) with the vocabulary of `tokenizer` (default:
+    `model`'s), for load tests (bench/random_engine.py). The startup line and /v1/models say so."""
     import uvicorn
 
-    from ..llm import LLM
-
     t0 = time.perf_counter()
-    llm = LLM(
-        model,
-        precision,
-        device=device,
-        max_num_seqs=max_num_seqs,
-        max_model_len=max_model_len,
-        num_pages=num_pages,
-        seed=seed,
+    metadata = None
+    if random_weights is not None:
+        from ..bench.random_engine import build_random_engine
+
+        built = build_random_engine(
+            random_weights,
+            tokenizer or model,
+            precision=precision,
+            group_size=group_size,
+            device=device,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            num_pages=num_pages,
+            seed=seed,
+        )
+        engine, name, metadata = built.engine, served_model_name or built.default_name, built.metadata()
+        what = f"{built.describe()}; max_model_len {engine.max_model_len}, {engine.block_manager.num_pages}"
+        what += " KV pages"
+    else:
+        from ..llm import LLM
+
+        llm = LLM(
+            model,
+            precision,
+            device=device,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            num_pages=num_pages,
+            seed=seed,
+        )
+        engine, name = llm.engine, served_model_name or model
+        what = (
+            f"{model} loaded in {time.perf_counter() - t0:.1f}s ({llm.precision}, max_model_len "
+            f"{engine.max_model_len}, {engine.block_manager.num_pages} KV pages)"
+        )
+    print(f"qserve-lite: {what}; serving as '{name}' on http://{host}:{port}/v1", flush=True)
+    if metadata is not None:
+        log.warning("serving RANDOM weights (outputs are random text): %s", metadata)
+    app = create_app(
+        AsyncEngine(engine),
+        name,
+        api_key=api_key,
+        max_request_bytes=max_request_bytes,
+        model_metadata=metadata,
     )
-    name = served_model_name or model
-    print(
-        f"qserve-lite: {model} loaded in {time.perf_counter() - t0:.1f}s ({llm.precision}, max_model_len "
-        f"{llm.engine.max_model_len}, {llm.engine.block_manager.num_pages} KV pages); serving as '{name}' "
-        f"on http://{host}:{port}/v1",
-        flush=True,
-    )
-    app = create_app(AsyncEngine(llm.engine), name, api_key=api_key, max_request_bytes=max_request_bytes)
     config = uvicorn.Config(
         app,
         host=host,

@@ -128,6 +128,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "qserve-lite"
     max_model_len: int | None = None
+    metadata: dict | None = None  # qserve-lite's extra: what --random-weights stand for (shape, vocabulary)
 
 
 class ModelList(BaseModel):
