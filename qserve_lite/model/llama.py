@@ -86,6 +86,11 @@ class LlamaModel:
         # the observer sees them), before the KV cache write: q k^T is unchanged (H H^T = I), and the rotated
         # K quantizes much better to KV4. Set from a checkpoint's quantization_config (model/loader.py).
         self.k_hadamard = False
+        # fp16_activations: round to fp16 where the GPU engine stores fp16 (the residual stream, post-RoPE /
+        # Hadamard q and k, the final norm's output; quantized linears already return fp16 values and
+        # quantize fp16-rounded inputs). Set for quantized models by the loader, so the CPU emulation follows
+        # the GPU's numerics: KV4 / INT8 codes then flip only where the two truly differ.
+        self.fp16_activations = False
         self._head_hadamard = None  # H_D in the model's dtype, built on first use
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -101,6 +106,10 @@ class LlamaModel:
     def _observe(self, layer_idx: int, point: str, value) -> None:
         if self.observer is not None:
             self.observer(layer_idx, point, value)
+
+    def _fp16(self, x):
+        """x rounded to fp16 (kept in its dtype) when fp16_activations is on."""
+        return x.astype(self.xp.float16).astype(x.dtype) if self.fp16_activations else x
 
     def head_hadamard_matrix(self, dtype):
         """The normalized Hadamard matrix H_D [head_dim, head_dim] (quant/hadamard.py) as an xp array."""
@@ -120,15 +129,19 @@ class LlamaModel:
         q = lw.q_proj(x).reshape(B, T, H, D)
         k = lw.k_proj(x).reshape(B, T, KVH, D)
         v = lw.v_proj(x).reshape(B, T, KVH, D)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q = self._fp16(apply_rope(q, cos, sin))
+        k = self._fp16(apply_rope(k, cos, sin))
         if self.observer is not None:
             self._observe(layer_idx, "q", q)
             self._observe(layer_idx, "k", k)
             self._observe(layer_idx, "v", v)
-        if self.k_hadamard:
+        if self.k_hadamard and self.fp16_activations and xp is np:
+            from ..ops.attention import head_hadamard  # the KV writer's own fp32 FWHT: the same roundings
+
+            q, k = head_hadamard(q).astype(q.dtype), head_hadamard(k).astype(k.dtype)
+        elif self.k_hadamard:
             hd = self.head_hadamard_matrix(q.dtype)
-            q, k = q @ hd, k @ hd
+            q, k = self._fp16(q @ hd), self._fp16(k @ hd)
         kv = as_backend(cache, start)
         kv.write(layer_idx, k, v)
         out = xp.empty((B, T, H * D), dtype=q.dtype)
@@ -148,10 +161,10 @@ class LlamaModel:
         self._observe(i, "layer_in", h)
         x = rms_norm(h, lw.input_norm, eps, xp)
         self._observe(i, "attn_in", x)
-        h = h + self.attention(i, lw, x, cos, sin, cache, start)
+        h = self._fp16(h + self.attention(i, lw, x, cos, sin, cache, start))
         x = rms_norm(h, lw.post_attn_norm, eps, xp)
         self._observe(i, "mlp_in", x)
-        return h + self.mlp(i, lw, x)
+        return self._fp16(h + self.mlp(i, lw, x))
 
     def forward(self, token_ids, cache: KVCache, start: int | None = None, fresh_new_kv: bool = False):
         """Run token_ids [B, T] at positions start..start+T-1 (default: cache.length); update the cache.
@@ -176,7 +189,7 @@ class LlamaModel:
         for i, lw in enumerate(w.layers):
             h = self.layer(i, lw, h, cos, sin, attn, start)
         cache.length = start + T
-        return rms_norm(h, w.final_norm, cfg.rms_norm_eps, xp)
+        return self._fp16(rms_norm(h, w.final_norm, cfg.rms_norm_eps, xp))
 
     def forward_packed(self, token_ids, positions, attn: AttentionBackend):
         """Run a packed variable-length batch: token_ids, positions [N] hold several sequences' new
@@ -189,7 +202,7 @@ class LlamaModel:
         h = w.embed_tokens[xp.asarray(token_ids)][None]  # [1, N, hidden]
         for i, lw in enumerate(w.layers):
             h = self.layer(i, lw, h, cos, sin, attn, 0)
-        return rms_norm(h[0], w.final_norm, self.cfg.rms_norm_eps, xp)
+        return self._fp16(rms_norm(h[0], w.final_norm, self.cfg.rms_norm_eps, xp))
 
     def logits(self, hidden):
         """Vocabulary scores for hidden states [..., hidden] -> [..., vocab] (fp32)."""

@@ -110,7 +110,8 @@ def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) 
     with `quantization_config`, or a QServe zoo checkpoint) runs at its own weight bits (default: the
     checkpoint's w{w_bit}a8kv{kv_bit}), and the KV bits may be overridden. The model's k_hadamard (the
     per-head Hadamard rotation of q and k after RoPE) comes from the checkpoint's quantization_config
-    ("k_hadamard", absent = off); float models run without it.
+    ("k_hadamard", absent = off); float models run without it. Quantized checkpoints run with
+    fp16_activations (activations rounded to fp16 where the GPU engine stores them).
     """
     requested = Precision.parse(precision) if precision is not None else None  # before any download
     path = resolve_model(ref)
@@ -145,4 +146,6 @@ def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) 
     kv_quantizer = KVFakeQuantizer(requested.kv_bits) if requested.kv_bits < 16 else None
     model = LlamaModel(cfg, weights, np, kv_quantizer=kv_quantizer)
     model.k_hadamard = k_hadamard
+    # quantized checkpoints run with the GPU engine's fp16 storage points (model/llama.py fp16_activations)
+    model.fp16_activations = requested.a_bits < 16 or requested.w_bits < 16
     return LoadedModel(path, cfg, model, tokenizer, requested)
