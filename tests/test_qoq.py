@@ -329,3 +329,44 @@ def test_blocked_gptq_equals_textbook_recursion():
     expect = np.empty_like(ref)
     expect[:, perm] = ref
     np.testing.assert_allclose(got, expect, atol=1e-9)
+
+
+# ---- where the calibration forwards run ----
+
+def test_calibration_defaults_follow_the_calibration_device(monkeypatch):
+    """A machine with a GPU still calibrates on the CPU unless asked, and then with the CPU's sizes (128 x
+    1024 tokens of numpy forwards would take an hour there); calib_device "gpu" takes deepcompressor's."""
+    monkeypatch.setattr(calibrate, "gpu_available", lambda: True)
+    cpu = qoq.qoq_g128()
+    assert cpu.calib_device == "cpu"
+    assert cpu.calibration_size() == (16, 512) and cpu.clip_search_stride() == 4
+    gpu = qoq.qoq_g128(calib_device="gpu")
+    assert gpu.calibration_size() == (128, 1024) and gpu.clip_search_stride() == 1
+    assert qoq.qoq_g128(calib_device="gpu", n_samples=8, seq_len=64).calibration_size() == (8, 64)
+    with pytest.raises(qoq.QServeLiteError, match="calib_device"):
+        qoq.qoq_g128(calib_device="tpu")
+
+
+def test_gpu_calibration_without_a_gpu_is_a_clear_error(qoq_model_dir, tmp_path, monkeypatch, capsys):
+    from qserve_lite.cli import main
+
+    monkeypatch.setattr(calibrate, "gpu_available", lambda: False)
+    rc = main(["quantize", "--model", str(qoq_model_dir), "--out", str(tmp_path / "q"), "--device", "gpu",
+               "--calib-text", str(FIXTURE_TEXT)])
+    assert rc != 0 and "needs cupy and a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_point_reducer_stats(qoq_model_dir):
+    """The reducer's absmax, X^T X, strided rows and kept samples (the same code reduces cupy batches on the
+    device)."""
+    x = np.random.default_rng(1).standard_normal((4, 10, 6)).astype(np.float32)
+    red = calibrate._PointReducer(PointSpec(absmax=True, hessian=True, rows=5, keep_samples=3), 40)
+    red.update(x[:2], 0)
+    red.update(x[2:], 2)
+    st = red.finish()
+    flat = x.reshape(40, 6).astype(np.float64)
+    np.testing.assert_allclose(st.absmax, np.abs(flat).max(axis=0))
+    np.testing.assert_allclose(st.hessian, flat.T @ flat, rtol=1e-5)
+    assert st.tokens == 40 and st.rows.shape == (5, 6) and st.samples.shape == (3, 10, 6)
+    np.testing.assert_array_equal(st.rows, x.reshape(40, 6)[np.linspace(0, 39, 5).round().astype(int)])

@@ -69,7 +69,7 @@ class QoQConfig:
     clip: bool = True  # W4 range-clipping search (per-channel: per row / q-k block; g128: per group, level 2)
     clip_grid: int = 80  # ratios 1 - i/grid * (1 - clip_min_ratio), i = 0..grid
     clip_min_ratio: float = 0.2
-    clip_stride: int | None = None  # coarse-to-fine per-row search (None: 4 on CPU, 1 = exhaustive with cupy)
+    clip_stride: int | None = None  # coarse-to-fine per-row search (None: 4 on CPU, 1 = exhaustive on a GPU)
     clip_rows: int = 512  # calibration rows per linear for the per-row search
     clip_qk_samples: int = 2  # whole samples for the q/k attention-block search
     group_clip_grid: int = 20  # g128 level-2 clipping: ratios down to group_clip_min_ratio, diag(H)-weighted
@@ -78,8 +78,11 @@ class QoQConfig:
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
-    n_samples: int | None = None  # None: 16 on CPU, 128 with cupy
-    seq_len: int | None = None  # None: 512 on CPU, 1024 with cupy
+    n_samples: int | None = None  # None: 16 for CPU calibration, 128 on a GPU
+    seq_len: int | None = None  # None: 512 for CPU calibration, 1024 on a GPU
+    # where the calibration forwards run: "cpu" (numpy) or "gpu" (the same model code on CuPy; statistics
+    # are reduced on the device). The transforms, clipping searches and GPTQ run on the host either way.
+    calib_device: str = "cpu"
     seed: int = 42
     calib_source: str | list = "python-doc"  # "python-doc" (held-out split), "pile", or text files
     batch_size: int = 4  # calibration samples per layer forward
@@ -94,6 +97,8 @@ class QoQConfig:
             raise QServeLiteError("W8A8 weights are per-channel: use group_size -1")
         if self.kv_bit not in (4, 8):
             raise QServeLiteError(f"kv_bit must be 4 or 8, got {self.kv_bit}")
+        if self.calib_device not in ("cpu", "gpu"):
+            raise QServeLiteError(f"calib_device must be 'cpu' or 'gpu', got {self.calib_device!r}")
         if self.smooth_proj_alpha is None or self.smooth_proj_beta is None:
             a, b = DEFAULT_ALPHA_BETA[self.group_size]
             self.smooth_proj_alpha = a if self.smooth_proj_alpha is None else self.smooth_proj_alpha
@@ -117,13 +122,13 @@ class QoQConfig:
         return f"w{self.w_bit}a8kv{self.kv_bit}"
 
     def calibration_size(self) -> tuple[int, int]:
-        n, t = calibrate.default_calibration_size()
+        n, t = calibrate.default_calibration_size(self.calib_device)
         return (self.n_samples or n, self.seq_len or t)
 
     def clip_search_stride(self) -> int:
         if self.clip_stride is not None:
             return self.clip_stride
-        return 1 if calibrate.gpu_available() else 4
+        return 1 if self.calib_device == "gpu" else 4
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -188,25 +193,40 @@ class QuantizeReport:
     layers: list[dict] = field(default_factory=list)  # per layer: what each step did
 
 
-def _float32_layer(lw: LayerWeights) -> LayerWeights:
-    """float32 copy of a layer; quantized linears become their dequantized weights."""
+def _float32_layer(lw: LayerWeights, xp=np) -> LayerWeights:
+    """float32 copy of a layer as xp arrays; quantized linears become their dequantized weights."""
     def lin(x) -> Linear:
         w = x.weight if isinstance(x, Linear) else x.qweight.dequantize()
-        return Linear(w.astype(np.float32), None if x.bias is None else np.asarray(x.bias, np.float32))
+        bias = None if x.bias is None else xp.asarray(np.asarray(x.bias, np.float32))
+        return Linear(xp.asarray(np.asarray(w, np.float32)), bias)
 
-    return LayerWeights(input_norm=lw.input_norm.astype(np.float32), q_proj=lin(lw.q_proj),
+    def norm(g):
+        return xp.asarray(np.asarray(g, np.float32))
+
+    return LayerWeights(input_norm=norm(lw.input_norm), q_proj=lin(lw.q_proj),
                         k_proj=lin(lw.k_proj), v_proj=lin(lw.v_proj), o_proj=lin(lw.o_proj),
-                        post_attn_norm=lw.post_attn_norm.astype(np.float32), gate_proj=lin(lw.gate_proj),
+                        post_attn_norm=norm(lw.post_attn_norm), gate_proj=lin(lw.gate_proj),
                         up_proj=lin(lw.up_proj), down_proj=lin(lw.down_proj))
 
 
-def _float32_model(cfg: ModelConfig, w: LlamaWeights) -> LlamaModel:
-    """A float32 copy of the decoder for the calibration forward (lm_head is never run)."""
-    layers = [_float32_layer(lw) for lw in w.layers]
-    embed = w.embed_tokens.astype(np.float32)
-    f32 = LlamaWeights(embed_tokens=embed, layers=layers, final_norm=w.final_norm.astype(np.float32),
-                       lm_head=Linear(embed))
-    return LlamaModel(cfg, f32, np)
+def _calibration_xp(device: str):
+    """numpy, or cupy for calib_device "gpu" (a clear error when there is no usable GPU)."""
+    if device != "gpu":
+        return np
+    if not calibrate.gpu_available():
+        raise QServeLiteError("calibration on the GPU needs cupy and a CUDA device; use --device cpu")
+    import cupy
+
+    return cupy
+
+
+def _float32_model(cfg: ModelConfig, w: LlamaWeights, xp=np) -> LlamaModel:
+    """A float32 copy of the decoder for the calibration forward, on xp (lm_head is never run)."""
+    layers = [_float32_layer(lw, xp) for lw in w.layers]
+    embed = xp.asarray(np.asarray(w.embed_tokens, np.float32))
+    f32 = LlamaWeights(embed_tokens=embed, layers=layers, final_norm=xp.asarray(np.asarray(w.final_norm,
+                       np.float32)), lm_head=Linear(embed))
+    return LlamaModel(cfg, f32, xp)
 
 
 def point_specs(config: QoQConfig) -> dict[str, PointSpec]:
@@ -343,7 +363,8 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
         fold_norms(weights)  # QServe's W4A8 runtime ignores norm weights: they must live in the linears
     specs = point_specs(config)
     # RTN needs no statistics: then the calibration forward is skipped (samples may be None)
-    runner = (LayerRunner(_float32_model(cfg, weights), samples, config.batch_size)
+    xp = _calibration_xp(config.calib_device) if needs_calibration(config) else np
+    runner = (LayerRunner(_float32_model(cfg, weights, xp), samples, config.batch_size)
               if needs_calibration(config) else None)
     inv_freq = rope_inv_freq(cfg)
     layer_info = []
@@ -359,7 +380,7 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
         if runner is None:
             continue
         if config.propagate:  # the next layer sees this layer's quantized (dequantized-weight) outputs
-            runner.model.weights.layers[i] = _float32_layer(lw)
+            runner.model.weights.layers[i] = _float32_layer(lw, xp)
             runner.run(i)
         runner.model.weights.layers[i] = None  # the float32 copy of a done layer is no longer needed
     return layer_info
@@ -380,6 +401,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
     if "quantization_config" in cfg.extra:
         raise QServeLiteError(f"{path} is already quantized; quantize the float model it came from")
     tokenizer = Tokenizer(path)
+    if needs_calibration(config):
+        _calibration_xp(config.calib_device)  # no usable GPU for calib_device "gpu": fail before any work
     n_samples, seq_len = config.calibration_size()
     if seq_len > cfg.max_position_embeddings:
         raise QServeLiteError(f"calibration seq_len {seq_len} exceeds the model's context "

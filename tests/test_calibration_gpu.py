@@ -1,0 +1,61 @@
+"""QoQ calibration forwards on CuPy (quantize --device gpu) against the numpy ones (pytest -m gpu; skipped
+without cupy or a device): the same statistics within float32 rounding, and a checkpoint whose held-out
+perplexity matches the CPU-calibrated one's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cupy_or_skip, random_weights, tiny_config, write_model
+
+pytestmark = pytest.mark.gpu
+
+cp = cupy_or_skip()
+
+from qserve_lite.eval.perplexity import perplexity  # noqa: E402
+from qserve_lite.model.config import ModelConfig  # noqa: E402
+from qserve_lite.model.loader import load_model  # noqa: E402
+from qserve_lite.model.weights import load_llama_weights  # noqa: E402
+from qserve_lite.quant import qoq  # noqa: E402
+from qserve_lite.quant.calibrate import LayerRunner  # noqa: E402
+
+FIXTURE_TEXT = Path(__file__).parent / "data" / "python_doc_sample.rst.txt"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=32, max_position_embeddings=512)
+    return write_model(tmp_path_factory.mktemp("calib-gpu"), cfg, random_weights(cfg, seed=7))
+
+
+def test_layer_runner_statistics_match_numpy(model_dir):
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    w = load_llama_weights(cfg, model_dir, dtype=np.float64)
+    samples = np.random.default_rng(0).integers(3, cfg.vocab_size, (5, 48))
+    specs = qoq.point_specs(qoq.qoq_per_channel(clip_rows=32))
+    on_cpu, on_gpu = (LayerRunner(qoq._float32_model(cfg, w, xp), samples, 2) for xp in (np, cp))
+    assert on_gpu.model.xp is cp
+    for i in range(cfg.num_layers):
+        a, b = on_cpu.run(i, specs), on_gpu.run(i, specs)
+        assert set(a) == set(b)
+        for point in a:
+            for field in ("absmax", "hessian", "rows", "samples"):
+                x, y = getattr(a[point], field), getattr(b[point], field)
+                assert (x is None) == (y is None), (point, field)
+                if x is not None:
+                    assert isinstance(y, np.ndarray)  # statistics come back to the host
+                    np.testing.assert_allclose(y, x, rtol=2e-3, atol=2e-3 * float(np.abs(x).max()))
+
+
+def test_gpu_calibrated_checkpoint_matches_cpu(model_dir, tmp_path):
+    ids = load_model(model_dir).tokenizer.encode(FIXTURE_TEXT.read_text(), add_special_tokens=False)[:1024]
+    ppl = {}
+    for device in ("cpu", "gpu"):
+        config = qoq.qoq_g128(calib_device=device, n_samples=8, seq_len=128)
+        qoq.quantize_model(model_dir, tmp_path / device, config, calib_files=[FIXTURE_TEXT], progress=False)
+        ppl[device] = perplexity(load_model(tmp_path / device).model, ids, seq_len=256, progress=False).ppl
+    assert abs(ppl["gpu"] / ppl["cpu"] - 1) < 0.02, ppl
