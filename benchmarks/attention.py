@@ -24,7 +24,6 @@ import functools
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from qserve_lite.bench.results import git_sha  # noqa: E402  (the checkout's commit, +dirty)
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 BATCHES = [1, 32, 256]
@@ -277,16 +277,7 @@ def main() -> None:
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     l2 = int(props.get("l2CacheSize", 50 << 20))
-    try:
-        sha = os.environ.get("QSERVE_GIT_SHA") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        sha = sha or "unknown"
-        if "QSERVE_GIT_SHA" not in os.environ:
-            dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                                   text=True).stdout
-            sha += "+dirty" if dirty.strip() else ""
-    except OSError:
-        sha = "unknown"
+    sha = git_sha(ROOT)
     date = dt.date.today().isoformat()
     gpu_slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "-")
     results = ROOT / "benchmarks" / "results"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from qserve_lite.bench.results import git_sha  # noqa: E402  (the checkout's commit, +dirty)
 sys.path.insert(0, str(ROOT / "tests"))
 
 
@@ -107,8 +108,7 @@ def main() -> int:
     gpu = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     row = {
         "date": datetime.date.today().isoformat(), "gpu": gpu,
-        "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  cwd=ROOT).stdout.strip(),
+        "git_sha": git_sha(ROOT),
         "workload": {"model": f"random w4a8kv4 g128 h{args.hidden} i{args.inter} {args.layers}L "
                               f"{args.heads}x128/{args.kv_heads}kv vocab320", "prompts": args.prompts,
                      "prompt_len": args.prompt_len, "gen": args.gen, "graphs": args.graphs},

@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from qserve_lite.bench.results import git_sha  # noqa: E402  (the checkout's commit, +dirty)
 
 SHAPES = {  # name: (N out features, K in features), Llama-3-8B
     "qkv": (6144, 4096),
@@ -433,16 +433,7 @@ def main() -> None:
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     l2 = int(props.get("l2CacheSize", 50 << 20))
-    try:  # QSERVE_GIT_SHA: for copies of the tree without .git (the device machine)
-        sha = os.environ.get("QSERVE_GIT_SHA") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        sha = sha or "unknown"
-        if "QSERVE_GIT_SHA" not in os.environ:
-            dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                                   text=True).stdout
-            sha += "+dirty" if dirty.strip() else ""
-    except OSError:
-        sha = "unknown"
+    sha = git_sha(ROOT)
     date = dt.date.today().isoformat()
     gpu_slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "-")
     results = ROOT / "benchmarks" / "results"

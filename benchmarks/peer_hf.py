@@ -20,12 +20,13 @@ import argparse
 import datetime as dt
 import gc
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from qserve_lite.bench.results import git_sha  # noqa: E402  (the checkout's commit, +dirty)
 CONFIGS = ROOT / "qserve_lite" / "model" / "configs"
 
 
@@ -74,17 +75,6 @@ def load_hf_config(path: Path):
     return AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
 
 
-def git_sha() -> str:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    try:
-        sha = git("rev-parse", "--short", "HEAD") or "unknown"
-        return sha + ("+dirty" if git("status", "--porcelain") else "")
-    except OSError:
-        return "unknown"
-
-
 def run_generate(model, batch: int, prompt_len: int, gen: int, seed: int) -> dict:
     """One batched generate of `gen` tokens after `prompt_len` random ones; wall time and peak memory."""
     import torch
@@ -130,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     t_build = time.perf_counter() - t0
     gpu = torch.cuda.get_device_name(0)
-    date, sha = dt.date.today().isoformat(), git_sha()
+    date, sha = dt.date.today().isoformat(), git_sha(ROOT)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.name} ({n_params / 1e9:.2f} B params, bf16, {args.attn}) built in {t_build:.1f} s "
           f"on {gpu}; prompt {args.prompt_len}, gen {args.gen}; transformers {transformers.__version__}, "

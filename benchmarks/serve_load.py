@@ -23,7 +23,6 @@ import asyncio
 import datetime as dt
 import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from qserve_lite.bench.results import git_sha  # noqa: E402  (the checkout's commit, +dirty)
 
 
 @dataclass
@@ -51,22 +52,6 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         sys.exit(f"{path}: no prompts (one per line)")
     return prompts
-
-
-def git_sha() -> str:
-    try:
-        sha = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-            ).stdout.strip()
-            or "unknown"
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        ).stdout
-        return sha + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -222,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     models = httpx.get(args.url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()["data"]
     model = args.model or models[0]["id"]
-    date, sha = dt.date.today().isoformat(), git_sha()
+    date, sha = dt.date.today().isoformat(), git_sha(ROOT)
     print(
         f"{args.url} model {model}, {args.endpoint}, max_tokens {args.max_tokens}, "
         f"{len(prompts)} prompts, label {args.label}, git {sha}, {date}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -17,15 +18,22 @@ def today() -> str:
     return datetime.date.today().isoformat()
 
 
-def git_sha(cwd: str | Path | None = None) -> str | None:
-    """The short commit of the checkout at cwd (default: the current directory), or None outside git."""
+def git_sha(cwd: str | Path | None = None) -> str:
+    """The short commit of the checkout at cwd (default: the current directory), "+dirty" when it has
+    uncommitted changes; $QSERVE_GIT_SHA when set (a copy of the tree whose .git is stale or missing, such as
+    the GPU machine's); "unknown" outside git."""
+    if os.environ.get("QSERVE_GIT_SHA"):
+        return os.environ["QSERVE_GIT_SHA"]
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd, timeout=10)
+        return out.stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd, timeout=10
-        )
+        sha = git("rev-parse", "--short", "HEAD")
+        return (sha + ("+dirty" if git("status", "--porcelain") else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        return "unknown"
 
 
 def device_name(xp) -> str:
