@@ -87,17 +87,6 @@ __device__ __forceinline__ void fwht(float (&x1)[P], float (&x2)[P], int lane) {
 
 #if QS_BITS != 16
 constexpr int QMAX = (1 << QS_BITS) - 1;
-
-__device__ __forceinline__ float warp_min(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 #endif
 
 }  // namespace

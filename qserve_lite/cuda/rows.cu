@@ -31,11 +31,6 @@ namespace {
 
 constexpr int NC = QS_NC;
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = dadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
