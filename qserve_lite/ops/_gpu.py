@@ -165,28 +165,29 @@ def choose_splits(cfg: GemmConfig, mode: int, m: int, n: int, kbytes: int, out_f
     return int(max(1, min(stages // 2, round(1.5 * sm_count() / tiles), 16)))
 
 
-class _Workspace:
-    """Split-K partial sums and per-tile counters, one set per (device, stream): grown on demand, the
-    counters always return to zero at the end of each GEMM (the last block of a tile resets its own)."""
+class Workspace:
+    """Split-K partials and arrival counters, one set per (device, stream), each grown on demand (to at least
+    the given minimum sizes). The counters are zeroed once: each kernel call's last block resets its own."""
 
-    def __init__(self):
+    def __init__(self, dtype: str, min_elems: int, min_counters: int):
+        self.dtype, self.min_elems, self.min_counters = dtype, min_elems, min_counters
         self.lock = threading.Lock()
         self.bufs: dict[tuple[int, int], tuple] = {}
 
-    def get(self, elems: int, tiles: int):
+    def get(self, elems: int, counters_needed: int):
         cupy = cupy_module()
         key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
         with self.lock:
-            ws, counters = self.bufs.get(key, (None, None))
-            if ws is None or ws.size < elems:
-                ws = cupy.empty(max(elems, 1 << 16), dtype=cupy.int32)
-            if counters is None or counters.size < tiles:
-                counters = cupy.zeros(max(tiles, 1024), dtype=cupy.int32)
-            self.bufs[key] = (ws, counters)
-            return ws, counters
+            part, counters = self.bufs.get(key, (None, None))
+            if part is None or part.size < elems:
+                part = cupy.empty(max(elems, self.min_elems), dtype=self.dtype)
+            if counters is None or counters.size < counters_needed:
+                counters = cupy.zeros(max(counters_needed, self.min_counters), dtype=cupy.int32)
+            self.bufs[key] = (part, counters)
+            return part, counters
 
 
-_workspace = _Workspace()
+_workspace = Workspace("int32", 1 << 16, 1024)  # GEMM split-K: int32 partial sums
 
 
 def _gemm_kernel(mode: int, cfg: GemmConfig, aligned: bool, out_f32: bool):

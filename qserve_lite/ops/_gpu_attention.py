@@ -4,11 +4,11 @@ values, so decode (writer + attention) can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 
 from ..cuda.loader import get_kernel, read_global_int
+from ._gpu import Workspace
 from .paged_kv import PagedKVPool
 
 LOG2E = 1.4426950408889634
@@ -109,28 +109,7 @@ def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, s
 
 # ---- decode ----
 
-class _Workspace:
-    """Split-K partials (fp32) and arrival counters (int32, zeroed once: each call's last block resets its
-    own) per (device, stream), each grown on demand; the counters buffer holds nothing else."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.bufs: dict[tuple[int, int], tuple] = {}
-
-    def get(self, nfloats: int, ncounters: int):
-        cp = _cp()
-        key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
-        with self.lock:
-            part, counters = self.bufs.get(key, (None, None))
-            if part is None or part.size < nfloats:
-                part = cp.empty(max(nfloats, 1 << 16), dtype=cp.float32)
-            if counters is None or counters.size < ncounters:
-                counters = cp.zeros(max(ncounters, 4096), dtype=cp.int32)
-            self.bufs[key] = (part, counters)
-            return part, counters
-
-
-_workspace = _Workspace()
+_workspace = Workspace("float32", 1 << 16, 4096)  # decode split-K: (o, m, l) partials
 
 
 def _sm_count() -> int:
