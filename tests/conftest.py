@@ -19,6 +19,38 @@ def cupy_or_skip():
     return cp
 
 
+def teacher_forced(engine, prompts, forced: list[list[int]] | None, num_tokens: int):
+    """Greedy-decode `prompts` on `engine` for num_tokens tokens, but feed back the tokens of `forced` (per
+    prompt) instead of its own, so every engine sees the same histories. Returns ({(prompt, step): logits
+    row (host, fp32)}, {(prompt, step): own greedy token})."""
+    from qserve_lite.engine.sampler import SamplerOutput
+    from qserve_lite.sampling_params import SamplingParams
+
+    sampler = engine.sampler
+    rows, own, index = {}, {}, {}
+
+    def forcing(logits, seqs):
+        out = sampler(logits, seqs)
+        host = logits.get() if hasattr(logits, "get") else np.asarray(logits)
+        tokens = []
+        for r, (seq, tok) in enumerate(zip(seqs, out.token_ids, strict=True)):
+            key = (index[seq.request_id], seq.num_output_tokens)
+            rows[key], own[key] = np.array(host[r], dtype=np.float32), tok
+            tokens.append(tok if forced is None else forced[key[0]][key[1]])
+        return SamplerOutput(tokens, out.logprobs)
+
+    engine.sampler = forcing
+    params = SamplingParams(max_tokens=num_tokens, ignore_eos=True)
+    try:
+        for i, p in enumerate(prompts):
+            index[engine.add_request(p, params)] = i
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        engine.sampler = sampler
+    return rows, own
+
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}"

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import cupy_or_skip, random_weights, tiny_config, write_model
+from conftest import cupy_or_skip, random_weights, teacher_forced, tiny_config, write_model
 from qserve_lite.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -24,7 +24,6 @@ cp = cupy_or_skip()
 
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner  # noqa: E402
 from qserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
-from qserve_lite.engine.sampler import SamplerOutput  # noqa: E402
 from qserve_lite.errors import DeviceError  # noqa: E402
 from qserve_lite.llm import LLM  # noqa: E402
 from qserve_lite.model.checkpoint import LINEARS, save_quantized  # noqa: E402
@@ -94,30 +93,8 @@ def _prompts(n: int = len(PROMPT_LENS)) -> list[list[int]]:
 
 
 def _teacher_forced(engine, prompts, forced: list[list[int]] | None):
-    """Greedy-decode `prompts` on `engine`, but feed back the tokens of `forced` (per prompt) instead of its
-    own, so every engine sees the same histories. Returns ({(prompt, step): logits row (host, fp32)},
-    {(prompt, step): own greedy token})."""
-    sampler = engine.sampler
-    rows, own, index = {}, {}, {}
-
-    def forcing(logits, seqs):
-        out = sampler(logits, seqs)
-        host = logits.get() if hasattr(logits, "get") else np.asarray(logits)
-        tokens = []
-        for r, (seq, tok) in enumerate(zip(seqs, out.token_ids, strict=True)):
-            key = (index[seq.request_id], seq.num_output_tokens)
-            rows[key], own[key] = np.array(host[r], dtype=np.float32), tok
-            tokens.append(tok if forced is None else forced[key[0]][key[1]])
-        return SamplerOutput(tokens, out.logprobs)
-
-    engine.sampler = forcing
-    params = SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        index[engine.add_request(p, params)] = i
-    while engine.has_unfinished():
-        engine.step()
-    engine.sampler = sampler
-    return rows, own
+    """conftest.teacher_forced over NUM_TOKENS tokens."""
+    return teacher_forced(engine, prompts, forced, NUM_TOKENS)
 
 
 def _compare(a, b) -> tuple[float, float]:

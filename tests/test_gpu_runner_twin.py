@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import random_weights, tiny_config, write_model
+from conftest import random_weights, teacher_forced, tiny_config, write_model
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner, fuse_linears
 from qserve_lite.engine.llm_engine import LLMEngine
-from qserve_lite.engine.sampler import SamplerOutput
 from qserve_lite.model.checkpoint import LINEARS, save_quantized
 from qserve_lite.model.config import ModelConfig
 from qserve_lite.model.loader import load_model
@@ -20,7 +19,6 @@ from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.model.weights import load_llama_weights
 from qserve_lite.quant.pack import from_qserve_group_params, unpack_w4
 from qserve_lite.quant.quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
-from qserve_lite.sampling_params import SamplingParams
 
 QC = {
     "w4_g128": {"quant_method": "qoq", "w_bit": 4, "a_bit": 8, "group_size": 128, "kv_bit": 4},
@@ -74,26 +72,6 @@ def test_fused_weights_round_trip(float_dir, tmp_path, mode):
         assert np.array_equal(zeros, np.concatenate([p.qweight.zeros for p in parts]))
 
 
-def _greedy_rows(engine, prompts, forced, n):
-    sampler, rows, own, index = engine.sampler, {}, {}, {}
-
-    def forcing(logits, seqs):
-        out = sampler(logits, seqs)
-        tokens = []
-        for r, (seq, tok) in enumerate(zip(seqs, out.token_ids, strict=True)):
-            key = (index[seq.request_id], seq.num_output_tokens)
-            rows[key], own[key] = np.array(logits[r], dtype=np.float32), tok
-            tokens.append(tok if forced is None else forced[key[0]][key[1]])
-        return SamplerOutput(tokens, out.logprobs)
-
-    engine.sampler = forcing
-    for i, p in enumerate(prompts):
-        index[engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True))] = i
-    while engine.has_unfinished():
-        engine.step()
-    return rows, own
-
-
 @pytest.mark.parametrize("mode,precision", [("float", "w16a16"), ("w8", None), ("w8_khad", None),
                                             ("float_khad", "w16a16kv4")])
 def test_twin_runner_follows_emulation(float_dir, tmp_path, mode, precision):
@@ -107,12 +85,12 @@ def test_twin_runner_follows_emulation(float_dir, tmp_path, mode, precision):
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (1, 17, 64, 65, 100)]
     n = 16
-    ref_rows, ref_own = _greedy_rows(LLMEngine(lm, max_num_seqs=8), prompts, None, n)
+    ref_rows, ref_own = teacher_forced(LLMEngine(lm, max_num_seqs=8), prompts, None, n)
     forced = [[ref_own[(i, j)] for j in range(n)] for i in range(len(prompts))]
     runner = GPUModelRunner(lm, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512, num_pages=32,
                             xp=np)
     assert runner.k_hadamard is lm.model.k_hadamard
-    rows, _ = _greedy_rows(LLMEngine(lm, max_num_seqs=8, num_pages=32, runner=runner), prompts, forced, n)
+    rows, _ = teacher_forced(LLMEngine(lm, max_num_seqs=8, num_pages=32, runner=runner), prompts, forced, n)
     agree = np.mean([np.argmax(rows[k]) == np.argmax(ref_rows[k]) for k in ref_rows])
     err = max(float(np.abs(rows[k] - ref_rows[k]).max() / np.abs(ref_rows[k]).max()) for k in ref_rows)
     assert agree >= 0.9, agree
@@ -122,7 +100,7 @@ def test_twin_runner_follows_emulation(float_dir, tmp_path, mode, precision):
         plain = GPUModelRunner(lm, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512,
                                num_pages=32, xp=np)
         engine = LLMEngine(lm, max_num_seqs=8, num_pages=32, runner=plain)
-        rows_off, _ = _greedy_rows(engine, prompts, forced, n)
+        rows_off, _ = teacher_forced(engine, prompts, forced, n)
         assert any(not np.array_equal(rows_off[k], rows[k]) for k in rows)
 
 
@@ -140,10 +118,10 @@ def test_fp16_activations_follow_the_gpu_numerics(float_dir, tmp_path):
     prompts = [np.random.default_rng(5).integers(3, 320, size=n).tolist() for n in (9, 70)]
 
     def prefill_err() -> float:
-        ref, _ = _greedy_rows(LLMEngine(lm, max_num_seqs=4), prompts, None, 1)
+        ref, _ = teacher_forced(LLMEngine(lm, max_num_seqs=4), prompts, None, 1)
         runner = GPUModelRunner(lm, max_num_batched_tokens=512, max_num_seqs=4, max_model_len=512,
                                 num_pages=16, xp=np)
-        rows, _ = _greedy_rows(LLMEngine(lm, max_num_seqs=4, num_pages=16, runner=runner), prompts, None, 1)
+        rows, _ = teacher_forced(LLMEngine(lm, max_num_seqs=4, num_pages=16, runner=runner), prompts, None, 1)
         return max(float(np.abs(rows[k] - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
 
     err_fp16 = prefill_err()
