@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from ..ops.attention import head_hadamard
 from .attention import AttentionBackend, ContiguousAttention, as_backend
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -136,8 +137,7 @@ class LlamaModel:
             self._observe(layer_idx, "k", k)
             self._observe(layer_idx, "v", v)
         if self.k_hadamard and self.fp16_activations and xp is np:
-            from ..ops.attention import head_hadamard  # the KV writer's own fp32 FWHT: the same roundings
-
+            # the KV writer's own fp32 FWHT (its numpy twin): the same roundings as the GPU
             q, k = head_hadamard(q).astype(q.dtype), head_hadamard(k).astype(k.dtype)
         elif self.k_hadamard:
             hd = self.head_hadamard_matrix(q.dtype)
