@@ -29,7 +29,6 @@ from ..model.config import ModelConfig
 from ..model.tokenizer import Tokenizer
 from ..quant.precision import Precision
 
-CPU_KV_CACHE_BYTES = 2 << 30  # the numpy twin's page pool when num_pages is not given
 
 
 @dataclass
@@ -124,7 +123,7 @@ def build_random_engine(
     behind an LLMEngine (module docstring). precision: default w4a8kv4; group_size: W4 only (128 or -1).
     num_pages: 64-token KV pages (default on the GPU: what gpu_memory_utilization leaves, or
     NUM_GPU_PAGE_BLOCKS; on the CPU: what 2 GiB holds)."""
-    from ..engine.block_manager import pages_for
+    from ..engine.model_runner import pages_that_fit
     from ..engine.gpu_model_runner import GPUModelRunner, env_num_pages
     from ..model.shipped_configs import load_config, shipped_config_names
     from ..ops.paged_kv import KVPageLayout
@@ -161,8 +160,7 @@ def build_random_engine(
         num_pages = env_num_pages()
         if num_pages is None:
             layout = KVPageLayout(precision.kv_bits, cfg.num_kv_heads, cfg.head_dim)
-            per_page = cfg.num_layers * 2 * layout.page_bytes
-            num_pages = max(1, min(CPU_KV_CACHE_BYTES // per_page, max_num_seqs * pages_for(limit)))
+            num_pages = pages_that_fit(cfg.num_layers * 2 * layout.page_bytes, max_num_seqs, limit)
     runner = GPUModelRunner(
         weights,
         max_num_batched_tokens=max_num_batched_tokens,

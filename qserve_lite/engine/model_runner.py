@@ -25,13 +25,21 @@ def kv_bits_of(model: LlamaModel) -> int:
     return q.bits if q is not None else 16
 
 
+def pages_that_fit(
+    per_page: int, max_num_seqs: int, max_model_len: int, memory_bytes: int = CPU_KV_CACHE_BYTES
+) -> int:
+    """As many pages of `per_page` bytes as `memory_bytes` holds, but no more than every sequence at full
+    length needs (at least one)."""
+    most = max_num_seqs * -(-max_model_len // PAGE_SIZE)
+    return max(1, min(memory_bytes // per_page, most))
+
+
 def default_num_pages(
     model: LlamaModel, max_num_seqs: int, max_model_len: int, memory_bytes: int = CPU_KV_CACHE_BYTES
 ) -> int:
-    """As many pages as `memory_bytes` holds, but no more than every sequence at full length needs."""
+    """The CPU page pool of `model` (pages_that_fit with this twin's page size)."""
     per_page = page_bytes(model.cfg, kv_bits_of(model), model.weights.embed_tokens.dtype)
-    most = max_num_seqs * -(-max_model_len // PAGE_SIZE)
-    return max(1, min(memory_bytes // per_page, most))
+    return pages_that_fit(per_page, max_num_seqs, max_model_len, memory_bytes)
 
 
 class ModelRunner:
