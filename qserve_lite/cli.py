@@ -191,8 +191,10 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quant.qoq import config_for_precision, quantize_model
 
-    # calibration forwards on the GPU only when asked (--device gpu): "auto" stays on the CPU for now
-    calib = {"seed": args.seed, "calib_device": "gpu" if args.device == "gpu" else "cpu"}
+    from .engine.device import resolve_device
+
+    # calibration forwards run on the GPU when there is one ("auto"), or where --device says
+    calib = {"seed": args.seed, "calib_device": resolve_device(args.device)}
     if args.calib_seq_len is not None:
         calib["seq_len"] = args.calib_seq_len
     if args.calib_source is not None:
@@ -325,9 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=42, help="calibration sampling seed")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     q.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto",
-                   help="where the calibration forwards run: gpu = the model code on CuPy with 128 x 1024 "
-                   "calibration tokens by default (not yet validated on a GPU; see issue 3); cpu and auto "
-                   "= numpy, 16 x 512 tokens (the transforms, clipping and GPTQ run on the CPU either way)")
+                   help="where the calibration forwards run: gpu = the model code on CuPy, 128 x 1024 "
+                   "calibration tokens by default; cpu = numpy, 16 x 512 tokens; auto (default) = gpu when "
+                   "cupy sees a CUDA device, else cpu (the transforms, clipping and GPTQ run on the CPU "
+                   "either way)")
     q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("import-gguf",
