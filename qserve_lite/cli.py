@@ -207,6 +207,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      smooth_proj=not args.no_smooth_proj, reorder=not args.no_reorder, clip=not args.no_clip,
                      gptq=not args.no_gptq)
     steps["k_hadamard"] = not args.no_k_hadamard
+    steps["rotation_seed"] = args.rotation_seed
     config = config_for_precision(args.precision, args.group_size, **calib, **steps)
     if args.calib_tokens is not None:
         config.n_samples = max(1, args.calib_tokens // config.calibration_size()[1])
@@ -309,10 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration corpus when no --calib-text: held-out python3.11-doc (default) or "
                    "mit-han-lab/pile-val-backup from the Hugging Face hub (needs network and zstandard)")
     q.add_argument("--calib-tokens", type=int, default=None,
-                   help="calibration tokens (default: 16 x 512 on CPU, 128 x 1024 with cupy)")
+                   help="calibration tokens (default: 16 x 512 on the CPU, 128 x 1024 on a GPU)")
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sample")
     q.add_argument("--no-rotation", action="store_true",
                    help="skip the Hadamard rotations (norms are still folded)")
+    q.add_argument("--rotation-seed", type=int, default=None,
+                   help="rotate by Hadamard matrices with random row signs from this seed (default: plain "
+                   "Hadamard; on SmolLM2 three seeds gave no gain on average, docs/accuracy.md)")
     q.add_argument("--no-smooth-attn", action="store_true", help="skip SmoothAttention")
     q.add_argument("--no-smooth-proj", action="store_true", help="skip down_proj smoothing")
     q.add_argument("--no-reorder", action="store_true", help="skip down_proj channel reordering (g128)")

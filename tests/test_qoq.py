@@ -347,6 +347,29 @@ def test_calibration_defaults_follow_the_calibration_device(monkeypatch):
         qoq.qoq_g128(calib_device="tpu")
 
 
+@pytest.mark.parametrize("gpu,device,expect", [(True, "auto", "gpu"), (False, "auto", "cpu"),
+                                                (True, "cpu", "cpu")])
+def test_quantize_cli_calibrates_on_the_gpu_when_there_is_one(monkeypatch, tmp_path, gpu, device, expect):
+    """`quantize --device auto` (the default) calibrates on a GPU when cupy sees one, else on the CPU; the
+    CLI's step flags (here --rotation-seed) reach the QoQConfig."""
+    from qserve_lite import cli
+    from qserve_lite.engine import device as device_mod
+
+    monkeypatch.setattr(device_mod, "gpu_unavailable_reason", lambda: None if gpu else "no GPU here")
+    seen = {}
+
+    def fake_quantize_model(model, out, config, **kw):
+        seen["config"] = config
+        return qoq.QuantizeReport(Path(out), 0.0, 0.0, 0, [])
+
+    monkeypatch.setattr(qoq, "quantize_model", fake_quantize_model)
+    args = ["quantize", "--model", "m", "--out", str(tmp_path / "q"), "--rotation-seed", "5"]
+    assert cli.main(args + (["--device", device] if device != "auto" else [])) == 0
+    config = seen["config"]
+    assert config.calib_device == expect and config.rotation_seed == 5
+    assert config.calibration_size() == ((128, 1024) if expect == "gpu" else (16, 512))
+
+
 def test_gpu_calibration_without_a_gpu_is_a_clear_error(qoq_model_dir, tmp_path, monkeypatch, capsys):
     from qserve_lite.cli import main
 

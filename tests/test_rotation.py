@@ -18,6 +18,7 @@ from qserve_lite.quant.rotate import (
     norms_are_folded,
     rotate_heads_vo,
     rotate_model,
+    signed_hadamard,
     rotate_residual,
     untie_embeddings,
     weights_to_float64,
@@ -182,6 +183,20 @@ def test_rotate_model_parts(model_dirs, residual, heads_vo):
     assert not is_tied(w)
     out, _ = run(cfg, w)
     assert rel_err(out, ref) < 1e-10
+
+
+def test_seeded_rotation_keeps_logits_and_uses_signed_hadamard(model_dirs):
+    """rotate_model(seed=...) rotates by diag(s) H with random signs s: logits unchanged, residual h R_s."""
+    cfg, w = load64(model_dirs["llama_gqa_tied"])
+    ref, ref_seen = run(cfg, w)
+    rotate_model(cfg, w, seed=3)
+    out, seen = run(cfg, w)
+    assert rel_err(out, ref) < 1e-10
+    R = signed_hadamard(cfg.hidden_size, np.random.default_rng(3))
+    assert np.any(np.sign(R[:, 0]) != np.sign(hadamard(cfg.hidden_size)[:, 0]))  # some rows flipped
+    assert np.abs(R @ R.T - np.eye(cfg.hidden_size)).max() < 1e-12
+    h = ref_seen["layer_in"]
+    assert np.abs(seen["layer_in"] - h @ R).max() < 1e-10 * np.abs(h).max()
 
 
 def test_rotation_with_producer_biases_and_random_orthogonal(model_dirs):

@@ -56,6 +56,7 @@ class QoQConfig:
     # accurate KV4 K cache; QServe's own runtime does not know it (False for strict QServe compatibility)
     k_hadamard: bool = True
     rotation: bool = True  # Hadamard on the residual stream + per-head Hadamard on v/o (norms always folded)
+    rotation_seed: int | None = None  # None: plain Hadamard matrices; an int: H diag(random signs) from it
     smooth_attention: bool = True
     smooth_attention_alpha: float = 0.5  # used when the search is off
     smooth_attention_beta: float = 0.0
@@ -358,7 +359,7 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
     from .rotate import fold_norms, rotate_model
 
     if config.rotation:
-        rotate_model(cfg, weights, residual=True, heads_vo=True)
+        rotate_model(cfg, weights, residual=True, heads_vo=True, seed=config.rotation_seed)
     else:
         fold_norms(weights)  # QServe's W4A8 runtime ignores norm weights: they must live in the linears
     specs = point_specs(config)

@@ -33,6 +33,7 @@ __all__ = [
     "norms_are_folded",
     "rotate_residual",
     "rotate_heads_vo",
+    "signed_hadamard",
     "rotate_model",
 ]
 
@@ -175,16 +176,23 @@ def rotate_heads_vo(cfg: ModelConfig, weights: LlamaWeights, Rh: np.ndarray) -> 
     return weights
 
 
+def signed_hadamard(n: int, rng: np.random.Generator | None) -> np.ndarray:
+    """hadamard(n), or with rng its rows times random signs (diag(s) H, still orthogonal)."""
+    H = hadamard(n)
+    return H if rng is None else rng.choice([-1.0, 1.0], size=n)[:, None] * H
+
+
 def rotate_model(cfg: ModelConfig, weights: LlamaWeights, residual: bool = True,
-                 heads_vo: bool = True) -> LlamaWeights:
+                 heads_vo: bool = True, seed: int | None = None) -> LlamaWeights:
     """QoQ rotation of a float64 LlamaWeights, in place: untie the embeddings, fold the norms, then
     (residual) rotate the residual stream by hadamard(hidden_size) and (heads_vo) every head's values by
-    hadamard(head_dim). Untying and folding always happen, so the result is always untied: save it with
-    `tie_word_embeddings: false`. Raises QServeLiteError when a size has no Hadamard matrix. Returns
-    `weights`."""
+    hadamard(head_dim); with `seed`, both with random row signs (diag(s) H). Untying and folding always
+    happen, so the result is always untied: save it with `tie_word_embeddings: false`. Raises
+    QServeLiteError when a size has no Hadamard matrix. Returns `weights`."""
     _require_f64(weights, "rotate_model")
-    R = hadamard(cfg.hidden_size) if residual else None
-    Rh = hadamard(cfg.head_dim) if heads_vo else None
+    rng = None if seed is None else np.random.default_rng(seed)
+    R = signed_hadamard(cfg.hidden_size, rng) if residual else None
+    Rh = signed_hadamard(cfg.head_dim, rng) if heads_vo else None
     fold_norms(weights)
     if R is not None:
         rotate_residual(weights, R)
