@@ -393,3 +393,47 @@ def test_point_reducer_stats(qoq_model_dir):
     np.testing.assert_allclose(st.hessian, flat.T @ flat, rtol=1e-5)
     assert st.tokens == 40 and st.rows.shape == (5, 6) and st.samples.shape == (3, 10, 6)
     np.testing.assert_array_equal(st.rows, x.reshape(40, 6)[np.linspace(0, 39, 5).round().astype(int)])
+
+
+# ---- streaming: one float layer in memory ----
+
+@pytest.mark.parametrize("make", [
+    lambda: qoq.qoq_g128(n_samples=2, seq_len=32, clip_rows=16),
+    lambda: qoq.qoq_per_channel(n_samples=2, seq_len=32, clip_rows=16, rotation_seed=1),
+    lambda: qoq.qoq_g128(n_samples=2, seq_len=32, rotation=False, propagate=True),
+])
+def test_streamed_layers_quantize_exactly_like_the_loaded_model(qoq_model_dir, make):
+    """quantize_model reads each decoder layer only when the pipeline reaches it (LayerReader); the codes
+    and scales must be those of the same pipeline run on the fully loaded model."""
+    from qserve_lite.model.weights import LayerReader
+
+    cfg = ModelConfig.from_file(qoq_model_dir / "config.json")
+    samples = np.random.default_rng(4).integers(3, cfg.vocab_size, (2, 32))
+    full = load_llama_weights(cfg, qoq_model_dir, dtype=np.float64)
+    lazy = load_llama_weights(cfg, qoq_model_dir, dtype=np.float64, layers=False)
+    assert all(lw is None for lw in lazy.layers)
+    qoq.quantize_weights(cfg, full, samples, make(), progress=False)
+    reads = []
+    with LayerReader(cfg, qoq_model_dir, dtype=np.float64) as reader:
+        def read(i):
+            assert all(lw is None for lw in lazy.layers[i:])  # layers are read in order, one at a time
+            reads.append(i)
+            return reader(i)
+        qoq.quantize_weights(cfg, lazy, samples, make(), progress=False, read_layer=read)
+    assert reads == list(range(cfg.num_layers))
+    np.testing.assert_array_equal(lazy.embed_tokens, full.embed_tokens)
+    np.testing.assert_array_equal(lazy.lm_head.weight, full.lm_head.weight)
+    for a, b in zip(lazy.layers, full.layers, strict=True):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            qa, qb = getattr(a, name).qweight, getattr(b, name).qweight
+            arrays = {k: v for k, v in vars(qb).items() if isinstance(v, np.ndarray)}
+            assert "codes" in arrays
+            for field_name, arr in arrays.items():
+                np.testing.assert_array_equal(getattr(qa, field_name), arr, err_msg=f"{name}.{field_name}")
+
+
+def test_quantize_weights_needs_a_reader_for_missing_layers(qoq_model_dir):
+    cfg = ModelConfig.from_file(qoq_model_dir / "config.json")
+    lazy = load_llama_weights(cfg, qoq_model_dir, dtype=np.float64, layers=False)
+    with pytest.raises(ValueError, match="no read_layer"):
+        qoq.quantize_weights(cfg, lazy, None, qoq.rtn(), progress=False)

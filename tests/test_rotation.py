@@ -18,6 +18,7 @@ from qserve_lite.quant.rotate import (
     norms_are_folded,
     rotate_heads_vo,
     rotate_model,
+    rotation_matrices,
     signed_hadamard,
     rotate_residual,
     untie_embeddings,
@@ -197,6 +198,29 @@ def test_seeded_rotation_keeps_logits_and_uses_signed_hadamard(model_dirs):
     assert np.abs(R @ R.T - np.eye(cfg.hidden_size)).max() < 1e-12
     h = ref_seen["layer_in"]
     assert np.abs(seen["layer_in"] - h @ R).max() < 1e-10 * np.abs(h).max()
+
+
+@pytest.mark.parametrize("seed,residual", [(None, True), (5, True), (None, False)])
+def test_layerwise_prepare_equals_whole_model_transforms(model_dirs, seed, residual):
+    """rotate_model and the quantizer go one layer at a time (prepare_ends, then prepare_layer per layer);
+    that must give exactly the whole-model transforms fold_norms, rotate_residual, rotate_heads_vo."""
+    cfg, whole = load64(model_dirs["qwen2_bias"])
+    _, parts = load64(model_dirs["qwen2_bias"])
+    R, Rh = rotation_matrices(cfg, residual=residual, seed=seed)
+    fold_norms(whole)
+    if R is not None:
+        rotate_residual(whole, R)
+    rotate_heads_vo(cfg, whole, Rh)
+    rotate_model(cfg, parts, residual=residual, seed=seed)
+    np.testing.assert_array_equal(parts.embed_tokens, whole.embed_tokens)
+    np.testing.assert_array_equal(parts.lm_head.weight, whole.lm_head.weight)
+    np.testing.assert_array_equal(parts.final_norm, whole.final_norm)
+    for a, b in zip(parts.layers, whole.layers, strict=True):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            np.testing.assert_array_equal(getattr(a, name).weight, getattr(b, name).weight)
+            if getattr(b, name).bias is not None:
+                np.testing.assert_array_equal(getattr(a, name).bias, getattr(b, name).bias)
+        np.testing.assert_array_equal(a.input_norm, b.input_norm)
 
 
 def test_rotation_with_producer_biases_and_random_orthogonal(model_dirs):

@@ -93,34 +93,37 @@ class TensorIndex:
             f.close()
 
 
-def load_llama_weights(cfg: ModelConfig, model_dir: str | Path, dtype=np.float32) -> LlamaWeights:
-    """Load and shape-check every tensor the forward needs."""
+def _read_layer(idx: TensorIndex, cfg: ModelConfig, i: int, dtype) -> LayerWeights:
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+
+    def linear(prefix: str, out_f: int, in_f: int, bias: bool = False) -> Linear:
+        w = idx.get(prefix + ".weight", (out_f, in_f), dtype)
+        b = idx.get(prefix + ".bias", (out_f,), dtype) if bias else None
+        return Linear(w, b)
+
+    p = f"model.layers.{i}"
+    return LayerWeights(
+        input_norm=idx.get(f"{p}.input_layernorm.weight", (h,), dtype),
+        q_proj=linear(f"{p}.self_attn.q_proj", cfg.q_size, h, cfg.qkv_bias),
+        k_proj=linear(f"{p}.self_attn.k_proj", cfg.kv_size, h, cfg.qkv_bias),
+        v_proj=linear(f"{p}.self_attn.v_proj", cfg.kv_size, h, cfg.qkv_bias),
+        o_proj=linear(f"{p}.self_attn.o_proj", h, cfg.q_size),
+        post_attn_norm=idx.get(f"{p}.post_attention_layernorm.weight", (h,), dtype),
+        gate_proj=linear(f"{p}.mlp.gate_proj", inter, h),
+        up_proj=linear(f"{p}.mlp.up_proj", inter, h),
+        down_proj=linear(f"{p}.mlp.down_proj", h, inter),
+    )
+
+
+def load_llama_weights(cfg: ModelConfig, model_dir: str | Path, dtype=np.float32,
+                       layers: bool = True) -> LlamaWeights:
+    """Load and shape-check every tensor the forward needs. layers=False reads only the embeddings, the
+    final norm and lm_head and leaves every decoder layer None (read them one at a time with LayerReader)."""
     idx = TensorIndex(model_dir)
     try:
-        h, inter = cfg.hidden_size, cfg.intermediate_size
-
-        def linear(prefix: str, out_f: int, in_f: int, bias: bool = False) -> Linear:
-            w = idx.get(prefix + ".weight", (out_f, in_f), dtype)
-            b = idx.get(prefix + ".bias", (out_f,), dtype) if bias else None
-            return Linear(w, b)
-
+        h = cfg.hidden_size
         embed = idx.get("model.embed_tokens.weight", (cfg.vocab_size, h), dtype)
-        layers = []
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}"
-            layers.append(
-                LayerWeights(
-                    input_norm=idx.get(f"{p}.input_layernorm.weight", (h,), dtype),
-                    q_proj=linear(f"{p}.self_attn.q_proj", cfg.q_size, h, cfg.qkv_bias),
-                    k_proj=linear(f"{p}.self_attn.k_proj", cfg.kv_size, h, cfg.qkv_bias),
-                    v_proj=linear(f"{p}.self_attn.v_proj", cfg.kv_size, h, cfg.qkv_bias),
-                    o_proj=linear(f"{p}.self_attn.o_proj", h, cfg.q_size),
-                    post_attn_norm=idx.get(f"{p}.post_attention_layernorm.weight", (h,), dtype),
-                    gate_proj=linear(f"{p}.mlp.gate_proj", inter, h),
-                    up_proj=linear(f"{p}.mlp.up_proj", inter, h),
-                    down_proj=linear(f"{p}.mlp.down_proj", h, inter),
-                )
-            )
+        blocks = [_read_layer(idx, cfg, i, dtype) if layers else None for i in range(cfg.num_layers)]
         final_norm = idx.get("model.norm.weight", (h,), dtype)
         if cfg.tie_word_embeddings or "lm_head.weight" not in idx:
             if not cfg.tie_word_embeddings:
@@ -130,7 +133,30 @@ def load_llama_weights(cfg: ModelConfig, model_dir: str | Path, dtype=np.float32
                 )
             lm_head = Linear(embed)
         else:
-            lm_head = linear("lm_head", cfg.vocab_size, h)
+            lm_head = Linear(idx.get("lm_head.weight", (cfg.vocab_size, h), dtype))
     finally:
         idx.close()
-    return LlamaWeights(embed_tokens=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+    return LlamaWeights(embed_tokens=embed, layers=blocks, final_norm=final_norm, lm_head=lm_head)
+
+
+class LayerReader:
+    """Reads one decoder layer at a time (`reader(i)`), so that a pass over the layers (the quantizer) holds
+    a single float layer in memory. A context manager: the checkpoint files stay open until it exits."""
+
+    def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype=np.float32):
+        self.cfg, self.dtype = cfg, dtype
+        self._idx = TensorIndex(model_dir)
+
+    def __call__(self, i: int) -> LayerWeights:
+        if not 0 <= i < self.cfg.num_layers:
+            raise IndexError(f"layer {i} out of range (the model has {self.cfg.num_layers})")
+        return _read_layer(self._idx, self.cfg, i, self.dtype)
+
+    def close(self) -> None:
+        self._idx.close()
+
+    def __enter__(self) -> LayerReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -17,6 +17,7 @@ outputs instead (GPTQ's sequential mode).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 import resource
 import sys
 import time
@@ -30,7 +31,7 @@ from ..model.config import ModelConfig
 from ..model.linear import Linear
 from ..model.llama import LlamaModel
 from ..model.rope import rope_inv_freq
-from ..model.weights import LayerWeights, LlamaWeights, load_llama_weights
+from ..model.weights import LayerReader, LayerWeights, LlamaWeights, load_llama_weights
 from . import calibrate
 from .calibrate import LayerRunner, PointSpec, PointStats
 from .clip import clip_ratios, search_group_clip, search_qk_clip, search_row_clip
@@ -221,11 +222,12 @@ def _calibration_xp(device: str):
     return cupy
 
 
-def _float32_model(cfg: ModelConfig, w: LlamaWeights, xp=np) -> LlamaModel:
-    """A float32 copy of the decoder for the calibration forward, on xp (lm_head is never run)."""
-    layers = [_float32_layer(lw, xp) for lw in w.layers]
+def _float32_model(cfg: ModelConfig, w: LlamaWeights, xp=np, layers: bool = True) -> LlamaModel:
+    """A float32 copy of the decoder for the calibration forward, on xp (lm_head is never run).
+    layers=False copies only the embeddings: the caller puts each layer in when its turn comes."""
+    blocks = [_float32_layer(lw, xp) if layers else None for lw in w.layers]
     embed = xp.asarray(np.asarray(w.embed_tokens, np.float32))
-    f32 = LlamaWeights(embed_tokens=embed, layers=layers, final_norm=xp.asarray(np.asarray(w.final_norm,
+    f32 = LlamaWeights(embed_tokens=embed, layers=blocks, final_norm=xp.asarray(np.asarray(w.final_norm,
                        np.float32)), lm_head=Linear(embed))
     return LlamaModel(cfg, f32, xp)
 
@@ -351,29 +353,39 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
 
 
 def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarray, config: QoQConfig,
-                     progress: bool = True) -> list[dict]:
-    """The QoQ pipeline on float64 weights, in place: rotate (or only fold the norms), then layer by layer
-    calibrate, transform and quantize every decoder linear. Returns per-layer records of what was done."""
+                     progress: bool = True, read_layer: Callable[[int], LayerWeights] | None = None
+                     ) -> list[dict]:
+    """The QoQ pipeline on float64 weights, in place, one decoder layer at a time: rotate it (or only fold
+    its norms), calibrate, transform and quantize its linears. A layer that is None in `weights.layers` is
+    read with `read_layer(i)` (float64) when its turn comes, so memory holds one float layer (and the
+    quantized ones) rather than the whole float model. Returns per-layer records of what was done."""
     from tqdm.auto import tqdm
 
-    from .rotate import fold_norms, rotate_model
+    from .rotate import prepare_ends, prepare_layer, rotation_matrices
 
-    if config.rotation:
-        rotate_model(cfg, weights, residual=True, heads_vo=True, seed=config.rotation_seed)
-    else:
-        fold_norms(weights)  # QServe's W4A8 runtime ignores norm weights: they must live in the linears
+    # QServe's W4A8 runtime ignores norm weights: they are always folded into the linears
+    R, Rh = rotation_matrices(cfg, seed=config.rotation_seed) if config.rotation else (None, None)
+    prepare_ends(weights, R)
     specs = point_specs(config)
     # RTN needs no statistics: then the calibration forward is skipped (samples may be None)
     xp = _calibration_xp(config.calib_device) if needs_calibration(config) else np
-    runner = (LayerRunner(_float32_model(cfg, weights, xp), samples, config.batch_size)
+    runner = (LayerRunner(_float32_model(cfg, weights, xp, layers=False), samples, config.batch_size)
               if needs_calibration(config) else None)
     inv_freq = rope_inv_freq(cfg)
     layer_info = []
     bar = tqdm(range(cfg.num_layers), desc=f"QoQ {config.precision} g{config.group_size}", unit="layer",
                disable=not progress)
     for i in bar:
-        stats = runner.run(i, specs, advance=not config.propagate) if runner is not None else {}
         lw = weights.layers[i]
+        if lw is None:
+            if read_layer is None:
+                raise ValueError(f"layer {i} of the weights is None and no read_layer was given")
+            lw = weights.layers[i] = read_layer(i)
+        prepare_layer(cfg, lw, R, Rh)
+        stats = {}
+        if runner is not None:
+            runner.model.weights.layers[i] = _float32_layer(lw, xp)
+            stats = runner.run(i, specs, advance=not config.propagate)
         info = transform_layer(cfg, lw, stats, config)
         info.update(quantize_layer(cfg, lw, stats, config, inv_freq))
         layer_info.append(info)
@@ -422,8 +434,10 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
     else:
         samples, n_samples, seq_len = np.zeros((0, 0), np.int64), 0, 0
 
-    weights = load_llama_weights(cfg, path, dtype=np.float64)
-    layer_info = quantize_weights(cfg, weights, samples, config, progress)
+    # embeddings and lm_head now, each decoder layer when the pipeline reaches it (memory: one float layer)
+    weights = load_llama_weights(cfg, path, dtype=np.float64, layers=False)
+    with LayerReader(cfg, path, dtype=np.float64) as read_layer:
+        layer_info = quantize_weights(cfg, weights, samples, config, progress, read_layer)
 
     qc = {
         "quant_method": "qoq", "w_bit": config.w_bit, "a_bit": 8, "group_size": config.group_size,

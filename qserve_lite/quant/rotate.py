@@ -22,7 +22,7 @@ import numpy as np
 
 from ..model.config import ModelConfig
 from ..model.linear import Linear
-from ..model.weights import LlamaWeights
+from ..model.weights import LayerWeights, LlamaWeights
 from .hadamard import hadamard
 
 __all__ = [
@@ -31,10 +31,18 @@ __all__ = [
     "untie_embeddings",
     "fold_norms",
     "norms_are_folded",
+    "fold_layer_norms",
+    "fold_final_norm",
     "rotate_residual",
+    "rotate_residual_ends",
+    "rotate_layer_residual",
     "rotate_heads_vo",
+    "rotate_layer_heads_vo",
     "signed_hadamard",
+    "rotation_matrices",
     "rotate_model",
+    "prepare_ends",
+    "prepare_layer",
 ]
 
 
@@ -46,15 +54,23 @@ def _to_f64(a) -> np.ndarray:
     return np.array(a, dtype=np.float64, copy=True)
 
 
-def _require_f64(weights: LlamaWeights, what: str) -> None:
-    arrays = [weights.embed_tokens, weights.lm_head.weight]
-    for lw in weights.layers:
-        arrays += [lin.weight for lin in (lw.q_proj, lw.k_proj, lw.v_proj, lw.o_proj,
-                                          lw.gate_proj, lw.up_proj, lw.down_proj)]
+def _layer_arrays(lw: LayerWeights) -> list:
+    return [getattr(lw, name).weight for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                  "up_proj", "down_proj")]
+
+
+def _check_f64(arrays: list, what: str) -> None:
     for a in arrays:
         if not isinstance(a, np.ndarray) or a.dtype != np.float64:
             raise TypeError(f"{what} needs float64 numpy weights (use weights_to_float64 first), "
                             f"found {type(a).__name__} {getattr(a, 'dtype', '')}")
+
+
+def _require_f64(weights: LlamaWeights, what: str) -> None:
+    arrays = [weights.embed_tokens, weights.lm_head.weight]
+    for lw in weights.layers:
+        arrays += _layer_arrays(lw)
+    _check_f64(arrays, what)
 
 
 def weights_to_float64(weights: LlamaWeights) -> LlamaWeights:
@@ -100,24 +116,38 @@ def norms_are_folded(weights: LlamaWeights) -> bool:
     return all(bool(np.all(np.asarray(g) == 1)) for g in gains)
 
 
+def fold_layer_norms(lw: LayerWeights) -> LayerWeights:
+    """One decoder layer's part of fold_norms: input_norm -> q, k, v and post_attn_norm -> gate, up input
+    columns (W <- W diag(g)); both gains become ones. Returns `lw`."""
+    g = lw.input_norm
+    for lin in (lw.q_proj, lw.k_proj, lw.v_proj):
+        lin.weight = lin.weight * g[None, :]
+    lw.input_norm = np.ones_like(g)
+    g = lw.post_attn_norm
+    for lin in (lw.gate_proj, lw.up_proj):
+        lin.weight = lin.weight * g[None, :]
+    lw.post_attn_norm = np.ones_like(g)
+    return lw
+
+
+def fold_final_norm(weights: LlamaWeights) -> LlamaWeights:
+    """The non-layer part of fold_norms: untie the embeddings, fold final_norm into lm_head. Returns
+    `weights`."""
+    untie_embeddings(weights)
+    g = weights.final_norm
+    weights.lm_head.weight = weights.lm_head.weight * g[None, :]
+    weights.final_norm = np.ones_like(g)
+    return weights
+
+
 def fold_norms(weights: LlamaWeights) -> LlamaWeights:
     """Multiply each RMSNorm gain g into the input columns of the linears reading that norm's output
     (input_norm -> q, k, v; post_attn_norm -> gate, up; final_norm -> lm_head: W <- W diag(g)) and set the
     gains to 1. Unties the embeddings first (the final norm must not reach the embedding rows), so the
     model must afterwards be saved with `tie_word_embeddings: false`. Returns `weights`."""
-    untie_embeddings(weights)
+    fold_final_norm(weights)
     for lw in weights.layers:
-        g = lw.input_norm
-        for lin in (lw.q_proj, lw.k_proj, lw.v_proj):
-            lin.weight = lin.weight * g[None, :]
-        lw.input_norm = np.ones_like(g)
-        g = lw.post_attn_norm
-        for lin in (lw.gate_proj, lw.up_proj):
-            lin.weight = lin.weight * g[None, :]
-        lw.post_attn_norm = np.ones_like(g)
-    g = weights.final_norm
-    weights.lm_head.weight = weights.lm_head.weight * g[None, :]
-    weights.final_norm = np.ones_like(g)
+        fold_layer_norms(lw)
     return weights
 
 
@@ -136,19 +166,28 @@ def rotate_residual(weights: LlamaWeights, R: np.ndarray) -> LlamaWeights:
     if R.shape != (hidden, hidden):
         raise ValueError(f"rotation has shape {R.shape}, expected ({hidden}, {hidden})")
     # New arrays everywhere: a still-tied lm_head keeps reading the old embeddings and is rotated once.
-    weights.embed_tokens = weights.embed_tokens @ R
-    consumers = [weights.lm_head]
-    producers = []
+    rotate_residual_ends(weights, R)
     for lw in weights.layers:
-        consumers += [lw.q_proj, lw.k_proj, lw.v_proj, lw.gate_proj, lw.up_proj]
-        producers += [lw.o_proj, lw.down_proj]
-    for lin in consumers:
+        rotate_layer_residual(lw, R)
+    return weights
+
+
+def rotate_residual_ends(weights: LlamaWeights, R: np.ndarray) -> LlamaWeights:
+    """The non-layer part of rotate_residual: embedding rows E <- E R and lm_head W <- W R."""
+    weights.embed_tokens = weights.embed_tokens @ R
+    weights.lm_head.weight = weights.lm_head.weight @ R
+    return weights
+
+
+def rotate_layer_residual(lw: LayerWeights, R: np.ndarray) -> LayerWeights:
+    """One decoder layer's part of rotate_residual: q, k, v, gate, up W <- W R; o, down W <- R^T W."""
+    for lin in (lw.q_proj, lw.k_proj, lw.v_proj, lw.gate_proj, lw.up_proj):
         lin.weight = lin.weight @ R
-    for lin in producers:
+    for lin in (lw.o_proj, lw.down_proj):
         lin.weight = R.T @ lin.weight
         if lin.bias is not None:
             lin.bias = R.T @ lin.bias
-    return weights
+    return lw
 
 
 def rotate_heads_vo(cfg: ModelConfig, weights: LlamaWeights, Rh: np.ndarray) -> LlamaWeights:
@@ -161,19 +200,26 @@ def rotate_heads_vo(cfg: ModelConfig, weights: LlamaWeights, Rh: np.ndarray) -> 
     """
     _require_f64(weights, "rotate_heads_vo")
     Rh = np.asarray(Rh, dtype=np.float64)
-    H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    D = cfg.head_dim
     if Rh.shape != (D, D):
         raise ValueError(f"head rotation has shape {Rh.shape}, expected ({D}, {D})")
     for lw in weights.layers:
-        v = lw.v_proj
-        w = v.weight.reshape(KVH, D, -1)
-        v.weight = np.matmul(Rh.T, w).reshape(KVH * D, -1)
-        if v.bias is not None:
-            v.bias = (v.bias.reshape(KVH, D) @ Rh).reshape(KVH * D)
-        o = lw.o_proj
-        w = o.weight.reshape(o.weight.shape[0], H, D)
-        o.weight = (w @ Rh).reshape(o.weight.shape[0], H * D)
+        rotate_layer_heads_vo(cfg, lw, Rh)
     return weights
+
+
+def rotate_layer_heads_vo(cfg: ModelConfig, lw: LayerWeights, Rh: np.ndarray) -> LayerWeights:
+    """One decoder layer's part of rotate_heads_vo."""
+    KVH, D = cfg.num_kv_heads, cfg.head_dim
+    v = lw.v_proj
+    w = v.weight.reshape(KVH, D, -1)
+    v.weight = np.matmul(Rh.T, w).reshape(KVH * D, -1)
+    if v.bias is not None:
+        v.bias = (v.bias.reshape(KVH, D) @ Rh).reshape(KVH * D)
+    o = lw.o_proj
+    w = o.weight.reshape(o.weight.shape[0], cfg.num_heads, D)
+    o.weight = (w @ Rh).reshape(o.weight.shape[0], cfg.num_heads * D)
+    return lw
 
 
 def signed_hadamard(n: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -182,20 +228,50 @@ def signed_hadamard(n: int, rng: np.random.Generator | None) -> np.ndarray:
     return H if rng is None else rng.choice([-1.0, 1.0], size=n)[:, None] * H
 
 
+def rotation_matrices(cfg: ModelConfig, residual: bool = True, heads_vo: bool = True,
+                      seed: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(R [hidden, hidden] or None, Rh [head_dim, head_dim] or None): Hadamard matrices, with `seed` with
+    random row signs (R's signs drawn first)."""
+    rng = None if seed is None else np.random.default_rng(seed)
+    R = signed_hadamard(cfg.hidden_size, rng) if residual else None
+    Rh = signed_hadamard(cfg.head_dim, rng) if heads_vo else None
+    return R, Rh
+
+
 def rotate_model(cfg: ModelConfig, weights: LlamaWeights, residual: bool = True,
                  heads_vo: bool = True, seed: int | None = None) -> LlamaWeights:
     """QoQ rotation of a float64 LlamaWeights, in place: untie the embeddings, fold the norms, then
     (residual) rotate the residual stream by hadamard(hidden_size) and (heads_vo) every head's values by
     hadamard(head_dim); with `seed`, both with random row signs (diag(s) H). Untying and folding always
     happen, so the result is always untied: save it with `tie_word_embeddings: false`. Raises
-    QServeLiteError when a size has no Hadamard matrix. Returns `weights`."""
+    QServeLiteError when a size has no Hadamard matrix. Returns `weights`.
+
+    It is `prepare_ends` once, then `prepare_layer` for every layer, with the matrices of
+    `rotation_matrices`: the quantizer calls those one layer at a time (one float layer in memory)."""
     _require_f64(weights, "rotate_model")
-    rng = None if seed is None else np.random.default_rng(seed)
-    R = signed_hadamard(cfg.hidden_size, rng) if residual else None
-    Rh = signed_hadamard(cfg.head_dim, rng) if heads_vo else None
-    fold_norms(weights)
-    if R is not None:
-        rotate_residual(weights, R)
-    if Rh is not None:
-        rotate_heads_vo(cfg, weights, Rh)
+    R, Rh = rotation_matrices(cfg, residual, heads_vo, seed)
+    prepare_ends(weights, R)
+    for lw in weights.layers:
+        prepare_layer(cfg, lw, R, Rh)
     return weights
+
+
+def prepare_ends(weights: LlamaWeights, R: np.ndarray | None) -> LlamaWeights:
+    """rotate_model's non-layer part with R (None: only untie and fold the final norm)."""
+    _check_f64([weights.embed_tokens, weights.lm_head.weight], "prepare_ends")
+    fold_final_norm(weights)
+    if R is not None:
+        rotate_residual_ends(weights, R)
+    return weights
+
+
+def prepare_layer(cfg: ModelConfig, lw: LayerWeights, R: np.ndarray | None,
+                  Rh: np.ndarray | None) -> LayerWeights:
+    """rotate_model's part for one layer: fold its norms, rotate by R and Rh (each None: skipped)."""
+    _check_f64(_layer_arrays(lw), "prepare_layer")
+    fold_layer_norms(lw)
+    if R is not None:
+        rotate_layer_residual(lw, R)
+    if Rh is not None:
+        rotate_layer_heads_vo(cfg, lw, Rh)
+    return lw
