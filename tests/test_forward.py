@@ -138,6 +138,25 @@ def test_bf16_and_fp16_checkpoints_load(tmp_path):
     assert np.max(np.abs(got - tensors["model.norm.weight"])) < 1e-2
 
 
+def test_safetensors_reads_release_pages_and_stay_correct(tmp_path):
+    """get() copies a tensor out and unmaps its pages (large checkpoints read tensor by tensor must not stay
+    resident); tensors that share a page, and repeated reads, still come back exact."""
+    from safetensors.numpy import save_file
+
+    from qserve_lite.model.safetensors_reader import SafetensorsFile
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal(3).astype(np.float32),  # a and b share the first page
+               "b": rng.standard_normal((700, 300)).astype(np.float16),
+               "c": rng.integers(-5, 5, 4099).astype(np.int32)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    with SafetensorsFile(tmp_path / "t.safetensors") as f:
+        for _ in range(2):
+            for name, want in tensors.items():
+                np.testing.assert_array_equal(f.get(name), want)
+        np.testing.assert_array_equal(f.get("b", dtype=np.float64), tensors["b"].astype(np.float64))
+
+
 def test_llama3_rope_scaling_shapes_frequencies():
     base = tiny_config(head_dim=64, rope_theta=500000.0)
     scaled = dict(

@@ -111,7 +111,23 @@ class SafetensorsFile:
             ).reshape(shape)
         if info["dtype"] == "BF16":
             arr = bf16_bits_to_f32(arr)
-        return np.array(arr, dtype=dtype or arr.dtype, copy=True)
+        out = np.array(arr, dtype=dtype or arr.dtype, copy=True)
+        del arr
+        if end > begin:
+            self._release(self._data_start + begin, end - begin)
+        return out
+
+    def _release(self, offset: int, length: int) -> None:
+        """Unmap the pages of a tensor that was copied out, so that reading a large checkpoint tensor by
+        tensor does not leave the whole file resident in this process (the OS page cache keeps it)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = offset - offset % mmap.PAGESIZE
+        last = min(offset + length, len(self._mm))
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+        except (OSError, ValueError):  # advice only: never fail a read because of it
+            pass
 
     def close(self) -> None:
         if self._mm is not None:
