@@ -218,6 +218,36 @@ def test_group_clip_search_lowers_weighted_error_and_keeps_int8_range():
     assert u8.min() >= -128 and u8.max() <= 127 and clipped.codes.max() <= 15
 
 
+def test_group_clip_search_picks_each_groups_best_ratio_by_the_quantizer_formulas():
+    """Brute force with the quantizer's own functions: for every ratio, s2 / z from progressive_group_params
+    of the shrunk U and codes from progressive_codes; each (row, group) keeps the first ratio of least
+    diag(H)-weighted error. The search must pick exactly those ratios."""
+    from qserve_lite.quant.clip import search_group_clip
+    from qserve_lite.quant.gptq import progressive_params
+    from qserve_lite.quant.quantizers import progressive_codes, progressive_group_params
+
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((24, 300)) * rng.uniform(0.1, 2, (24, 1))
+    w[np.arange(24), rng.integers(0, 300, 24)] *= 8.0
+    h_diag = rng.uniform(0.0, 3.0, 300)
+    u = progressive_params(w, 64)[0]
+    ratios = clip_ratios(20, 0.6)
+    n, G = u.shape[0], u.shape[1] // 64
+    hg = np.zeros(u.shape[1])
+    hg[:300] = h_diag
+    ug = u.reshape(n, G, 64)
+    errs = []
+    for r in ratios:
+        s2, z = progressive_group_params(u * r, 64)
+        codes = progressive_codes(ug, s2[..., None], z[..., None])
+        d = codes * s2[..., None].astype(np.float64) - z[..., None] - ug
+        errs.append(((d * d) * hg.reshape(G, 64)).sum(axis=2))
+    want = ratios[np.argmin(np.stack(errs), axis=0)]  # argmin: the first of equal errors, ratio 1.0 first
+    got = search_group_clip(u, h_diag, 64, ratios)
+    np.testing.assert_array_equal(got, want)
+    assert np.any(got < 1)
+
+
 def test_qk_block_clip_search(qoq_model_dir):
     cfg, w = _load64(qoq_model_dir)
     from qserve_lite.model.rope import rope_inv_freq

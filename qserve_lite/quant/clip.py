@@ -199,22 +199,32 @@ def search_group_clip(u: np.ndarray, h_diag: np.ndarray, group_size: int, ratios
     separable over groups, so every (row, group) takes its own best ratio. Ratio 1.0 is first and only a
     strictly smaller error replaces it. Returns ratios [n, k_pad // group_size].
     """
-    from .quantizers import progressive_codes, progressive_group_params
-
     ratios = clip_ratios() if ratios is None else np.asarray(ratios, dtype=np.float64)
     n, k = u.shape
     G = k // group_size
     h = np.zeros(k)
     h[: len(h_diag)] = h_diag
     hg = h.reshape(G, group_size)
-    ug = u.reshape(n, G, group_size)
+    ug = np.asarray(u, dtype=np.float64).reshape(n, G, group_size)
+    # max / min of r * u are r * max / min of u exactly (rounding is monotonic), so the group ranges are
+    # taken once; s2 and z then follow progressive_group_params' formulas bit for bit
+    umax, umin = ug.max(axis=2), ug.min(axis=2)
     best_ratio = np.ones((n, G))
     best_err = None
+    q = np.empty_like(ug)
     for r in ratios:
-        s2, z = progressive_group_params(u * r, group_size)
-        codes = progressive_codes(ug, s2[..., None], z[..., None])
-        d = codes * s2[..., None].astype(np.float64) - z[..., None] - ug
-        err = np.einsum("ngj,gj->ng", d * d, hg)
+        s2 = np.clip(np.rint((umax * r - umin * r) / 15.0), 1, 127)[..., None]  # float64 of uint8 values
+        z = np.clip(np.rint(-(umin * r)), -128, 127)[..., None]  # float64 of int16 values
+        # progressive_codes (kept in float64: the codes 0..15 are exact) and the dequantization error
+        np.add(ug, z, out=q)
+        np.divide(q, s2, out=q)
+        np.rint(q, out=q)
+        np.clip(q, 0, 15, out=q)
+        np.multiply(q, s2, out=q)
+        np.subtract(q, z, out=q)
+        np.subtract(q, ug, out=q)
+        np.square(q, out=q)
+        err = np.einsum("ngj,gj->ng", q, hg)
         if best_err is None:
             best_err = err
             continue
