@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto",
                    help="where the calibration forwards run: gpu = the model code on CuPy, 128 x 1024 "
                    "calibration tokens by default; cpu = numpy, 16 x 512 tokens; auto (default) = gpu when "
-                   "cupy sees a CUDA device, else cpu (the transforms, clipping and GPTQ run on the CPU "
-                   "either way)")
+                   "cupy sees a CUDA device, else cpu (with gpu, GPTQ's Hessian factorizations and the g128 "
+                   "clip search also run on CuPy)")
     q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("import-gguf",

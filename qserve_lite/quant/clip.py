@@ -190,45 +190,49 @@ def search_qk_clip(lw: LayerWeights, attn_in: np.ndarray, num_heads: int, num_kv
 
 # ---- g128: level-2 (group) range clipping ----
 
-def search_group_clip(u: np.ndarray, h_diag: np.ndarray, group_size: int, ratios: np.ndarray | None = None
-                      ) -> np.ndarray:
+def search_group_clip(u: np.ndarray, h_diag: np.ndarray, group_size: int, ratios: np.ndarray | None = None,
+                      xp=np) -> np.ndarray:
     """Clip ratio per (row, group) of level-1 weights u [n, k_pad] (k_pad a multiple of group_size).
 
     A ratio shrinks the group's [umin, umax] before the integer s2 / z are chosen; the error of a group is
     sum_j h_j (u_hat_j - u_j)^2 with h = diag(X^T X) of the layer input (zero on padded columns), which is
     separable over groups, so every (row, group) takes its own best ratio. Ratio 1.0 is first and only a
-    strictly smaller error replaces it. Returns ratios [n, k_pad // group_size].
+    strictly smaller error replaces it. Returns ratios [n, k_pad // group_size] (numpy). xp = cupy runs the
+    search on the GPU (the same elementwise arithmetic; error sums may differ in the last bits).
     """
     ratios = clip_ratios() if ratios is None else np.asarray(ratios, dtype=np.float64)
     n, k = u.shape
     G = k // group_size
     h = np.zeros(k)
     h[: len(h_diag)] = h_diag
-    hg = h.reshape(G, group_size)
-    ug = np.asarray(u, dtype=np.float64).reshape(n, G, group_size)
+    hg = xp.asarray(h.reshape(G, group_size))
+    ug = xp.asarray(np.asarray(u, dtype=np.float64)).reshape(n, G, group_size)
     # max / min of r * u are r * max / min of u exactly (rounding is monotonic), so the group ranges are
     # taken once; s2 and z then follow progressive_group_params' formulas bit for bit
     umax, umin = ug.max(axis=2), ug.min(axis=2)
-    best_ratio = np.ones((n, G))
+    best_ratio = xp.ones((n, G))
     best_err = None
-    q = np.empty_like(ug)
+    q = xp.empty_like(ug)
     for r in ratios:
-        s2 = np.clip(np.rint((umax * r - umin * r) / 15.0), 1, 127)[..., None]  # float64 of uint8 values
-        z = np.clip(np.rint(-(umin * r)), -128, 127)[..., None]  # float64 of int16 values
+        r = float(r)
+        s2 = xp.clip(xp.rint((umax * r - umin * r) / 15.0), 1, 127)[..., None]  # float64 of uint8 values
+        z = xp.clip(xp.rint(-(umin * r)), -128, 127)[..., None]  # float64 of int16 values
         # progressive_codes (kept in float64: the codes 0..15 are exact) and the dequantization error
-        np.add(ug, z, out=q)
-        np.divide(q, s2, out=q)
-        np.rint(q, out=q)
-        np.clip(q, 0, 15, out=q)
-        np.multiply(q, s2, out=q)
-        np.subtract(q, z, out=q)
-        np.subtract(q, ug, out=q)
-        np.square(q, out=q)
-        err = np.einsum("ngj,gj->ng", q, hg)
+        xp.add(ug, z, out=q)
+        xp.divide(q, s2, out=q)
+        xp.rint(q, out=q)
+        xp.clip(q, 0, 15, out=q)
+        xp.multiply(q, s2, out=q)
+        xp.subtract(q, z, out=q)
+        xp.subtract(q, ug, out=q)
+        xp.square(q, out=q)
+        err = xp.einsum("ngj,gj->ng", q, hg)
         if best_err is None:
             best_err = err
             continue
         better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_ratio = np.where(better, r, best_ratio)
+        best_err = xp.where(better, err, best_err)
+        best_ratio = xp.where(better, r, best_ratio)
+    if xp is not np:
+        best_ratio = xp.asnumpy(best_ratio)
     return best_ratio

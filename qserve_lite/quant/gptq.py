@@ -32,28 +32,48 @@ from .quantizers import (
 ColumnQuantizer = Callable[[int, np.ndarray], np.ndarray]
 
 
-def _inverse_cholesky_upper(h: np.ndarray, damp: float, max_tries: int = 250) -> np.ndarray:
+def _inverse_cholesky_upper(h: np.ndarray, damp: float, max_tries: int = 250, xp=np) -> np.ndarray:
     """Upper U with U^T U = (H + damping I)^-1; damping starts at damp * mean(diag H) and grows by
-    0.1 % of the mean diagonal per failed Cholesky.
+    0.1 % of the mean diagonal per failed Cholesky. xp = cupy factors on the GPU (float64 cuSOLVER; the
+    result comes back to the host); numpy gives the reference result.
 
     With J the order reversal: J H J = L L^T gives H = (J L J)(J L J)^T with J L J upper, hence
     H^-1 = U^T U for the upper U = (J L J)^-1 = J L^-1 J: one Cholesky and one triangular inverse.
     """
     mean_diag = float(np.mean(np.diag(h)))
-    eye = np.eye(h.shape[0])
-    flipped = h[::-1, ::-1]
+    flipped = xp.asarray(np.ascontiguousarray(h[::-1, ::-1]))
+    eye = xp.eye(h.shape[0])
     for t in range(max_tries):
-        try:
-            low = np.linalg.cholesky(flipped + (damp + 0.001 * t) * mean_diag * eye)
-        except np.linalg.LinAlgError:
+        low = _cholesky(xp, flipped + (damp + 0.001 * t) * mean_diag * eye)
+        if low is None:
             continue
-        return np.ascontiguousarray(np.linalg.inv(low)[::-1, ::-1])
+        u = xp.linalg.inv(low)[::-1, ::-1]
+        return np.ascontiguousarray(u if xp is np else xp.asnumpy(u))
     raise np.linalg.LinAlgError(f"GPTQ: the Hessian stayed singular after {max_tries} damping increases")
 
 
+def _cholesky(xp, a):
+    """Lower Cholesky factor of a, or None when a is not positive definite (numpy raises; cuSOLVER is made
+    to raise too, and a non-finite factor also counts as a failure)."""
+    if xp is np:
+        try:
+            return np.linalg.cholesky(a)
+        except np.linalg.LinAlgError:
+            return None
+    import cupyx
+
+    try:
+        with cupyx.errstate(linalg="raise"):
+            low = xp.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        return None
+    return low if bool(xp.isfinite(low).all()) else None
+
+
 def gptq(w: np.ndarray, hessian: np.ndarray, quantize_column: ColumnQuantizer, block_size: int = 128,
-         damp: float = 0.01, act_order: bool = True) -> np.ndarray:
-    """Dequantized GPTQ weight [n, k] (float64) of w [n, k] given H [k, k].
+         damp: float = 0.01, act_order: bool = True, xp=np) -> np.ndarray:
+    """Dequantized GPTQ weight [n, k] (float64) of w [n, k] given H [k, k]. xp = cupy factors H on the GPU
+    (the column loop stays on the host).
 
     Dead input channels (H_jj == 0) get H_jj = 1 and a zeroed weight column before quantization.
     Inside each block of `block_size` columns the error feedback is itself batched per 16 columns
@@ -69,7 +89,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, quantize_column: ColumnQuantizer, b
     w[:, dead] = 0.0
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     h = h[perm][:, perm]
-    hinv = _inverse_cholesky_upper(h, damp)
+    hinv = _inverse_cholesky_upper(h, damp, xp=xp)
     wt = np.ascontiguousarray(w[:, perm].T)  # [k, n]: column j of W is row j here (contiguous)
     qt = np.empty_like(wt)
     inner = 16

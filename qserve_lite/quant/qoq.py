@@ -83,7 +83,8 @@ class QoQConfig:
     n_samples: int | None = None  # None: 16 for CPU calibration, 128 on a GPU
     seq_len: int | None = None  # None: 512 for CPU calibration, 1024 on a GPU
     # where the calibration forwards run: "cpu" (numpy) or "gpu" (the same model code on CuPy; statistics
-    # are reduced on the device). The transforms, clipping searches and GPTQ run on the host either way.
+    # are reduced on the device; GPTQ's Hessian factorizations and the g128 group clip search run there too).
+    # The transforms, the per-row clip searches and GPTQ's column loop run on the host either way.
     calib_device: str = "cpu"
     seed: int = 42
     calib_source: str | list = "python-doc"  # "python-doc" (held-out split), "pile", or text files
@@ -323,7 +324,10 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
             rows = stats[INPUT_POINT[name]].rows
             ratios[name] = search_row_clip(getattr(lw, name).weight, rows, grid, stride)[0]
         info["clip_ratio_mean"] = {n: round(float(np.mean(r)), 4) for n, r in ratios.items()}
-    gkw = dict(block_size=config.gptq_block_size, damp=config.gptq_damp, act_order=config.gptq_act_order)
+    # with GPU calibration the Hessian factorizations and the group clip search run on CuPy too
+    xp = _calibration_xp(config.calib_device)
+    gkw = dict(block_size=config.gptq_block_size, damp=config.gptq_damp, act_order=config.gptq_act_order,
+               xp=xp)
     for name in LINEAR_NAMES:
         lin = getattr(lw, name)
         w = lin.weight
@@ -337,7 +341,7 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
                 u = progressive_params(w, config.group_size)[0]
                 h_diag = np.diag(stats[INPUT_POINT[name]].hessian)
                 grid = clip_ratios(config.group_clip_grid, config.group_clip_min_ratio)
-                ratio = search_group_clip(u, h_diag, config.group_size, grid)
+                ratio = search_group_clip(u, h_diag, config.group_size, grid, xp=xp)
                 info.setdefault("group_clip_ratio_mean", {})[name] = round(float(ratio.mean()), 4)
             if config.gptq:
                 q = gptq_w4_group(w, h, config.group_size, group_ratio=ratio, **gkw)
