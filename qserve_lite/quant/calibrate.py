@@ -170,17 +170,10 @@ def load_calibration_samples(tokenizer, source: str | Sequence[str | Path] = "py
 
 
 def gpu_available() -> bool:
-    """cupy is importable and sees a CUDA device."""
-    import importlib.util
+    """cupy is importable and sees a CUDA device (the engine's own check)."""
+    from ..engine.device import gpu_unavailable_reason
 
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - no driver, no device: no GPU
-        return False
+    return gpu_unavailable_reason() is None
 
 
 def default_calibration_size(device: str = "cpu") -> tuple[int, int]:

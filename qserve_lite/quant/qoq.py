@@ -309,8 +309,9 @@ def transform_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSt
 
 
 def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointStats], config: QoQConfig,
-                   inv_freq: np.ndarray) -> dict:
-    """Replace the 7 linears of a (transformed, float64) layer by W4A8Linear / W8A8Linear, in place."""
+                   inv_freq: np.ndarray, xp=np) -> dict:
+    """Replace the 7 linears of a (transformed, float64) layer by W4A8Linear / W8A8Linear, in place. xp = cupy
+    (GPU calibration) runs GPTQ's Hessian factorizations and the g128 group clip search on the GPU."""
     from ..model.quant_linear import W4A8Linear, W8A8Linear
 
     info: dict = {}
@@ -324,8 +325,6 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
             rows = stats[INPUT_POINT[name]].rows
             ratios[name] = search_row_clip(getattr(lw, name).weight, rows, grid, stride)[0]
         info["clip_ratio_mean"] = {n: round(float(np.mean(r)), 4) for n, r in ratios.items()}
-    # with GPU calibration the Hessian factorizations and the group clip search run on CuPy too
-    xp = _calibration_xp(config.calib_device)
     gkw = dict(block_size=config.gptq_block_size, damp=config.gptq_damp, act_order=config.gptq_act_order,
                xp=xp)
     for name in LINEAR_NAMES:
@@ -391,7 +390,7 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
             runner.model.weights.layers[i] = _float32_layer(lw, xp)
             stats = runner.run(i, specs, advance=not config.propagate)
         info = transform_layer(cfg, lw, stats, config)
-        info.update(quantize_layer(cfg, lw, stats, config, inv_freq))
+        info.update(quantize_layer(cfg, lw, stats, config, inv_freq, xp))
         layer_info.append(info)
         del stats
         if runner is None:
