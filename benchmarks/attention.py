@@ -47,7 +47,7 @@ VARIANT_POINTS = [(1, 16384), (32, 4096), (256, 1536)]
 # ---- precompiling (fills CuPy's on-disk cache; the GPU tests use the same modules) ----
 
 def all_modules() -> list[tuple[str, dict]]:
-    from qserve_lite.ops._gpu_attention import attention_defines, writer_defines
+    from qserve_lite.kernels.cuda.attention import attention_defines, writer_defines
 
     jobs = []
     for d in (64, 128):
@@ -63,7 +63,7 @@ def all_modules() -> list[tuple[str, dict]]:
 
 def _compile_job(job):
     name, defines = job
-    from qserve_lite.cuda.loader import load_module
+    from qserve_lite.kernels.cuda.jit import load_module
 
     t0 = time.perf_counter()
     try:
@@ -109,9 +109,9 @@ def fill_pool(cp, pool, rng) -> None:
 
 
 def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
-    from qserve_lite.ops import _gpu_attention
-    from qserve_lite.ops.attention import decode_attention
-    from qserve_lite.ops.paged_kv import PagedKVPool
+    from qserve_lite.kernels.cuda import attention as _gpu_attention
+    from qserve_lite.kernels.attention import decode_attention
+    from qserve_lite.kernels.paged_kv import PagedKVPool
 
     rng = np.random.default_rng(0)
     rows = []
@@ -173,7 +173,7 @@ def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
 # ---- prefill and writer ----
 
 def bench_prefill(cp, timer, tokens, log):
-    from qserve_lite.ops.attention import prefill_attention
+    from qserve_lite.kernels.attention import prefill_attention
 
     rows = []
     for T in tokens:
@@ -196,8 +196,8 @@ def bench_prefill(cp, timer, tokens, log):
 
 
 def bench_writer(cp, timer, log):
-    from qserve_lite.ops.attention import rope_write_kv
-    from qserve_lite.ops.paged_kv import PagedKVPool
+    from qserve_lite.kernels.attention import rope_write_kv
+    from qserve_lite.kernels.paged_kv import PagedKVPool
 
     rows = []
     T = 4096

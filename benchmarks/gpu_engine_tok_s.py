@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def random_w4_group(rng, n: int, k: int):
-    from qserve_lite.quant.formats import W4Group
+    from qserve_lite.core.formats import W4Group
 
     groups = k // 128
     s2 = rng.integers(8, 16, size=(n, groups)).astype(np.uint8)  # codes * s2 <= 225, z = 8 s2 <= 120
@@ -41,7 +41,7 @@ def random_w4_group(rng, n: int, k: int):
 def build(out: Path, hidden: int, inter: int, heads: int, kv_heads: int, layers: int, seed: int = 0) -> Path:
     from conftest import build_tokenizer, tiny_config
 
-    from qserve_lite.model.checkpoint import save_quantized
+    from qserve_lite.io.checkpoint import save_quantized
     from qserve_lite.model.linear import Linear
     from qserve_lite.model.quant_linear import W4A8Linear
     from qserve_lite.model.weights import LayerWeights, LlamaWeights

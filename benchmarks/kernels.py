@@ -44,7 +44,7 @@ ROW_MS = [1, 16, 64, 256, 1024, 4096, 16384]
 
 def _compile_job(job):
     name, defines = job
-    from qserve_lite.cuda.loader import load_module
+    from qserve_lite.kernels.cuda.jit import load_module
 
     t0 = time.perf_counter()
     try:
@@ -55,7 +55,7 @@ def _compile_job(job):
 
 
 def all_modules() -> list[tuple[str, dict]]:
-    from qserve_lite.ops._gpu import NAMED_CONFIGS, TUNE_CONFIGS, wgmma_available
+    from qserve_lite.kernels.cuda._gpu import NAMED_CONFIGS, TUNE_CONFIGS, wgmma_available
 
     hopper = wgmma_available()
     jobs = []
@@ -185,7 +185,7 @@ def tune_candidates(_gpu, m, n, k):
 
 def make_group_params(rng, n, k):
     """Valid random g128 parameters in QServe's layout (s2 <= 16 keeps codes * s2 - z inside int8)."""
-    from qserve_lite.quant.pack import to_qserve_group_params
+    from qserve_lite.core.pack import to_qserve_group_params
 
     groups = k // 128
     s2 = rng.integers(1, 17, (n, groups)).astype(np.uint8)
@@ -271,7 +271,7 @@ def bench_point(cp, _gpu, timer, w: GemmWeights, m: int, tune: bool, rng) -> tup
 
 
 def bench_gemms(cp, timer, ms, shapes, tune: bool, l2: int, log):
-    from qserve_lite.ops import _gpu
+    from qserve_lite.kernels.cuda import _gpu
 
     rng = np.random.default_rng(0)
     rows = []
@@ -300,8 +300,8 @@ def bench_gemms(cp, timer, ms, shapes, tune: bool, l2: int, log):
 # ---- norm / activation quantizers ----
 
 def bench_rows(cp, timer, ms, log):
-    from qserve_lite.ops.act_quant import quantize_per_token, silu_mul_quant
-    from qserve_lite.ops.norm_quant import rms_norm_quant
+    from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul_quant
+    from qserve_lite.kernels.norm_quant import rms_norm_quant
 
     hidden, inter = 4096, 14336
     rows = []
@@ -352,7 +352,7 @@ def profile_one(spec: str) -> None:
     """One warm-up and one measured launch of a GEMM (for `ncu --launch-skip 1 --launch-count 1`)."""
     import cupy as cp
 
-    from qserve_lite.ops import _gpu
+    from qserve_lite.kernels.cuda import _gpu
 
     parts = spec.split(":")
     sname, m, kernel = parts[0], int(parts[1]), parts[2]

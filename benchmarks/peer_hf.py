@@ -4,7 +4,7 @@
     python benchmarks/peer_hf.py --model path/to/config.json --batch 16 --prompt-len 1024 --gen 512
 
 The model is built with random weights from a Hugging Face config.json (--model NAME reads our shipped
-qserve_lite/model/configs/NAME.json; a path to a config.json or to a directory holding one also works)
+qserve_lite/io/configs/NAME.json; a path to a config.json or to a directory holding one also works)
 directly on the GPU in bf16. Per batch size B: B random prompts of --prompt-len tokens, one batched
 `generate(max_new_tokens=G, min_new_tokens=G, do_sample=False)` (so EOS never ends a sequence early);
 throughput = B x G / wall time of the whole call (prefill included). One small warm-up call runs first.

@@ -6,8 +6,8 @@ import argparse
 import sys
 import time
 
-from .errors import DeviceError, QServeLiteError
-from .model.default_models import DEFAULT_MODEL
+from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.io.default_models import DEFAULT_MODEL
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
-    from .quant.precision import PRECISION_NAMES
+    from qserve_lite.core.precision import PRECISION_NAMES
 
     p.add_argument(
         "--precision", default=None, metavar="NAME",
@@ -47,7 +47,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def _pick_device(requested: str) -> str:
     """Check --device early (an unusable 'gpu' fails before loading anything); returns it unchanged, so
     'auto' reaches LLM, which also falls back to the CPU for models the GPU kernels cannot run."""
-    from .engine.device import resolve_device
+    from qserve_lite.core.backend import resolve_device
 
     resolve_device(requested)
     return requested
@@ -60,7 +60,7 @@ def _cpu_only(requested: str, command: str) -> None:
 
 
 def _sampling_params(args: argparse.Namespace):
-    from .sampling_params import SamplingParams
+    from qserve_lite.sampling_params import SamplingParams
 
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -71,7 +71,7 @@ def _sampling_params(args: argparse.Namespace):
 
 def _load_llm(args: argparse.Namespace):
     """The engine on the chosen device; returns (llm, load seconds)."""
-    from .llm import LLM
+    from qserve_lite.llm import LLM
 
     device = _pick_device(args.device)
     t0 = time.perf_counter()
@@ -161,9 +161,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from .eval.corpus import python_doc_files, read_texts
-    from .eval.perplexity import perplexity
-    from .model.loader import load_model
+    from qserve_lite.eval.corpus import python_doc_files, read_texts
+    from qserve_lite.eval.perplexity import perplexity
+    from qserve_lite.io.loader import load_model
 
     _cpu_only(args.device, "ppl")
     files = list(args.text or [])
@@ -171,7 +171,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         if args.python_doc_split == "all":
             files += python_doc_files()
         else:
-            from .quant.calibrate import split_python_doc
+            from qserve_lite.quant.calibrate import split_python_doc
 
             calib_files, eval_files = split_python_doc()
             files += eval_files if args.python_doc_split == "eval" else calib_files
@@ -189,9 +189,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quant.qoq import config_for_precision, quantize_model
+    from qserve_lite.quant.qoq import config_for_precision, quantize_model
 
-    from .engine.device import resolve_device
+    from qserve_lite.core.backend import resolve_device
 
     # calibration forwards run on the GPU when there is one ("auto"), or where --device says
     calib = {"seed": args.seed, "calib_device": resolve_device(args.device)}
@@ -220,8 +220,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> int:
-    from .model.gguf_import import import_gguf
-    from .model.loader import require_gguf
+    from qserve_lite.io.gguf_import import import_gguf
+    from qserve_lite.io.loader import require_gguf
 
     require_gguf()
     t0 = time.perf_counter()
@@ -232,7 +232,7 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Throughput with QServe's protocol on random weights of a shipped model shape (bench/throughput.py)."""
-    from .bench.throughput import run
+    from qserve_lite.bench.throughput import run
 
     return run(args)
 
@@ -241,14 +241,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP server (needs the [server] extra)."""
     import os
 
-    from .server import missing_server_deps
+    from qserve_lite.server import missing_server_deps
 
     missing = missing_server_deps()
     if missing:
         raise QServeLiteError(
             f"qserve-lite serve needs {' and '.join(missing)}: pip install 'qserve-lite[server]'"
         )
-    from .server.app import serve
+    from qserve_lite.server.app import serve
 
     if args.random_weights is None and (args.tokenizer is not None or args.group_size is not None):
         raise QServeLiteError("--tokenizer and --group-size go with --random-weights")
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     i.set_defaults(func=cmd_import_gguf)
 
-    from .bench.throughput import add_arguments as add_bench_arguments
+    from qserve_lite.bench.throughput import add_arguments as add_bench_arguments
 
     b = sub.add_parser("bench",
                        help="generation throughput (QServe's protocol) on random weights of a model shape")

@@ -16,11 +16,11 @@ import logging
 
 import numpy as np
 
-from .engine.llm_engine import LLMEngine
-from .errors import QServeLiteError
-from .model.default_models import DEFAULT_MODEL
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from qserve_lite.engine.llm_engine import LLMEngine
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.io.default_models import DEFAULT_MODEL
+from qserve_lite.outputs import RequestOutput
+from qserve_lite.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _as_params_list(params, n: int) -> list[SamplingParams]:
 class LLM:
     """Load a model and serve it through the engine.
 
-    model: built-in alias, model directory, .gguf file or hub id. precision: see quant/precision.py
+    model: built-in alias, model directory, .gguf file or hub id. precision: see core/precision.py
     (None = the model's own). max_num_seqs: sequences in flight at once. max_num_batched_tokens: tokens
     per prefill step. num_pages: 64-token KV pages (default: what 2 GiB holds on the CPU).
     max_model_len: prompt + output tokens per sequence (default: the model's context, capped to what
@@ -83,8 +83,8 @@ class LLM:
         seed: int = 0,
         gpu_memory_utilization: float = 0.9,
     ):
-        from .engine.device import resolve_device
-        from .model.loader import load_model
+        from qserve_lite.core.backend import resolve_device
+        from qserve_lite.io.loader import load_model
 
         self.device = resolve_device(device)  # before loading: a missing GPU fails fast
         self.loaded = load_model(model, precision=precision)

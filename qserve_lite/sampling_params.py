@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import SamplingError
+from qserve_lite.errors import SamplingError
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Writer: rotated q / k and every byte of the page pool identical to the twin's (both pools start poisoned with
 0xFF), except the sign of a zero point that is zero (a head whose minimum is a signed zero: numpy's min over
 +0 / -0 picks either; both dequantize identically). Attention: |gpu - twin| <= 5e-3 * max|V| + 2^-10 |twin|
-elementwise (ops/attention.py states why), no NaN, every output written (outputs come from a memory pool
+elementwise (kernels/attention.py states why), no NaN, every output written (outputs come from a memory pool
 refilled with 0x7f bytes, fp16 NaN); unwritten page slots past each context hold 0xFF (NaN scales / values),
 so a kernel that reads them unmasked fails.
 Context lengths 1, 63, 64, 65, 1000, 4097; head_dim 64 and 128; GQA ratios 1, 3, 4, 8 (and 16); KV4, KV8,
@@ -19,15 +19,15 @@ import pytest
 
 from conftest import cupy_or_skip
 
-from qserve_lite.model.rope import rope_inv_freq
-from qserve_lite.ops.attention import decode_attention, prefill_attention, rope_write_kv
-from qserve_lite.ops.paged_kv import PagedKVPool
+from qserve_lite.core.rope import rope_inv_freq
+from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
+from qserve_lite.kernels.paged_kv import PagedKVPool
 
 pytestmark = pytest.mark.gpu
 
 cp = cupy_or_skip()
 
-from qserve_lite.ops import _gpu_attention  # noqa: E402
+from qserve_lite.kernels.cuda import attention as _gpu_attention  # noqa: E402
 
 CONTEXTS = [1, 63, 64, 65, 1000, 4097]
 GQA = [(4, 4), (6, 2), (8, 2), (16, 2)]  # (query heads, kv heads): ratios 1, 3, 4, 8
@@ -104,7 +104,7 @@ def test_rope_write_kv_bit_exact(bits, d, heads):
                                           (77, (6, 2), True)])
 def test_rope_write_kv_hadamard_bit_exact(bits, d, T, heads, rope):
     """QS_KHAD: q and k rotated per head by the FWHT after RoPE (or alone, write-only mode), bit for bit the
-    twin's (ops/attention.head_hadamard), and K quantized from the rotated fp16 values; v untouched."""
+    twin's (kernels/attention.head_hadamard), and K quantized from the rotated fp16 values; v untouched."""
     check_writer(bits, d, heads, T, rope=rope, k_hadamard=True)
 
 

@@ -12,15 +12,15 @@ import pytest
 from qserve_lite.bench import throughput
 from qserve_lite.bench.max_batch import batch_bytes, kv_bytes_per_sequence, max_batch, runner_bytes
 from qserve_lite.bench.measure import measure
-from qserve_lite.bench.random_model import build_random_weights
+from qserve_lite.model.random_weights import build_random_weights
 from qserve_lite.bench.step_split import measure_decode_steps, prefill_batch
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.errors import ModelNotFoundError, QServeLiteError
-from qserve_lite.model.config import ModelConfig
-from qserve_lite.model.shipped_configs import load_config, resolve_config_path, shipped_config_names
-from qserve_lite.ops.w4a8_gemm import group_level1
-from qserve_lite.quant.pack import from_qserve_group_params, unpack_w4
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.io.shipped_configs import load_config, resolve_config_path, shipped_config_names
+from qserve_lite.kernels.w4a8_gemm import group_level1
+from qserve_lite.core.pack import from_qserve_group_params, unpack_w4
 from qserve_lite.sampling_params import SamplingParams
 
 PARAMETERS = {  # the public figures (model cards / HF parameter counts)
@@ -73,7 +73,7 @@ def test_configs_are_package_data():
     from pathlib import Path
 
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert '"model/configs/*.json"' in pyproject
+    assert '"io/configs/*.json"' in pyproject
 
 
 def test_config_references_resolve(tmp_path):
@@ -260,7 +260,7 @@ def test_bench_command_on_the_cpu(tmp_path, capsys):
 
 
 def test_bench_needs_cupy_for_the_gpu(tmp_path, capsys):
-    from qserve_lite.engine.device import gpu_unavailable_reason
+    from qserve_lite.core.backend import gpu_unavailable_reason
 
     if gpu_unavailable_reason() is None:
         pytest.skip("a GPU is available here")
@@ -336,14 +336,14 @@ def test_bench_out_of_memory_everywhere(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(GPUModelRunner, "run", oom)
     rc, rows, err = _bench_oom(tmp_path, capsys, "2,3")
     assert rc == 1 and rows == [] and err.count("out of GPU memory in the warm-up") == 2
-    monkeypatch.setattr("qserve_lite.bench.random_model.build_random_weights", oom)
+    monkeypatch.setattr("qserve_lite.model.random_weights.build_random_weights", oom)
     rc, rows, err = _bench_oom(tmp_path, capsys, "2")
     assert rc == 2 and rows == [] and "Traceback" not in err
     assert "w4a8kv4 g128: out of GPU memory building the random weights (192 MiB more did not fit" in err
 
 
 def test_bench_says_when_the_weights_alone_do_not_fit(tmp_path, capsys, monkeypatch):
-    from qserve_lite.bench import random_model
+    from qserve_lite.model import random_weights as random_model
 
     monkeypatch.setattr(random_model, "free_device_memory", lambda xp: (100 << 20, 80 << 30))
     built = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qserve_lite.cuda.loader import CUDA_DIR, define_options, source_text
+from qserve_lite.kernels.cuda.jit import CUDA_DIR, define_options, source_text
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)
 ARCHS = {"sm_80": ["-arch=sm_80"], "sm_90a": ["-gencode=arch=compute_90a,code=sm_90a"]}

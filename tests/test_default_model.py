@@ -22,7 +22,7 @@ def real_cache(monkeypatch):
 
 def test_default_model_answers_france(real_cache):
     from qserve_lite.engine.reference import generate
-    from qserve_lite.model.loader import load_model
+    from qserve_lite.io.loader import load_model
     from qserve_lite.sampling_params import SamplingParams
 
     lm = load_model("smollm2-135m")
@@ -46,7 +46,7 @@ def test_default_model_answers_france(real_cache):
 def test_default_model_perplexity_is_sane(real_cache):
     """Perplexity of plain English prose must be that of a working language model (not ~vocab size)."""
     from qserve_lite.eval.perplexity import perplexity
-    from qserve_lite.model.loader import load_model
+    from qserve_lite.io.loader import load_model
 
     lm = load_model("smollm2-135m")
     text = (Path(__file__).parent / "data" / "python_doc_sample.rst.txt").read_text()

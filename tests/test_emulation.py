@@ -16,13 +16,13 @@ from qserve_lite.cli import main
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.eval.perplexity import perplexity
 from qserve_lite.model.linear import Linear
-from qserve_lite.model.loader import load_model
+from qserve_lite.io.loader import load_model
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
-from qserve_lite.ops.act_quant import dequantize_per_token, quantize_per_token
-from qserve_lite.ops.kv_quant import KVFakeQuantizer, kv_dequantize, kv_fake_quant, kv_quantize
-from qserve_lite.ops.w4a8_gemm import group_level1, w4a8_group_gemm, w4a8_per_channel_gemm
-from qserve_lite.ops.w8a8_gemm import exact_int_matmul, w8a8_gemm
-from qserve_lite.quant.precision import PRECISION_NAMES, Precision
+from qserve_lite.kernels.act_quant import dequantize_per_token, quantize_per_token
+from qserve_lite.kernels.kv_quant import KVFakeQuantizer, kv_dequantize, kv_fake_quant, kv_quantize
+from qserve_lite.kernels.w4a8_gemm import group_level1, w4a8_group_gemm, w4a8_per_channel_gemm
+from qserve_lite.kernels.w8a8_gemm import exact_int_matmul, w8a8_gemm
+from qserve_lite.core.precision import PRECISION_NAMES, Precision
 from qserve_lite.quant.quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
 
 EPS32 = 2.0**-24  # half an fp32 ulp, relative
@@ -381,7 +381,7 @@ def test_kv_quantizer_reaches_the_cache(tiny_model_dir):
 @pytest.fixture
 def fake_quantized_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     """A copy of the tiny model marked as a W4 g128 checkpoint, with a stand-in checkpoint reader (the real
-    qserve_lite.model.checkpoint is written separately; only its interface matters here)."""
+    qserve_lite.io.checkpoint is written separately; only its interface matters here)."""
     out = tmp_path / "tiny-w4"
     shutil.copytree(tiny_model_dir, out)
     cfg = json.loads((out / "config.json").read_text())
@@ -400,11 +400,11 @@ def fake_quantized_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
                 setattr(lw, name, W4A8Linear(quantize_w4_group(lin.weight.astype(np.float64)), lin.bias))
         return w
 
-    fake = types.ModuleType("qserve_lite.model.checkpoint")
+    fake = types.ModuleType("qserve_lite.io.checkpoint")
     fake.read_quant_config = lambda model_dir: dict(json.loads((model_dir / "config.json").read_text())[
         "quantization_config"])
     fake.read_quantized_weights = read_quantized_weights
-    monkeypatch.setitem(sys.modules, "qserve_lite.model.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "qserve_lite.io.checkpoint", fake)
     return out, calls
 
 
@@ -426,7 +426,7 @@ def test_loader_quantized_checkpoint_precisions(fake_quantized_checkpoint):
 def test_loader_qserve_zoo_checkpoint_without_quantization_config(tmp_path):
     """A QServe zoo checkpoint has no quantization_config: it is still recognized as quantized (W4
     per-channel, default KV4) and its linears run the W4A8 emulation."""
-    pytest.importorskip("qserve_lite.model.checkpoint")
+    pytest.importorskip("qserve_lite.io.checkpoint")
     from conftest import build_tokenizer
 
     src = Path(__file__).parent / "data" / "qserve_zoo_tiny"

@@ -18,9 +18,9 @@ from qserve_lite.errors import QServeLiteError, SamplingError
 from qserve_lite.model.attention import ContiguousAttention, PackedBatch, PagedAttention
 from qserve_lite.model.kv_cache import KVCache
 from qserve_lite.model.llama import causal_attention
-from qserve_lite.model.loader import load_model
+from qserve_lite.io.loader import load_model
 from qserve_lite.model.paged_kv_cache import PagedKVCache
-from qserve_lite.ops.kv_quant import KVFakeQuantizer
+from qserve_lite.kernels.kv_quant import KVFakeQuantizer
 
 
 @pytest.fixture(scope="module")

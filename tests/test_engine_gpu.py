@@ -26,8 +26,8 @@ from qserve_lite.engine.gpu_model_runner import GPUModelRunner  # noqa: E402
 from qserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
 from qserve_lite.errors import DeviceError  # noqa: E402
 from qserve_lite.llm import LLM  # noqa: E402
-from qserve_lite.model.checkpoint import LINEARS, save_quantized  # noqa: E402
-from qserve_lite.model.config import ModelConfig  # noqa: E402
+from qserve_lite.io.checkpoint import LINEARS, save_quantized  # noqa: E402
+from qserve_lite.core.model_config import ModelConfig  # noqa: E402
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear  # noqa: E402
 from qserve_lite.model.weights import load_llama_weights  # noqa: E402
 from qserve_lite.quant.quantizers import (  # noqa: E402

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import random_weights, tiny_config, write_model
 
-from qserve_lite.model.config import ModelConfig
-from qserve_lite.model.loader import load_model
-from qserve_lite.model.rope import rope_inv_freq
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.io.loader import load_model
+from qserve_lite.core.rope import rope_inv_freq
 from qserve_lite.model.weights import load_llama_weights
 
 
@@ -125,7 +125,7 @@ def test_bf16_and_fp16_checkpoints_load(tmp_path):
         w16.final_norm, tensors["model.norm.weight"].astype(np.float16).astype(np.float32)
     )
     # bf16 written by hand (numpy has no bf16): top 16 bits of each fp32
-    from qserve_lite.model.safetensors_reader import SafetensorsFile
+    from qserve_lite.io.safetensors_reader import SafetensorsFile
 
     bits = (tensors["model.norm.weight"].view(np.uint32) >> 16).astype(np.uint16)
     header = b'{"x":{"dtype":"BF16","shape":[%d],"data_offsets":[0,%d]}}' % (bits.size, bits.nbytes)
@@ -143,7 +143,7 @@ def test_safetensors_reads_release_pages_and_stay_correct(tmp_path):
     resident); tensors that share a page, and repeated reads, still come back exact."""
     from safetensors.numpy import save_file
 
-    from qserve_lite.model.safetensors_reader import SafetensorsFile
+    from qserve_lite.io.safetensors_reader import SafetensorsFile
 
     rng = np.random.default_rng(0)
     tensors = {"a": rng.standard_normal(3).astype(np.float32),  # a and b share the first page

@@ -8,7 +8,7 @@ import pytest
 from qserve_lite.engine.reference import generate, generate_tokens
 from qserve_lite.engine.sampler import sample_next
 from qserve_lite.errors import QServeLiteError, SamplingError
-from qserve_lite.model.loader import load_model
+from qserve_lite.io.loader import load_model
 from qserve_lite.sampling_params import SamplingParams
 
 

@@ -13,18 +13,18 @@ import pytest
 
 from conftest import cupy_or_skip
 
-from qserve_lite.ops.act_quant import quantize_per_token, silu_mul, silu_mul_quant
-from qserve_lite.ops.fp16_gemm import fp16_gemm
-from qserve_lite.ops.norm_quant import rms_norm, rms_norm_quant
-from qserve_lite.ops.w4a8_gemm import w4_to_int8, w4a8_group_gemm_packed, w4a8_per_channel_gemm_packed
-from qserve_lite.ops.w8a8_gemm import w8a8_gemm
-from qserve_lite.quant.pack import pack_w4, to_qserve_group_params
+from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul, silu_mul_quant
+from qserve_lite.kernels.fp16_gemm import fp16_gemm
+from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
+from qserve_lite.kernels.w4a8_gemm import w4_to_int8, w4a8_group_gemm_packed, w4a8_per_channel_gemm_packed
+from qserve_lite.kernels.w8a8_gemm import w8a8_gemm
+from qserve_lite.core.pack import pack_w4, to_qserve_group_params
 
 pytestmark = pytest.mark.gpu
 
 cp = cupy_or_skip()
 
-from qserve_lite.ops import _gpu  # noqa: E402
+from qserve_lite.kernels.cuda import _gpu  # noqa: E402
 
 MS = [1, 7, 64, 300, 2048]
 

@@ -15,8 +15,8 @@ from qserve_lite.errors import (
     TokenizerError,
     WeightsError,
 )
-from qserve_lite.model import loader
-from qserve_lite.model.loader import load_model, resolve_model
+from qserve_lite.io import loader
+from qserve_lite.io.loader import load_model, resolve_model
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_hub_failure_says_what_to_do(monkeypatch):
 
 
 def test_default_model_download_failure_says_what_to_do(monkeypatch):
-    from qserve_lite.model import default_models
+    from qserve_lite.io import default_models
 
     monkeypatch.setattr(default_models, "_installed_gguf", lambda spec: None)
     monkeypatch.setattr(default_models.sys, "executable", "/nonexistent/python")

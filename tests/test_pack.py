@@ -1,11 +1,11 @@
-"""QServe's packed W4 layout and g128 group-parameter layout (quant/pack.py)."""
+"""QServe's packed W4 layout and g128 group-parameter layout (core/pack.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from qserve_lite.quant.pack import from_qserve_group_params, pack_w4, to_qserve_group_params, unpack_w4
+from qserve_lite.core.pack import from_qserve_group_params, pack_w4, to_qserve_group_params, unpack_w4
 
 
 def reference_pack(codes: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The GPU page layout's numpy twin (ops/paged_kv.py) and the attention twins (ops/attention.py), on CPU."""
+"""The GPU page layout's numpy twin (kernels/paged_kv.py) and the attention twins (kernels/attention.py), on CPU."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 
 from qserve_lite.model.llama import causal_attention
 from qserve_lite.model.paged_kv_cache import PagedKVCache
-from qserve_lite.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
-from qserve_lite.ops.attention import decode_attention, prefill_attention, rope_write_kv
-from qserve_lite.ops.paged_kv import KVPageLayout, PagedKVPool, pack_codes, unpack_codes
+from qserve_lite.core.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
+from qserve_lite.core.kv_layout import KVPageLayout
+from qserve_lite.kernels.paged_kv import PagedKVPool, pack_codes, unpack_codes
 
 
 def cfg(kvh=2, d=64, layers=1):

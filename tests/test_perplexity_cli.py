@@ -11,7 +11,7 @@ from qserve_lite.cli import main
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.eval.corpus import python_doc_files, read_texts
 from qserve_lite.eval.perplexity import perplexity
-from qserve_lite.model.loader import load_model
+from qserve_lite.io.loader import load_model
 
 FIXTURE_TEXT = (
     "Python is a programming language that lets you work quickly and integrate systems more effectively.\n"
@@ -89,7 +89,7 @@ def test_cli_generate_chat(tiny_model_dir, capsys):
 
 
 def test_cli_gpu_unavailable_is_a_clear_error(tiny_model_dir, capsys, monkeypatch):
-    from qserve_lite.engine import device
+    from qserve_lite.core import backend as device
 
     monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: "cupy is not installed")
     rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--device", "gpu"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import random_weights, tiny_config, write_model
 
-from qserve_lite.model.config import ModelConfig
+from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.model.llama import LlamaModel
 from qserve_lite.model.tokenizer import Tokenizer
 from qserve_lite.model.weights import load_llama_weights
@@ -250,7 +250,7 @@ def test_group_clip_search_picks_each_groups_best_ratio_by_the_quantizer_formula
 
 def test_qk_block_clip_search(qoq_model_dir):
     cfg, w = _load64(qoq_model_dir)
-    from qserve_lite.model.rope import rope_inv_freq
+    from qserve_lite.core.rope import rope_inv_freq
 
     ids = _samples(cfg, n=2, t=24, seed=4)
     st = LayerRunner(LlamaModel(cfg, w, np), ids).run(0, {"attn_in": PointSpec(keep_samples=2)})
@@ -290,7 +290,7 @@ def test_python_doc_split_is_disjoint():
 
 def _ppl(model_dir, ids):
     from qserve_lite.eval.perplexity import perplexity
-    from qserve_lite.model.loader import load_model
+    from qserve_lite.io.loader import load_model
 
     lm = load_model(model_dir)
     return perplexity(lm.model, ids, seq_len=128, progress=False).ppl, lm
@@ -323,7 +323,7 @@ def test_quantize_model_end_to_end(qoq_model_dir, tmp_path):
 
 def test_quantize_cli_w8a8(qoq_model_dir, tmp_path):
     from qserve_lite.cli import main
-    from qserve_lite.model.loader import load_model
+    from qserve_lite.io.loader import load_model
 
     out = tmp_path / "w8"
     rc = main(["quantize", "--model", str(qoq_model_dir), "--out", str(out), "--precision", "w8a8kv8",
@@ -383,7 +383,7 @@ def test_quantize_cli_calibrates_on_the_gpu_when_there_is_one(monkeypatch, tmp_p
     """`quantize --device auto` (the default) calibrates on a GPU when cupy sees one, else on the CPU; the
     CLI's step flags (here --rotation-seed) reach the QoQConfig."""
     from qserve_lite import cli
-    from qserve_lite.engine import device as device_mod
+    from qserve_lite.core import backend as device_mod
 
     monkeypatch.setattr(device_mod, "gpu_unavailable_reason", lambda: None if gpu else "no GPU here")
     seen = {}

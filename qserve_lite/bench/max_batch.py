@@ -2,7 +2,7 @@
 weights leave.
 
 Per sequence: its KV pages at full length (prompt + generated tokens), every layer, K and V, in the pool's
-page layout (ops/paged_kv.KVPageLayout). Per batch: the runner's preallocated activation buffers and a step's
+page layout (kernels/paged_kv.KVPageLayout). Per batch: the runner's preallocated activation buffers and a step's
 temporaries for max(max_num_batched_tokens, batch) tokens (engine/gpu_model_runner), plus the decode CUDA
 graph's own memory pool (one step's temporaries and its fp32 logits for `batch` rows). The throughput
 benchmark then confirms the batch by running it and steps down on an out-of-memory error.
@@ -10,10 +10,10 @@ benchmark then confirms the batch by running it and steps down on an out-of-memo
 
 from __future__ import annotations
 
-from ..engine.block_manager import pages_for
-from ..engine.gpu_model_runner import activation_buffer_bytes, temporary_bytes
-from ..model.config import ModelConfig
-from ..ops.paged_kv import KVPageLayout
+from qserve_lite.engine.block_manager import pages_for
+from qserve_lite.engine.gpu_model_runner import activation_buffer_bytes, temporary_bytes
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.core.kv_layout import KVPageLayout
 
 MAX_BATCH_LIMIT = 4096  # the search's upper end
 

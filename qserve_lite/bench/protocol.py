@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..sampling_params import SamplingParams
+from qserve_lite.sampling_params import SamplingParams
 
 MODES = ("static", "ifb")
 

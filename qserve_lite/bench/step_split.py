@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..sampling_params import SamplingParams
+from qserve_lite.sampling_params import SamplingParams
 
 
 @dataclass

@@ -4,9 +4,9 @@
     GLOBAL_BATCH_SIZE=64,128,256 qserve-lite bench --model llama-2-70b
     qserve-lite bench --model llama-3-8b --max-batch
 
-The model: a shipped config (model/configs: llama-3-8b, llama-2-7b, mistral-7b, llama-2-13b, llama-30b,
+The model: a shipped config (io/configs: llama-3-8b, llama-2-7b, mistral-7b, llama-2-13b, llama-30b,
 yi-34b, llama-2-70b, qwen1.5-72b) or a config.json, with random weights drawn on the GPU at --precision
-(bench/random_model.py); built once, then one engine (GPUModelRunner + LLMEngine + scheduler) per batch size.
+(model/random_weights.py); built once, then one engine (GPUModelRunner + LLMEngine + scheduler) per batch size.
 
 --mode static (QServe's protocol, the default): B sequences of --prompt-len random token ids (1024), each
 generating exactly --gen tokens (512; EOS ignored; greedy on the device, only token ids reach the host). All
@@ -48,10 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DeviceError, QServeLiteError
+from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.core.backend import device_array_module
 
 DEFAULT_BATCH = 64
-CPU_MAX_PARAMETERS = 200_000_000  # the numpy twin is for tiny configs
 TABLE = [
     ("model", "model"), ("precision", "precision"), ("g", "group_size"), ("mode", "mode"), ("batch", "batch"),
     ("prompt", "prompt_len"), ("gen", "gen_len"), ("wall s", "wall_s"), ("prefill s", "prefill_s"),
@@ -60,7 +60,7 @@ TABLE = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .protocol import MODES
+    from qserve_lite.bench.protocol import MODES
 
     p.add_argument("--model", "-m", default="llama-3-8b", help="shipped config name or a config.json path")
     p.add_argument("--precision", default="w4a8kv4",
@@ -112,18 +112,8 @@ def batch_sizes(arg: str | None, environ=None) -> list[int]:
     return [DEFAULT_BATCH]
 
 
-def _array_module(device: str):
-    from ..engine.device import resolve_device
-
-    if resolve_device(device) == "cpu":
-        return np
-    import cupy
-
-    return cupy
-
-
 def _model_label(ref: str) -> str:
-    from ..model.shipped_configs import shipped_config_names
+    from qserve_lite.io.shipped_configs import shipped_config_names
 
     name = str(ref).lower().removesuffix(".json")
     return name if name in shipped_config_names() else str(ref)
@@ -132,20 +122,20 @@ def _model_label(ref: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """The command: 0 when every measurement ran, 1 when some batch size ran out of GPU memory (its error
     line printed, the other sizes measured), errors a user can fix raised as QServeLiteError."""
-    from ..engine.gpu_model_runner import env_num_pages
-    from ..model.shipped_configs import load_config
-    from ..quant.precision import Precision
-    from .measure import OutOfMemory, describe_oom, is_out_of_memory, measure, measure_largest_batch, release
-    from .random_model import build_random_weights, check_weights_fit
-    from .results import append_jsonl, device_name, format_table, git_sha, plot_throughput, read_jsonl
-    from .results import results_file, today
+    from qserve_lite.engine.gpu_model_runner import env_num_pages
+    from qserve_lite.io.shipped_configs import load_config
+    from qserve_lite.core.precision import Precision
+    from qserve_lite.bench.measure import OutOfMemory, describe_oom, is_out_of_memory, measure, measure_largest_batch, release
+    from qserve_lite.model.random_weights import CPU_MAX_PARAMETERS, build_random_weights, check_weights_fit
+    from qserve_lite.bench.results import append_jsonl, device_name, format_table, git_sha, plot_throughput, read_jsonl
+    from qserve_lite.bench.results import results_file, today
 
     precision = Precision.parse(args.precision)
     if args.max_batch and args.batch is not None:
         raise QServeLiteError("give --batch or --max-batch, not both")
     batches = None if args.max_batch else batch_sizes(args.batch)
     cfg = load_config(args.model)
-    xp = _array_module(args.device)
+    xp = device_array_module(args.device)
     if xp is np and cfg.num_parameters() > CPU_MAX_PARAMETERS:
         raise QServeLiteError(
             f"{args.model} has {cfg.num_parameters() / 1e9:.1f}B parameters; the CPU (numpy twin) path is "

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from ..model.paged_kv_cache import PAGE_SIZE
-from .sequence import Sequence
+from qserve_lite.core.kv_layout import PAGE_SIZE
+from qserve_lite.engine.sequence import Sequence
 
 
 def pages_for(num_tokens: int, page_size: int = PAGE_SIZE) -> int:

@@ -1,12 +1,12 @@
 """GPUModelRunner: the CuPy runner. Same contract as engine/model_runner.ModelRunner (run(seqs, is_prefill) ->
 next-token logits [num_seqs, vocab] fp32, here on the device; `xp` is cupy), with QServe's fused kernels.
 
-Weights: a DeviceWeights (engine/device_weights.py), in the layouts the kernels take: uploaded once from a
+Weights: a DeviceWeights (model/gpu_model.py), in the layouts the kernels take: uploaded once from a
 loaded model (model/loader.load_model; packed W4 qweights with q/k/v and gate/up concatenated along the
 output channels, int8 W8A8 weights, fp16 for float linears, embeddings, lm_head and norms), or built with
-random values directly on the device (bench/random_model.py).
+random values directly on the device (model/random_weights.py).
 
-One decoder layer on a packed batch of T tokens (ops/*):
+One decoder layer on a packed batch of T tokens (kernels/*):
     rms_norm_quant(x + residual)  -> qkv GEMM (fp16 out) -> rope_write_kv (RoPE in place, then the per-head
     Hadamard on q and k when the model has k_hadamard; K/V into the pages)
     -> prefill_attention (varlen, cu_seqlens) | decode_attention (block tables) -> quantize_per_token
@@ -31,15 +31,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import DeviceError, QServeLiteError
-from ..model.config import ModelConfig
-from ..model.loader import LoadedModel
-from ..model.paged_kv_cache import PAGE_SIZE
-from ..model.rope import rope_inv_freq
-from ..ops.paged_kv import KVPageLayout, PagedKVPool
-from .device_weights import DeviceLayer, DeviceLinear, DeviceWeights, check_head_dim, fuse_linears
-from .model_runner import ModelRunner
-from .sequence import Sequence
+from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.io.loader import LoadedModel
+from qserve_lite.core.kv_layout import PAGE_SIZE
+from qserve_lite.core.rope import rope_inv_freq
+from qserve_lite.core.kv_layout import KVPageLayout
+from qserve_lite.kernels.paged_kv import PagedKVPool
+from qserve_lite.model.gpu_model import DeviceLayer, DeviceLinear, DeviceWeights, check_head_dim, fuse_linears
+from qserve_lite.engine.model_runner import ModelRunner
+from qserve_lite.engine.sequence import Sequence
 
 __all__ = ["DeviceLayer", "DeviceLinear", "DeviceWeights", "GPUModelRunner", "fuse_linears"]
 
@@ -216,7 +217,7 @@ class GPUModelRunner:
 
     def _norm(self, x, residual, gamma):
         """(the next linear's input, the new residual stream)."""
-        from ..ops.norm_quant import rms_norm, rms_norm_quant
+        from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
 
         if self.float_acts:
             return rms_norm(x, gamma, self.eps, residual=residual, xp=self.xp)
@@ -224,8 +225,8 @@ class GPUModelRunner:
 
     def _forward(self, tok, pos, slots, cu, ctx, block_tables, T, is_prefill, max_q, max_ctx):
         """The decoder layers on T packed tokens -> (last hidden, residual stream)."""
-        from ..ops.act_quant import quantize_per_token, silu_mul, silu_mul_quant
-        from ..ops.attention import decode_attention, prefill_attention, rope_write_kv
+        from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul, silu_mul_quant
+        from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
 
         cp = self.xp
         H, KVH, D = self.H, self.KVH, self.D
@@ -256,8 +257,8 @@ class GPUModelRunner:
         return x, residual
 
     def _logits(self, x, residual):
-        from ..ops.fp16_gemm import fp16_gemm
-        from ..ops.norm_quant import rms_norm
+        from qserve_lite.kernels.fp16_gemm import fp16_gemm
+        from qserve_lite.kernels.norm_quant import rms_norm
 
         y, _ = rms_norm(x, self.final_norm, self.eps, residual=residual, xp=self.xp)
         return fp16_gemm(y, self.lm_head, self.lm_head_bias, out_dtype=np.float32, xp=self.xp)
@@ -298,7 +299,7 @@ class GPUModelRunner:
         benchmark building several runners in one process)."""
         self.graphs.clear()
         if self.graph_stream is not None:
-            from ..ops import _gpu, _gpu_attention
+            from qserve_lite.kernels.cuda import _gpu, attention as _gpu_attention
 
             key = (self.xp.cuda.Device().id, self.graph_stream.ptr)
             for workspace in (_gpu._workspace, _gpu_attention._workspace):
@@ -322,7 +323,7 @@ class GPUModelRunner:
         tokens). Everything the step allocates comes from a memory pool of the graph's own, warmed by an eager
         run of the same step first (kernels compiled, blocks cached: no cudaMalloc while capturing); no one
         else allocates from that pool, so no memory the graph writes is ever handed out again."""
-        from ..ops import _gpu, _gpu_attention
+        from qserve_lite.kernels.cuda import _gpu, attention as _gpu_attention
 
         cp = self.xp
         inputs = cp.asarray(self._graph_inputs(bucket))

@@ -7,24 +7,24 @@ finished. The runner is the only device-specific part (numpy here, CuPy on the G
 A model without a tokenizer (LLMEngine(None, runner=...) over random device weights, bench/) takes token-id
 prompts only; its outputs carry token ids and no text, and EOS comes from the config. Given a tokenizer
 (LLMEngine(None, runner=..., tokenizer=...): random weights served with a real vocabulary,
-bench/random_engine.py), it takes text and detokenizes as a loaded model does.
+engine/random_engine.py), it takes text and detokenizes as a loaded model does.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QServeLiteError
-from ..model.loader import LoadedModel
-from ..model.paged_kv_cache import PAGE_SIZE
-from ..model.tokenizer import IncrementalDetokenizer
-from ..outputs import CompletionOutput, RequestOutput
-from ..sampling_params import SamplingParams
-from .block_manager import BlockManager
-from .model_runner import ModelRunner, default_num_pages
-from .sampler import Sampler
-from .scheduler import Scheduler
-from .sequence import Sequence
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.io.loader import LoadedModel
+from qserve_lite.core.kv_layout import PAGE_SIZE
+from qserve_lite.model.tokenizer import IncrementalDetokenizer
+from qserve_lite.outputs import CompletionOutput, RequestOutput
+from qserve_lite.sampling_params import SamplingParams
+from qserve_lite.engine.block_manager import BlockManager
+from qserve_lite.engine.model_runner import ModelRunner, default_num_pages
+from qserve_lite.engine.sampler import Sampler
+from qserve_lite.engine.scheduler import Scheduler
+from qserve_lite.engine.sequence import Sequence
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
@@ -75,7 +75,7 @@ class LLMEngine:
         if max_num_batched_tokens < 2:
             raise QServeLiteError(f"max_num_batched_tokens must be >= 2, got {max_num_batched_tokens}")
         if runner is None and device == "gpu":  # the CuPy runner sizes its page pool from free GPU memory
-            from .gpu_model_runner import GPUModelRunner
+            from qserve_lite.engine.gpu_model_runner import GPUModelRunner
 
             runner = GPUModelRunner(
                 loaded,

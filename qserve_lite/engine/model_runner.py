@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.attention import PackedBatch, PagedAttention
-from ..model.llama import LlamaModel
-from ..model.paged_kv_cache import PAGE_SIZE, PagedKVCache, page_bytes
-from .sequence import Sequence
+from qserve_lite.model.attention import PackedBatch, PagedAttention
+from qserve_lite.model.llama import LlamaModel
+from qserve_lite.core.kv_layout import PAGE_SIZE
+from qserve_lite.model.paged_kv_cache import PagedKVCache, page_bytes
+from qserve_lite.engine.sequence import Sequence
 
 CPU_KV_CACHE_BYTES = 2 << 30  # default page pool size on the CPU when num_pages is not given
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sampling_params import SamplingParams
+from qserve_lite.sampling_params import SamplingParams
+from qserve_lite.core.backend import to_host
 
 
 def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -41,10 +42,6 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
         probs = np.where(probs >= params.min_p * probs.max(), probs, 0.0)
         probs /= probs.sum()
     return int(rng.choice(probs.size, p=probs))
-
-
-def _to_host(x) -> np.ndarray:
-    return x.get() if hasattr(x, "get") else np.asarray(x)
 
 
 def log_softmax(x, xp):
@@ -127,7 +124,7 @@ class Sampler:
         tokens = np.empty(B, dtype=np.int64)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
-            tokens[greedy] = _to_host(xp.argmax(logits[greedy], axis=-1))
+            tokens[greedy] = to_host(xp.argmax(logits[greedy], axis=-1))
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             temps = xp.asarray([params[i].temperature for i in sampled], dtype=xp.float32)[:, None]
@@ -143,7 +140,7 @@ class Sampler:
             # u in (0, 1]: the first token whose cdf reaches u * total has positive probability
             u = xp.asarray([1.0 - seqs[i].generator.random() for i in sampled], dtype=xp.float32)[:, None]
             picked = xp.minimum(xp.sum(cdf < u * cdf[:, -1:], axis=-1), V - 1)
-            tokens[sampled] = _to_host(picked)
+            tokens[sampled] = to_host(picked)
 
         logprobs: list[dict[int, float] | None] = [None] * B
         if want_lp:
@@ -157,7 +154,7 @@ class Sampler:
         xp = self.xp
         V = logprobs.shape[1]
         n_max = min(max(ns), V)
-        chosen_lp = _to_host(xp.take_along_axis(logprobs, xp.asarray(chosen)[:, None], axis=-1))[:, 0]
+        chosen_lp = to_host(xp.take_along_axis(logprobs, xp.asarray(chosen)[:, None], axis=-1))[:, 0]
         if n_max > 0:
             if n_max < V:
                 top = xp.argpartition(-logprobs, n_max - 1, axis=-1)[:, :n_max]
@@ -166,8 +163,8 @@ class Sampler:
             top_lp = xp.take_along_axis(logprobs, top, axis=-1)
             order = xp.argsort(-top_lp, axis=-1, kind="stable")
             top, top_lp = (
-                _to_host(xp.take_along_axis(top, order, axis=-1)),
-                _to_host(xp.take_along_axis(top_lp, order, axis=-1)),
+                to_host(xp.take_along_axis(top, order, axis=-1)),
+                to_host(xp.take_along_axis(top_lp, order, axis=-1)),
             )
         out = []
         for r, n in enumerate(ns):

@@ -17,8 +17,8 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
-from .block_manager import BlockManager
-from .sequence import Sequence, SequenceStatus
+from qserve_lite.engine.block_manager import BlockManager
+from qserve_lite.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

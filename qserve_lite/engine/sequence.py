@@ -6,8 +6,8 @@ from enum import Enum
 
 import numpy as np
 
-from ..model.tokenizer import IncrementalDetokenizer
-from ..sampling_params import SamplingParams
+from qserve_lite.model.tokenizer import IncrementalDetokenizer
+from qserve_lite.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import QServeLiteError
+from qserve_lite.errors import QServeLiteError
 
 PYTHON_DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 PYTHON_DOC_HINT = "install it with: sudo apt-get install python3.11-doc (Debian/Ubuntu)"

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import QServeLiteError
-from ..model.llama import LlamaModel
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.model.llama import LlamaModel
 
 
 @dataclass

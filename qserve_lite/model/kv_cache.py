@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
+from qserve_lite.core.model_config import ModelConfig
 
 
 class KVCache:

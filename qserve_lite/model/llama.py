@@ -9,12 +9,12 @@ import math
 
 import numpy as np
 
-from ..ops.attention import head_hadamard
-from .attention import AttentionBackend, ContiguousAttention, as_backend
-from .config import ModelConfig
-from .kv_cache import KVCache
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
-from .weights import LayerWeights, LlamaWeights
+from qserve_lite.kernels.attention import head_hadamard
+from qserve_lite.model.attention import AttentionBackend, ContiguousAttention, as_backend
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.model.kv_cache import KVCache
+from qserve_lite.core.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from qserve_lite.model.weights import LayerWeights, LlamaWeights
 
 
 def rms_norm(x, weight, eps: float, xp):
@@ -85,7 +85,7 @@ class LlamaModel:
         self.observer = None
         # k_hadamard: q and k are multiplied per head by the normalized Hadamard matrix H_D after RoPE (after
         # the observer sees them), before the KV cache write: q k^T is unchanged (H H^T = I), and the rotated
-        # K quantizes much better to KV4. Set from a checkpoint's quantization_config (model/loader.py).
+        # K quantizes much better to KV4. Set from a checkpoint's quantization_config (io/loader.py).
         self.k_hadamard = False
         # fp16_activations: round to fp16 where the GPU engine stores fp16 (the residual stream, post-RoPE /
         # Hadamard q and k, the final norm's output; quantized linears already return fp16 values and
@@ -113,10 +113,10 @@ class LlamaModel:
         return x.astype(self.xp.float16).astype(x.dtype) if self.fp16_activations else x
 
     def head_hadamard_matrix(self, dtype):
-        """The normalized Hadamard matrix H_D [head_dim, head_dim] (quant/hadamard.py) as an xp array."""
+        """The normalized Hadamard matrix H_D [head_dim, head_dim] (core/hadamard.py) as an xp array."""
         h = self._head_hadamard
         if h is None or h.dtype != dtype:
-            from ..quant.hadamard import hadamard
+            from qserve_lite.core.hadamard import hadamard
 
             h = self._head_hadamard = self.xp.asarray(hadamard(self.cfg.head_dim), dtype=dtype)
         return h

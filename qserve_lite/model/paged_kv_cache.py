@@ -9,7 +9,7 @@ the same values):
 
 - kv_bits 16 (fp16 / fp32 values, the model's dtype):
       k_pages[layer], v_pages[layer]    [num_pages, kv_heads, 64, head_dim]   dtype
-- kv_bits 4 or 8 (asymmetric per token per head, exactly ops/kv_quant.kv_quantize):
+- kv_bits 4 or 8 (asymmetric per token per head, exactly kernels/kv_quant.kv_quantize):
       k_codes[layer], v_codes[layer]    [num_pages, kv_heads, 64, head_dim]   uint8 (one code per byte;
                                         KV4 uses 0..15 - the GPU packs two per byte, even channel low)
       k_scales, v_scales                [num_pages, kv_heads, 64]             fp16
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ops.kv_quant import kv_dequantize, kv_quantize
-from .config import ModelConfig
+from qserve_lite.kernels.kv_quant import kv_dequantize, kv_quantize
+from qserve_lite.core.kv_layout import PAGE_SIZE
+from qserve_lite.core.model_config import ModelConfig
 
-PAGE_SIZE = 64  # tokens per page (the only size QServe's kernels support)
 
 
 def page_bytes(cfg: ModelConfig, kv_bits: int = 16, dtype=np.float32) -> int:

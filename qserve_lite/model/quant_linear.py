@@ -1,6 +1,6 @@
 """Quantized linears with the Linear call signature: W4A8 (per-channel or progressive g128) and W8A8.
 
-Owned by the emulation work: __call__ runs the exact integer emulation of QServe's GEMMs (ops/):
+Owned by the emulation work: __call__ runs the exact integer emulation of QServe's GEMMs (kernels/):
 x [..., k] float32 -> per-token int8 quantization -> integer GEMM -> fp32 epilogue -> fp16 output,
 returned as float32 holding fp16-rounded values (what the GPU's fp16 output would be)."""
 
@@ -8,18 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ops.act_quant import quantize_per_token
-from ..ops.w4a8_gemm import group_level1, w4a8_group_gemm, w4a8_per_channel_gemm
-from ..ops.w8a8_gemm import w8a8_gemm
-from ..quant.formats import W4Group, W4PerChannel, W8PerChannel
-
-
-def _array_module(x):
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
+from qserve_lite.kernels.act_quant import quantize_per_token
+from qserve_lite.kernels.w4a8_gemm import group_level1, w4a8_group_gemm, w4a8_per_channel_gemm
+from qserve_lite.kernels.w8a8_gemm import w8a8_gemm
+from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
+from qserve_lite.core.backend import array_module
 
 
 def _exact_weight(qlinear, xp):
@@ -52,7 +45,7 @@ class W4A8Linear:
         return self.qweight.in_features
 
     def __call__(self, x):
-        xp = _array_module(x)
+        xp = array_module(x)
         qw = self.qweight
         qa = quantize_per_token(x.reshape(-1, x.shape[-1]), xp)
         w = _exact_weight(self, xp)
@@ -77,7 +70,7 @@ class W8A8Linear:
         return self.qweight.in_features
 
     def __call__(self, x):
-        xp = _array_module(x)
+        xp = array_module(x)
         qa = quantize_per_token(x.reshape(-1, x.shape[-1]), xp)
         y = w8a8_gemm(qa.q, qa.scales, _exact_weight(self, xp), self.qweight.scales, self.bias, xp)
         return y.astype(xp.float32).reshape(*x.shape[:-1], y.shape[-1])

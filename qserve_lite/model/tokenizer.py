@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import TokenizerError
+from qserve_lite.errors import TokenizerError
 
 
 def _read_json(path: Path) -> dict:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import WeightsError
-from .config import ModelConfig
-from .linear import Linear
-from .safetensors_reader import SafetensorsFile
+from qserve_lite.errors import WeightsError
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.model.linear import Linear
+from qserve_lite.io.safetensors_reader import SafetensorsFile
 
 
 @dataclass

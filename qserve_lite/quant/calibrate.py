@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import QServeLiteError
-from ..eval.corpus import PYTHON_DOC_ROOT, python_doc_files
-from ..model.llama import OBSERVED_POINTS, LlamaModel
-from ..model.rope import rope_cos_sin
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.eval.corpus import PYTHON_DOC_ROOT, python_doc_files
+from qserve_lite.model.llama import OBSERVED_POINTS, LlamaModel
+from qserve_lite.core.rope import rope_cos_sin
+from qserve_lite.core.backend import array_module
 
 PILE_REPO = "mit-han-lab/pile-val-backup"
 PILE_FILE = "val.jsonl.zst"
@@ -171,7 +172,7 @@ def load_calibration_samples(tokenizer, source: str | Sequence[str | Path] = "py
 
 def gpu_available() -> bool:
     """cupy is importable and sees a CUDA device (the engine's own check)."""
-    from ..engine.device import gpu_unavailable_reason
+    from qserve_lite.core.backend import gpu_unavailable_reason
 
     return gpu_unavailable_reason() is None
 
@@ -212,15 +213,6 @@ def _numpy(x) -> np.ndarray:
     return x.get() if hasattr(x, "get") else np.asarray(x)
 
 
-def _array_module(x):
-    """cupy for a cupy array, else numpy."""
-    if type(x).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
-
-
 class _PointReducer:
     def __init__(self, spec: PointSpec, total_tokens: int):
         self.spec = spec
@@ -233,7 +225,7 @@ class _PointReducer:
     def update(self, x, first_sample: int) -> None:
         """Reduce one batch x [B, T, *channels] (numpy, or cupy: absmax and X^T X are reduced on the
         device, only their results and the kept rows / samples come to the host)."""
-        xp = _array_module(x)
+        xp = array_module(x)
         B, T = x.shape[:2]
         st, spec = self.stats, self.spec
         if spec.absmax:

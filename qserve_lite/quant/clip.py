@@ -16,9 +16,9 @@ import math
 
 import numpy as np
 
-from ..model.rope import apply_rope, rope_cos_sin
-from ..model.weights import LayerWeights
-from .quantizers import w4_per_channel_codes, w4_per_channel_params
+from qserve_lite.core.rope import apply_rope, rope_cos_sin
+from qserve_lite.model.weights import LayerWeights
+from qserve_lite.quant.quantizers import w4_per_channel_codes, w4_per_channel_params
 
 
 def clip_ratios(grid: int = 80, min_ratio: float = 0.2) -> np.ndarray:

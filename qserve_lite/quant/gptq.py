@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .formats import W4Group, W4PerChannel, W8PerChannel
-from .quantizers import (
+from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
+from qserve_lite.quant.quantizers import (
     PROTECTIVE_RANGE,
     pad_columns,
     progressive_codes,

@@ -26,20 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import QServeLiteError
-from ..model.config import ModelConfig
-from ..model.linear import Linear
-from ..model.llama import LlamaModel
-from ..model.rope import rope_inv_freq
-from ..model.weights import LayerReader, LayerWeights, LlamaWeights, load_llama_weights
-from . import calibrate
-from .calibrate import LayerRunner, PointSpec, PointStats
-from .clip import clip_ratios, search_group_clip, search_qk_clip, search_row_clip
-from .gptq import gptq_w4_group, gptq_w4_per_channel, gptq_w8, progressive_params, rtn_w4_group
-from .quantizers import quantize_w4_per_channel, quantize_w8_per_channel
-from .reorder import reorder_down
-from .smooth_attention import search_smooth_attention, smooth_attention
-from .smooth_proj import DEFAULT_ALPHA_BETA, smooth_proj
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.model.linear import Linear
+from qserve_lite.model.llama import LlamaModel
+from qserve_lite.core.rope import rope_inv_freq
+from qserve_lite.model.weights import LayerReader, LayerWeights, LlamaWeights, load_llama_weights
+from qserve_lite.quant import calibrate
+from qserve_lite.quant.calibrate import LayerRunner, PointSpec, PointStats
+from qserve_lite.quant.clip import clip_ratios, search_group_clip, search_qk_clip, search_row_clip
+from qserve_lite.quant.gptq import gptq_w4_group, gptq_w4_per_channel, gptq_w8, progressive_params, rtn_w4_group
+from qserve_lite.quant.quantizers import quantize_w4_per_channel, quantize_w8_per_channel
+from qserve_lite.quant.reorder import reorder_down
+from qserve_lite.quant.smooth_attention import search_smooth_attention, smooth_attention
+from qserve_lite.quant.smooth_proj import DEFAULT_ALPHA_BETA, smooth_proj
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INPUT_POINT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
@@ -173,7 +173,7 @@ def rtn(w_bit: int = 4, group_size: int = 128, kv_bit: int = 4, **overrides) -> 
 
 def config_for_precision(precision: str = "w4a8kv4", group_size: int = 128, **overrides) -> QoQConfig:
     """Preset for a QServe precision name (w4a8kv4, w4a8kv8, w8a8kv4, w8a8kv8)."""
-    from .precision import Precision
+    from qserve_lite.core.precision import Precision
 
     p = Precision.parse(precision)
     if (p.w_bits, p.a_bits) not in ((4, 8), (8, 8)) or p.kv_bits not in (4, 8):
@@ -312,7 +312,7 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
                    inv_freq: np.ndarray, xp=np) -> dict:
     """Replace the 7 linears of a (transformed, float64) layer by W4A8Linear / W8A8Linear, in place. xp = cupy
     (GPU calibration) runs GPTQ's Hessian factorizations and the g128 group clip search on the GPU."""
-    from ..model.quant_linear import W4A8Linear, W8A8Linear
+    from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 
     info: dict = {}
     ratios = {name: 1.0 for name in LINEAR_NAMES}
@@ -364,7 +364,7 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
     quantized ones) rather than the whole float model. Returns per-layer records of what was done."""
     from tqdm.auto import tqdm
 
-    from .rotate import prepare_ends, prepare_layer, rotation_matrices
+    from qserve_lite.quant.rotate import prepare_ends, prepare_layer, rotation_matrices
 
     # QServe's W4A8 runtime ignores norm weights: they are always folded into the linears
     R, Rh = rotation_matrices(cfg, seed=config.rotation_seed) if config.rotation else (None, None)
@@ -406,9 +406,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
                    calib_files: list[str | Path] | None = None, progress: bool = True,
                    overwrite: bool = False) -> QuantizeReport:
     """Quantize a float Llama-family model with QoQ and write a QServe-format checkpoint to out_dir."""
-    from ..model.checkpoint import save_quantized
-    from ..model.loader import resolve_model
-    from ..model.tokenizer import Tokenizer
+    from qserve_lite.io.checkpoint import save_quantized
+    from qserve_lite.io.loader import resolve_model
+    from qserve_lite.model.tokenizer import Tokenizer
 
     config = config or qoq_g128()
     t0 = time.perf_counter()

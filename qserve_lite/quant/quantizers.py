@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import W4Group, W4PerChannel, W8PerChannel
+from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
 
 PROTECTIVE_RANGE = 119  # QoQ: level-1 int8 range kept inside +-119 so 4-bit requantization stays in int8
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.weights import LayerWeights
+from qserve_lite.model.weights import LayerWeights
 
 
 def reorder_index(x_absmax: np.ndarray) -> np.ndarray:

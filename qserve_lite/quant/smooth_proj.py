@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.weights import LayerWeights
+from qserve_lite.model.weights import LayerWeights
 
 DEFAULT_ALPHA_BETA = {128: (0.3, 0.7), -1: (0.1, 0.9)}  # keyed by group size (deepcompressor's QoQ configs)
 

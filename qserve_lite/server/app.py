@@ -28,12 +28,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..errors import QServeLiteError, SamplingError
-from ..sampling_params import SamplingParams
-from .async_engine import AsyncEngine, Delta, EngineError, Submission
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .protocol import (
+from qserve_lite import __version__
+from qserve_lite.errors import QServeLiteError, SamplingError
+from qserve_lite.sampling_params import SamplingParams
+from qserve_lite.server.async_engine import AsyncEngine, Delta, EngineError, Submission
+from qserve_lite.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from qserve_lite.server.protocol import (
     MAX_CHOICES,
     AssistantMessage,
     ChatChoice,
@@ -723,13 +723,13 @@ def serve(
 
     random_weights: a shipped config name (llama-3-8b, ...) or a config.json: serve random weights of that
     shape at `precision` (default w4a8kv4; group_size for W4) with the vocabulary of `tokenizer` (default:
-    `model`'s), for load tests (bench/random_engine.py). The startup line and /v1/models say so."""
+    `model`'s), for load tests (engine/random_engine.py). The startup line and /v1/models say so."""
     import uvicorn
 
     t0 = time.perf_counter()
     metadata = None
     if random_weights is not None:
-        from ..bench.random_engine import build_random_engine
+        from qserve_lite.engine.random_engine import build_random_engine
 
         built = build_random_engine(
             random_weights,
@@ -746,7 +746,7 @@ def serve(
         what = f"{built.describe()}; max_model_len {engine.max_model_len}, {engine.block_manager.num_pages}"
         what += " KV pages"
     else:
-        from ..llm import LLM
+        from qserve_lite.llm import LLM
 
         llm = LLM(
             model,

@@ -21,11 +21,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..engine.llm_engine import LLMEngine
-from ..errors import QServeLiteError
-from ..outputs import RequestOutput
-from ..sampling_params import SamplingParams
-from .metrics import ServerMetrics
+from qserve_lite.engine.llm_engine import LLMEngine
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.outputs import RequestOutput
+from qserve_lite.sampling_params import SamplingParams
+from qserve_lite.server.metrics import ServerMetrics
 
 log = logging.getLogger("qserve_lite.server")
 

@@ -1,0 +1,153 @@
+"""ModelConfig: the fields of a Hugging Face config.json that the forward needs, validated."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qserve_lite.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    rope_scaling: dict | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_parameters(self) -> int:
+        """Weights of the model this config describes (embeddings, lm_head unless tied, linears, qkv biases,
+        norms): the figure model cards quote, e.g. 8.03e9 for Llama-3-8B."""
+        h = self.hidden_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        if self.qkv_bias:
+            attn += self.q_size + 2 * self.kv_size
+        per_layer = attn + 3 * h * self.intermediate_size + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + h
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ConfigError(
+                f"{source}: field 'architectures' is missing; expected one of {SUPPORTED_ARCHITECTURES}"
+            )
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: architecture '{arch}' is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def need(name: str, typ=int):
+            if name not in cfg or cfg[name] is None:
+                raise ConfigError(f"{source}: required field '{name}' is missing")
+            try:
+                value = typ(cfg[name])
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"{source}: field '{name}' = {cfg[name]!r} is not a valid {typ.__name__}"
+                ) from None
+            if typ is int and value <= 0:
+                raise ConfigError(f"{source}: field '{name}' must be positive, got {value}")
+            return value
+
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        if kv_heads <= 0 or heads % kv_heads:
+            raise ConfigError(
+                f"{source}: num_attention_heads ({heads}) must be a multiple of "
+                f"num_key_value_heads ({kv_heads})"
+            )
+        head_dim = cfg.get("head_dim")
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(
+                    f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+                )
+            head_dim = hidden // heads
+        head_dim = int(head_dim)
+        if head_dim % 2:
+            raise ConfigError(f"{source}: head_dim must be even for RoPE, got {head_dim}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(
+                f"{source}: hidden_act '{cfg.get('hidden_act')}' is not supported (only 'silu')"
+            )
+
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is not None:
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if rope_type not in ("default", "llama3", "linear"):
+                raise ConfigError(
+                    f"{source}: rope_scaling type '{rope_type}' is not supported (default, linear, llama3)"
+                )
+            if rope_type == "default":
+                rope_scaling = None
+            else:
+                rope_scaling = dict(rope_scaling, rope_type=rope_type)
+
+        if arch == "Qwen2ForCausalLM":
+            qkv_bias = True
+        else:
+            qkv_bias = bool(cfg.get("attention_bias", False))
+        if cfg.get("mlp_bias"):
+            raise ConfigError(f"{source}: mlp_bias=true is not supported")
+
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=arch,
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            vocab_size=need("vocab_size"),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            rope_scaling=rope_scaling,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            extra=cfg,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(cfg, source=str(path))

@@ -1,0 +1,151 @@
+"""Resolve a model reference (built-in alias, local directory, .gguf file, or hub id) and load it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qserve_lite.errors import DownloadError, GGUFImportError, ModelNotFoundError, QServeLiteError
+from qserve_lite.kernels.kv_quant import KVFakeQuantizer
+from qserve_lite.core.precision import Precision
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.io.default_models import ALIASES, cache_dir, ensure_default_model
+from qserve_lite.model.llama import LlamaModel
+from qserve_lite.model.tokenizer import Tokenizer
+from qserve_lite.model.weights import load_llama_weights
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+
+
+def require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise GGUFImportError(
+            "reading GGUF files needs the 'gguf' package: "
+            "pip install 'qserve-lite[gguf]' (or pip install gguf)"
+        )
+
+
+def _import_gguf_cached(path: Path) -> Path:
+    """A .gguf file is imported once into the cache, keyed by its absolute path, size and mtime."""
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if not (out / "config.json").is_file():
+        require_gguf()
+        from qserve_lite.io.gguf_import import import_gguf
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import_gguf(path, out)
+    return out
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # network errors, missing repos, gated repos all surface differently
+        raise DownloadError(
+            f"could not fetch '{repo_id}' from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Download it elsewhere and pass the local directory, or use a built-in alias "
+            f"({', '.join(ALIASES)})"
+        ) from None
+
+
+def resolve_model(ref: str | Path) -> Path:
+    """Return a local HF-layout directory for `ref`."""
+    ref_s = str(ref)
+    if ref_s in ALIASES:
+        require_gguf()
+        return ensure_default_model(ref_s)
+    path = Path(ref_s).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json; it is not a Hugging Face model directory")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return _import_gguf_cached(path)
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is neither a model directory nor a .gguf file")
+    if _HUB_ID.match(ref_s) and not ref_s.startswith((".", "/")):
+        return _download_from_hub(ref_s)
+    raise ModelNotFoundError(
+        f"model '{ref_s}' not found: give a built-in alias ({', '.join(ALIASES)}), a model directory, "
+        "a .gguf file or a Hugging Face hub id (org/name)"
+    )
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    config: ModelConfig
+    model: LlamaModel
+    tokenizer: Tokenizer
+    precision: Precision | None = None  # what the model runs at (None only for callers building it by hand)
+
+
+def _is_quantized(path: Path, cfg: ModelConfig) -> bool:
+    """config.json has a quantization_config, or (QServe zoo checkpoints, which have none) the tensors are
+    stored quantized."""
+    if "quantization_config" in cfg.extra:
+        return True
+    try:
+        from qserve_lite.io.checkpoint import is_quantized_checkpoint
+    except ImportError:  # checkpoint IO not available: only quantization_config marks a quantized model
+        return False
+    return is_quantized_checkpoint(path)
+
+
+def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) -> LoadedModel:
+    """Load config, weights (numpy, `dtype`) and tokenizer for the reference forward.
+
+    precision (see quant.precision; None = the model's own): a float model runs only at w16a16,
+    w16a16kv4 or w16a16kv8 (the KV cache fake-quantized to 4/8 bits); a quantized checkpoint (config.json
+    with `quantization_config`, or a QServe zoo checkpoint) runs at its own weight bits (default: the
+    checkpoint's w{w_bit}a8kv{kv_bit}), and the KV bits may be overridden. The model's k_hadamard (the
+    per-head Hadamard rotation of q and k after RoPE) comes from the checkpoint's quantization_config
+    ("k_hadamard", absent = off); float models run without it. Quantized checkpoints run with
+    fp16_activations (activations rounded to fp16 where the GPU engine stores them).
+    """
+    requested = Precision.parse(precision) if precision is not None else None  # before any download
+    path = resolve_model(ref)
+    cfg = ModelConfig.from_file(path / "config.json")
+    tokenizer = Tokenizer(path)
+    k_hadamard = False
+    if _is_quantized(path, cfg):
+        from qserve_lite.io.checkpoint import read_quant_config, read_quantized_weights
+
+        qc = read_quant_config(path)
+        k_hadamard = bool(qc.get("k_hadamard", False))  # absent (QServe zoo, older checkpoints): off
+        w_bit, kv_bit = int(qc["w_bit"]), int(qc.get("kv_bit") or 16)
+        if requested is None:
+            requested = Precision(w_bit, 8, kv_bit if kv_bit in (4, 8) else 16)
+        elif requested.w_bits != w_bit:
+            valid = ", ".join(f"w{w_bit}a8{kv}" for kv in ("kv4", "kv8", ""))
+            raise QServeLiteError(
+                f"{path} is a {w_bit}-bit-weight quantized checkpoint; it cannot run at precision "
+                f"{requested.name}. Use one of: {valid} (or load the original float model for w16a16)"
+            )
+        weights = read_quantized_weights(cfg, path, group_size=None)
+    else:
+        if requested is None:
+            requested = Precision()
+        elif not requested.is_float:
+            raise QServeLiteError(
+                f"{path} holds float weights; precision {requested.name} needs quantized weights. Run "
+                "`qserve-lite quantize` on it first and load the output, or use w16a16, w16a16kv4 or "
+                "w16a16kv8"
+            )
+        weights = load_llama_weights(cfg, path, dtype=dtype)
+    kv_quantizer = KVFakeQuantizer(requested.kv_bits) if requested.kv_bits < 16 else None
+    model = LlamaModel(cfg, weights, np, kv_quantizer=kv_quantizer)
+    model.k_hadamard = k_hadamard
+    # quantized checkpoints run with the GPU engine's fp16 storage points (model/llama.py fp16_activations)
+    model.fp16_activations = requested.a_bits < 16 or requested.w_bits < 16
+    return LoadedModel(path, cfg, model, tokenizer, requested)
