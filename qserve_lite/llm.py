@@ -10,13 +10,15 @@ Every call goes through the same in-flight batching engine (engine/llm_engine.py
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
 import logging
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from qserve_lite.core.backend import resolve_device
+from qserve_lite.engine.config import EngineConfig
 from qserve_lite.engine.llm_engine import LLMEngine
+from qserve_lite.io.loader import load_model
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.io.default_models import DEFAULT_MODEL
 from qserve_lite.outputs import RequestOutput
@@ -62,56 +64,32 @@ class LLM:
     """Load a model and serve it through the engine.
 
     model: built-in alias, model directory, .gguf file or hub id. precision: see core/precision.py
-    (None = the model's own). max_num_seqs: sequences in flight at once. max_num_batched_tokens: tokens
-    per prefill step. num_pages: 64-token KV pages (default: what 2 GiB holds on the CPU).
-    max_model_len: prompt + output tokens per sequence (default: the model's context, capped to what
-    fits). seed: seeds requests that have no seed of their own. device: 'cpu' (numpy), 'gpu' (CuPy; the KV
-    pool takes gpu_memory_utilization of the device's memory unless num_pages or NUM_GPU_PAGE_BLOCKS is set)
-    or 'auto' (the GPU when cupy sees one and its kernels can run the model, else the CPU).
+    (None = the model's own). config: an EngineConfig (engine/config.py); its fields may also be given as
+    keywords, which override it: max_num_seqs (sequences in flight at once), max_num_batched_tokens (tokens
+    per prefill step), num_pages (64-token KV pages; default: what 2 GiB holds on the CPU), max_model_len
+    (prompt + output tokens per sequence; default: the model's context, capped to what fits), seed (seeds
+    requests that have no seed of their own), gpu_memory_utilization, cuda_graphs, and device: 'cpu'
+    (numpy), 'gpu' (CuPy; the KV pool takes gpu_memory_utilization of the device's memory unless num_pages
+    or NUM_GPU_PAGE_BLOCKS is set) or 'auto' (the GPU when cupy sees one and its kernels can run the model,
+    else the CPU).
     """
 
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        precision: str | None = None,
-        *,
-        device: str = "cpu",
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        num_pages: int | None = None,
-        max_model_len: int | None = None,
-        seed: int = 0,
-        gpu_memory_utilization: float = 0.9,
-    ):
-        from qserve_lite.core.backend import resolve_device
-        from qserve_lite.io.loader import load_model
-
-        self.device = resolve_device(device)  # before loading: a missing GPU fails fast
+    def __init__(self, model: str = DEFAULT_MODEL, precision: str | None = None, *,
+                 config: EngineConfig | None = None, **engine_options):
+        config = (config or EngineConfig()).replace(**engine_options)
+        self.device = resolve_device(config.device)  # before loading: a missing GPU fails fast
         self.loaded = load_model(model, precision=precision)
         self.tokenizer = self.loaded.tokenizer
         self.precision = self.loaded.precision
-
-        def engine(on: str) -> LLMEngine:
-            return LLMEngine(
-                self.loaded,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                num_pages=num_pages,
-                max_model_len=max_model_len,
-                seed=seed,
-                device=on,
-                gpu_memory_utilization=gpu_memory_utilization,
-            )
-
         try:
-            self.engine = engine(self.device)
+            self.engine = LLMEngine(self.loaded, config.replace(device=self.device))
         except QServeLiteError as e:
-            if device != "auto" or self.device != "gpu":
+            if config.device != "auto" or self.device != "gpu":
                 raise
             # auto: a model the GPU kernels cannot run (head_dim, channel counts) runs on the CPU instead
             log.warning("device auto: the GPU runner cannot take this model (%s); running on the CPU", e)
             self.device = "cpu"
-            self.engine = engine("cpu")
+            self.engine = LLMEngine(self.loaded, config.replace(device="cpu"))
 
     def generate(
         self,

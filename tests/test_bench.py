@@ -15,6 +15,7 @@ from qserve_lite.bench.measure import measure
 from qserve_lite.model.random_weights import build_random_weights
 from qserve_lite.bench.step_split import measure_decode_steps, prefill_batch
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner
+from qserve_lite.model.gpu_model import GPULlama
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.errors import ModelNotFoundError, QServeLiteError
 from qserve_lite.core.model_config import ModelConfig
@@ -128,14 +129,14 @@ def test_short_bench_run_through_the_engine(precision, group, finite_logits):
 def test_activations_stay_finite_through_80_layers(monkeypatch):
     w = build_random_weights(tiny(hidden_size=128, intermediate_size=256, num_attention_heads=2,
                                   num_key_value_heads=1, num_hidden_layers=80), "w8a8kv8", xp=np)
-    forward, streams = GPUModelRunner._forward, []
+    forward, streams = GPULlama.forward, []
 
     def watched(self, *args):
         x, residual = forward(self, *args)
         streams.append(x.astype(np.float32) + residual.astype(np.float32))
         return x, residual
 
-    monkeypatch.setattr(GPUModelRunner, "_forward", watched)
+    monkeypatch.setattr(GPULlama, "forward", watched)
     runner = GPUModelRunner(w, max_num_batched_tokens=64, max_num_seqs=2, max_model_len=32, num_pages=2,
                             xp=np)
     engine = LLMEngine(None, runner=runner, max_num_seqs=2, max_model_len=32, watermark=0.0)
@@ -297,16 +298,16 @@ def test_bench_out_of_memory_is_one_line_and_other_batches_run(phase, tmp_path, 
     init, run = GPUModelRunner.__init__, GPUModelRunner.run
     runners = []
 
-    def failing_init(self, weights, **kw):
-        if phase == "allocating the runner" and kw["max_num_seqs"] == 3:
+    def failing_init(self, weights, config, **kw):
+        if phase == "allocating the runner" and config.max_num_seqs == 3:
             raise FakeCupyOutOfMemory(CUPY_OOM)
-        init(self, weights, **kw)
+        init(self, weights, config, **kw)
         self.calls = 0
         runners.append(weakref.ref(self))
 
     def failing_run(self, seqs, is_prefill):
         self.calls += 1  # warm-up: calls 1 (prefill) and 2 (decode); the timed run from call 3
-        if self.graph_buckets[-1] == 3 and self.calls == (1 if phase == "in the warm-up" else 4):
+        if self.engine_config.max_num_seqs == 3 and self.calls == (1 if phase == "in the warm-up" else 4):
             raise FakeCupyOutOfMemory(CUPY_OOM)
         return run(self, seqs, is_prefill)
 

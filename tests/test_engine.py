@@ -15,7 +15,8 @@ from qserve_lite.engine.sampler import Sampler, apply_penalties
 from qserve_lite.engine.scheduler import Scheduler
 from qserve_lite.engine.sequence import Sequence, SequenceStatus
 from qserve_lite.errors import QServeLiteError, SamplingError
-from qserve_lite.model.attention import ContiguousAttention, PackedBatch, PagedAttention
+from qserve_lite.engine.batch import PackedBatch
+from qserve_lite.model.attention import ContiguousAttention, PagedAttention
 from qserve_lite.model.kv_cache import KVCache
 from qserve_lite.model.llama import causal_attention
 from qserve_lite.io.loader import load_model
@@ -160,11 +161,16 @@ def test_paged_attention_equals_contiguous(tiny, kv_bits, fresh):
     for i, t in enumerate(tables):
         bt[i, : len(t)] = t
     qs = np.concatenate([[0], np.cumsum(new)])
+    positions = np.concatenate([np.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
     batch = PackedBatch(
-        qs,
-        np.asarray(prefix) + new,
-        bt,
-        np.concatenate([slots(t, np.arange(p, p + n)) for t, p, n in zip(tables, prefix, new, strict=True)]),
+        token_ids=np.zeros(len(positions), np.int64),
+        positions=positions,
+        query_start=qs,
+        context_lens=np.asarray(prefix) + new,
+        block_tables=bt,
+        slot_mapping=np.concatenate([slots(t, np.arange(p, p + n))
+                                     for t, p, n in zip(tables, prefix, new, strict=True)]),
+        is_prefill=fresh,
     )
     backend = PagedAttention(paged, batch, fresh_new_kv=fresh)
     backend.write(

@@ -4,13 +4,15 @@ The GPU tests (test_engine_gpu.py) then check the device against this same twin.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from conftest import random_weights, teacher_forced, tiny_config, write_model
-from qserve_lite.engine.gpu_model_runner import GPUModelRunner, fuse_linears
+from qserve_lite.engine.gpu_model_runner import GPUModelRunner
+from qserve_lite.model.gpu_model import fuse_linears
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.io.checkpoint import LINEARS, save_quantized
 from qserve_lite.core.model_config import ModelConfig
@@ -80,8 +82,8 @@ def test_twin_runner_follows_emulation(float_dir, tmp_path, mode, precision):
     path = float_dir if mode.startswith("float") else _quantized(float_dir, tmp_path / "q", mode)
     lm = load_model(path, precision=precision)
     if mode == "float_khad":
-        lm.model.k_hadamard = True
-    assert lm.model.k_hadamard is mode.endswith("khad")
+        lm = dataclasses.replace(lm, k_hadamard=True)
+    assert lm.k_hadamard is lm.model.k_hadamard is mode.endswith("khad")
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (1, 17, 64, 65, 100)]
     n = 16
@@ -89,15 +91,14 @@ def test_twin_runner_follows_emulation(float_dir, tmp_path, mode, precision):
     forced = [[ref_own[(i, j)] for j in range(n)] for i in range(len(prompts))]
     runner = GPUModelRunner(lm, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512, num_pages=32,
                             xp=np)
-    assert runner.k_hadamard is lm.model.k_hadamard
+    assert runner.k_hadamard is lm.k_hadamard
     rows, _ = teacher_forced(LLMEngine(lm, max_num_seqs=8, num_pages=32, runner=runner), prompts, forced, n)
     agree = np.mean([np.argmax(rows[k]) == np.argmax(ref_rows[k]) for k in ref_rows])
     err = max(float(np.abs(rows[k] - ref_rows[k]).max() / np.abs(ref_rows[k]).max()) for k in ref_rows)
     assert agree >= 0.9, agree
     assert err < (0.01 if mode == "float" else 0.1), err
     if mode.endswith("khad"):  # the rotation was really applied: off, the twin's logits move
-        lm.model.k_hadamard = False
-        plain = GPUModelRunner(lm, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512,
+        plain = GPUModelRunner(dataclasses.replace(lm, k_hadamard=False), max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512,
                                num_pages=32, xp=np)
         engine = LLMEngine(lm, max_num_seqs=8, num_pages=32, runner=plain)
         rows_off, _ = teacher_forced(engine, prompts, forced, n)

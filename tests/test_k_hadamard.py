@@ -231,8 +231,8 @@ def test_checkpoint_flag_round_trip(float_dir, tmp_path, extra, want):
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc.get("k_hadamard", "absent") == extra.get("k_hadamard", "absent")
     lm = load_model(path)
-    assert lm.model.k_hadamard is want
-    assert DeviceWeights.from_loaded(lm, np).k_hadamard is want
+    assert lm.k_hadamard is want and lm.model.k_hadamard is want
+    assert DeviceWeights.from_host(lm.config, lm.weights, lm.precision, np, lm.k_hadamard).k_hadamard is want
     assert load_model(float_dir, precision="w16a16kv4").model.k_hadamard is False
 
 

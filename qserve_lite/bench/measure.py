@@ -104,6 +104,7 @@ def measure(
     """One measurement (bench/throughput.py's docstring) -> the JSON row's workload and timing fields."""
     from qserve_lite.engine.block_manager import pages_for
     from qserve_lite.engine.gpu_model_runner import GPUModelRunner
+    from qserve_lite.engine.config import EngineConfig
     from qserve_lite.engine.llm_engine import LLMEngine
     from qserve_lite.core.kv_layout import KVPageLayout
     from qserve_lite.bench.protocol import generation_lengths, random_prompts, run_requests, synchronizer
@@ -135,14 +136,12 @@ def measure(
     )
     runner = engine = row = failure = None
     try:
-        runner = GPUModelRunner(
-            weights, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=batch,
-            max_model_len=max_len, num_pages=pages, xp=xp, cuda_graphs=cuda_graphs,
-        )
-        engine = LLMEngine(
-            None, runner=runner, max_num_seqs=batch, max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_len, watermark=0.0, seed=seed,
-        )
+        config = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max_num_batched_tokens,
+                              max_model_len=max_len, num_pages=pages, watermark=0.0, seed=seed)
+        if cuda_graphs is not None:
+            config = config.replace(cuda_graphs=cuda_graphs)
+        runner = GPUModelRunner(weights, config, xp=xp)
+        engine = LLMEngine(None, config.replace(num_pages=None), runner=runner)
         sync = synchronizer(xp)
         phase = "in the warm-up (first prefill and decode steps" + (
             ", decode CUDA-graph capture)" if runner.cuda_graphs else ")"

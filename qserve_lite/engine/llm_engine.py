@@ -21,37 +21,26 @@ from qserve_lite.model.tokenizer import IncrementalDetokenizer
 from qserve_lite.outputs import CompletionOutput, RequestOutput
 from qserve_lite.sampling_params import SamplingParams
 from qserve_lite.engine.block_manager import BlockManager
+from qserve_lite.engine.config import EngineConfig
+from qserve_lite.engine.gpu_model_runner import GPUModelRunner
 from qserve_lite.engine.model_runner import ModelRunner, default_num_pages
 from qserve_lite.engine.sampler import Sampler
 from qserve_lite.engine.scheduler import Scheduler
 from qserve_lite.engine.sequence import Sequence
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
-
-
 class LLMEngine:
-    """max_model_len (prompt + output tokens per sequence) defaults to the model's context, capped to
-    what the page pool and one prefill step can hold; given explicitly, it must fit both.
+    """One engine over one model. `config` (an EngineConfig, plus field overrides as keywords) says how it
+    runs; max_model_len (prompt + output tokens per sequence) defaults to the model's context, capped to
+    what the page pool and one prefill step can hold; given explicitly, it must fit both. The resolved
+    settings are `engine_config`; `config` is the model's ModelConfig.
 
-    loaded: the model (config, weights, tokenizer), or None with a prebuilt `runner` (which then provides
-    the config as `runner.cfg`, and its page count as `runner.num_pages` unless num_pages is given), and
-    optionally a `tokenizer` whose ids fit the runner's vocabulary."""
+    loaded: the model (config, weights, tokenizer, precision), or None with a prebuilt `runner` (which then
+    provides the config as `runner.cfg`, and its page count as `runner.num_pages` unless num_pages is given),
+    and optionally a `tokenizer` whose ids fit the runner's vocabulary."""
 
-    def __init__(
-        self,
-        loaded: LoadedModel | None,
-        *,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        num_pages: int | None = None,
-        max_model_len: int | None = None,
-        watermark: float = 0.01,
-        seed: int = 0,
-        runner=None,
-        device: str = "cpu",
-        gpu_memory_utilization: float = 0.9,
-        tokenizer=None,
-    ):
+    def __init__(self, loaded: LoadedModel | None, config: EngineConfig | None = None, *, runner=None,
+                 tokenizer=None, **overrides):
+        config = (config or EngineConfig()).replace(**overrides)
         if loaded is None and runner is None:
             raise QServeLiteError("LLMEngine needs a loaded model, or a runner built from device weights")
         cfg = loaded.config if loaded is not None else runner.cfg
@@ -62,61 +51,53 @@ class LLMEngine:
                 f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
                 f"({cfg.vocab_size}): build the weights with vocab_size = the tokenizer's"
             )
-        if max_num_seqs < 1:
-            raise QServeLiteError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_model_len is not None and not 1 < max_model_len <= cfg.max_position_embeddings:
+        if config.max_model_len is not None and config.max_model_len > cfg.max_position_embeddings:
             raise QServeLiteError(
                 f"max_model_len must be in 2..{cfg.max_position_embeddings} (the model's context), "
-                f"got {max_model_len}"
+                f"got {config.max_model_len}"
             )
-        limit = max_model_len or cfg.max_position_embeddings
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, limit)
-        if max_num_batched_tokens < 2:
-            raise QServeLiteError(f"max_num_batched_tokens must be >= 2, got {max_num_batched_tokens}")
-        if runner is None and device == "gpu":  # the CuPy runner sizes its page pool from free GPU memory
-            from qserve_lite.engine.gpu_model_runner import GPUModelRunner
-
-            runner = GPUModelRunner(
-                loaded,
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                max_model_len=limit,
-                num_pages=num_pages,
-                gpu_memory_utilization=gpu_memory_utilization,
-            )
-            num_pages = runner.num_pages
-        elif device != "cpu" and runner is None:
-            raise QServeLiteError(f"LLMEngine device must be 'cpu' or 'gpu', got {device!r}")
-        if num_pages is None and runner is not None:
-            num_pages = getattr(runner, "num_pages", None)
-            if num_pages is None:
-                raise QServeLiteError("give num_pages along with a custom runner")
+        limit = config.max_model_len or cfg.max_position_embeddings
+        config = config.replace(max_num_batched_tokens=config.batched_tokens_for(limit))
+        if runner is None:
+            runner = self._build_runner(loaded, config, limit)
+        num_pages = config.num_pages if config.num_pages is not None else getattr(runner, "num_pages", None)
         if num_pages is None:
-            num_pages = default_num_pages(loaded.model, max_num_seqs, limit)
-        if num_pages < 1:
-            raise QServeLiteError(f"num_pages must be >= 1, got {num_pages}")
-        fits = min(num_pages * PAGE_SIZE, max_num_batched_tokens)
-        if max_model_len is not None and max_model_len > fits:
+            raise QServeLiteError("give num_pages along with a custom runner")
+        fits = min(num_pages * PAGE_SIZE, config.max_num_batched_tokens)
+        if config.max_model_len is not None and config.max_model_len > fits:
             raise QServeLiteError(
-                f"max_model_len {max_model_len} does not fit: {num_pages} pages hold {num_pages * PAGE_SIZE} "
-                f"tokens and max_num_batched_tokens is {max_num_batched_tokens}. A preempted sequence is "
-                "prefilled again whole, so both must hold max_model_len tokens: raise num_pages and "
-                "max_num_batched_tokens, or lower max_model_len"
+                f"max_model_len {config.max_model_len} does not fit: {num_pages} pages hold "
+                f"{num_pages * PAGE_SIZE} tokens and max_num_batched_tokens is "
+                f"{config.max_num_batched_tokens}. A preempted sequence is prefilled again whole, so both must "
+                "hold max_model_len tokens: raise num_pages and max_num_batched_tokens, or lower max_model_len"
             )
         self.max_model_len = min(limit, fits)
+        self.engine_config = config.replace(num_pages=num_pages, max_model_len=self.max_model_len)
         self.loaded = loaded
         self.config = cfg
         self.tokenizer = tokenizer
         self.vocab_size = cfg.vocab_size
-        self.block_manager = BlockManager(num_pages, PAGE_SIZE, watermark)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = runner if runner is not None else ModelRunner(loaded.model, num_pages)
+        self.block_manager = BlockManager(num_pages, PAGE_SIZE, config.watermark)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = runner
         self.sampler = Sampler(getattr(self.runner, "xp", np))
-        self.rng = np.random.default_rng(seed)  # seeds the generators of requests without a seed
+        self.rng = np.random.default_rng(config.seed)  # seeds the generators of requests without a seed
         self.seqs: dict[str, Sequence] = {}  # unfinished requests by id
         self._next_seq_id = 0
         self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
+
+    @staticmethod
+    def _build_runner(loaded: LoadedModel, config: EngineConfig, limit: int):
+        """The runner of config.device ('cpu' or 'gpu'; 'auto' is resolved by the caller)."""
+        if config.device == "gpu":  # the CuPy runner sizes its page pool from free GPU memory
+            return GPUModelRunner(loaded, config.replace(max_model_len=limit))
+        if config.device != "cpu":
+            raise QServeLiteError(f"LLMEngine device must be 'cpu' or 'gpu', got {config.device!r}")
+        kv_bits = loaded.precision.kv_bits
+        num_pages = config.num_pages
+        if num_pages is None:
+            num_pages = default_num_pages(loaded.model, kv_bits, config.max_num_seqs, limit)
+        return ModelRunner(loaded.model, num_pages, kv_bits)
 
     # ---- requests ----
 

@@ -23,12 +23,24 @@ from pathlib import Path
 
 import numpy as np
 
-from qserve_lite.engine.llm_engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, LLMEngine
-from qserve_lite.errors import QServeLiteError
-from qserve_lite.core.model_config import ModelConfig
-from qserve_lite.model.tokenizer import Tokenizer
-from qserve_lite.core.precision import Precision
 from qserve_lite.core.backend import device_array_module
+from qserve_lite.core.kv_layout import KVPageLayout
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.core.precision import Precision
+from qserve_lite.engine.config import EngineConfig
+from qserve_lite.engine.gpu_model_runner import GPUModelRunner, env_num_pages
+from qserve_lite.engine.llm_engine import LLMEngine
+from qserve_lite.engine.model_runner import pages_that_fit
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.io.loader import resolve_model
+from qserve_lite.io.shipped_configs import load_config, shipped_config_names
+from qserve_lite.model.random_weights import (
+    CPU_MAX_PARAMETERS,
+    build_random_weights,
+    check_weights_fit,
+    linear_mode,
+)
+from qserve_lite.model.tokenizer import Tokenizer
 
 
 
@@ -101,48 +113,31 @@ def load_tokenizer(ref: str | Path) -> tuple[Tokenizer, str]:
     path = Path(str(ref)).expanduser()
     if path.is_dir() and (path / "tokenizer.json").is_file():
         return Tokenizer(path), str(ref)
-    from qserve_lite.io.loader import resolve_model
-
     return Tokenizer(resolve_model(ref)), str(ref)
 
 
 def build_random_engine(
-    config: str | Path,
+    shape: str | Path,
     tokenizer: str | Path,
     *,
     precision: str | Precision | None = None,
     group_size: int = 128,
-    device: str = "auto",
-    max_num_seqs: int = 256,
-    max_num_batched_tokens: int | None = None,
-    max_model_len: int | None = None,
-    num_pages: int | None = None,
-    gpu_memory_utilization: float = 0.9,
-    seed: int = 0,
+    config: EngineConfig | None = None,
+    **overrides,
 ) -> RandomEngine:
-    """Random weights of `config`'s shape (a shipped name or a config.json) with `tokenizer`'s vocabulary,
+    """Random weights of `shape` (a shipped config name or a config.json) with `tokenizer`'s vocabulary,
     behind an LLMEngine (module docstring). precision: default w4a8kv4; group_size: W4 only (128 or -1).
-    num_pages: 64-token KV pages (default on the GPU: what gpu_memory_utilization leaves, or
-    NUM_GPU_PAGE_BLOCKS; on the CPU: what 2 GiB holds)."""
-    from qserve_lite.engine.model_runner import pages_that_fit
-    from qserve_lite.engine.gpu_model_runner import GPUModelRunner, env_num_pages
-    from qserve_lite.io.shipped_configs import load_config, shipped_config_names
-    from qserve_lite.core.kv_layout import KVPageLayout
-    from qserve_lite.model.random_weights import (
-        CPU_MAX_PARAMETERS,
-        build_random_weights,
-        check_weights_fit,
-        linear_mode,
-    )
-
+    config (+ EngineConfig field overrides; default device 'auto'): num_pages is 64-token KV pages (default
+    on the GPU: what gpu_memory_utilization leaves, or NUM_GPU_PAGE_BLOCKS; on the CPU: what 2 GiB holds)."""
+    config = (config or EngineConfig(device="auto")).replace(**overrides)
     precision = Precision.parse(precision or "w4a8kv4") if not isinstance(precision, Precision) else precision
     linear_mode(precision, group_size)  # a bad group size fails before anything is loaded
-    shape = load_config(config)
-    name = str(config).lower().removesuffix(".json")
-    label = name if name in shipped_config_names() else str(config)
+    model_shape = load_config(shape)
+    name = str(shape).lower().removesuffix(".json")
+    label = name if name in shipped_config_names() else str(shape)
     tok, tokenizer_ref = load_tokenizer(tokenizer)
-    cfg = with_vocab_size(shape, tok.vocab_size)
-    xp = device_array_module(device)
+    cfg = with_vocab_size(model_shape, tok.vocab_size)
+    xp = device_array_module(config.device)
     if xp is np and cfg.num_parameters() > CPU_MAX_PARAMETERS:
         raise QServeLiteError(
             f"{label} has {cfg.num_parameters() / 1e9:.1f}B parameters; the CPU (numpy twin) path is for "
@@ -153,44 +148,28 @@ def build_random_engine(
     t0 = time.perf_counter()
     print(f"qserve-lite: drawing random weights of {label} at {precision.name}{g} ...", file=sys.stderr,
           flush=True)
-    weights = build_random_weights(cfg, precision, group_size, xp=xp, seed=seed)
+    weights = build_random_weights(cfg, precision, group_size, xp=xp, seed=config.seed)
     if xp is not np:
         xp.cuda.Device().synchronize()
     build_s = time.perf_counter() - t0
 
-    limit = max_model_len or cfg.max_position_embeddings
-    if max_num_batched_tokens is None:
-        max_num_batched_tokens = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, limit)
-    if num_pages is None and xp is np:
+    limit = config.max_model_len or cfg.max_position_embeddings
+    runner_config = config.replace(max_model_len=limit, max_num_batched_tokens=config.batched_tokens_for(limit))
+    if config.num_pages is None and xp is np:
         num_pages = env_num_pages()
         if num_pages is None:
             layout = KVPageLayout(precision.kv_bits, cfg.num_kv_heads, cfg.head_dim)
-            num_pages = pages_that_fit(cfg.num_layers * 2 * layout.page_bytes, max_num_seqs, limit)
-    runner = GPUModelRunner(
-        weights,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_num_seqs=max_num_seqs,
-        max_model_len=limit,
-        num_pages=num_pages,
-        gpu_memory_utilization=gpu_memory_utilization,
-        xp=xp,
-    )
-    engine = LLMEngine(
-        None,
-        runner=runner,
-        tokenizer=tok,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len,
-        seed=seed,
-    )
+            num_pages = pages_that_fit(cfg.num_layers * 2 * layout.page_bytes, config.max_num_seqs, limit)
+        runner_config = runner_config.replace(num_pages=num_pages)
+    runner = GPUModelRunner(weights, runner_config, xp=xp)
+    engine = LLMEngine(None, config.replace(num_pages=None), runner=runner, tokenizer=tok)
     return RandomEngine(
         engine=engine,
         label=label,
         precision=precision,
         group_size=group_size if precision.w_bits == 4 else None,
         tokenizer_ref=tokenizer_ref,
-        config_vocab_size=shape.vocab_size,
+        config_vocab_size=model_shape.vocab_size,
         weights_gib=round(weights.nbytes() / 2**30, 3),
         device="cpu" if xp is np else "gpu",
         build_s=build_s,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from qserve_lite.core.precision import Precision
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.io.default_models import ALIASES, cache_dir, ensure_default_model
 from qserve_lite.model.llama import LlamaModel
+from qserve_lite.model.weights import LlamaWeights
 from qserve_lite.model.tokenizer import Tokenizer
 from qserve_lite.model.weights import load_llama_weights
 
@@ -83,11 +85,29 @@ def resolve_model(ref: str | Path) -> Path:
 
 @dataclass
 class LoadedModel:
+    """A model as loaded: what it is (config, host weights, tokenizer) and how it runs (precision, group
+    size, k_hadamard), as values. The GPU engine reads these fields and never builds the numpy reference model;
+    `model` builds that reference (the CPU engine, perplexity, calibration) on first use."""
+
     path: Path
     config: ModelConfig
-    model: LlamaModel
+    weights: LlamaWeights  # numpy, on the host: float linears, or quantized ones (core/formats.py)
     tokenizer: Tokenizer
-    precision: Precision | None = None  # what the model runs at (None only for callers building it by hand)
+    precision: Precision = field(default_factory=Precision)  # what the model runs at
+    k_hadamard: bool = False  # q and k rotated per head by H_D after RoPE (the checkpoint's flag)
+    group_size: int | None = None  # W4: 128 (progressive g128) or -1 (per-channel); None otherwise
+
+    @cached_property
+    def model(self) -> LlamaModel:
+        """The numpy reference forward over these weights at this precision (built once, on first use).
+        Quantized models run with fp16_activations: activations rounded to fp16 where the GPU engine stores
+        them (model/llama.py)."""
+        p = self.precision
+        kv_quantizer = KVFakeQuantizer(p.kv_bits) if p.kv_bits < 16 else None
+        model = LlamaModel(self.config, self.weights, np, kv_quantizer=kv_quantizer)
+        model.k_hadamard = self.k_hadamard
+        model.fp16_activations = p.a_bits < 16 or p.w_bits < 16
+        return model
 
 
 def _is_quantized(path: Path, cfg: ModelConfig) -> bool:
@@ -110,20 +130,21 @@ def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) 
     with `quantization_config`, or a QServe zoo checkpoint) runs at its own weight bits (default: the
     checkpoint's w{w_bit}a8kv{kv_bit}), and the KV bits may be overridden. The model's k_hadamard (the
     per-head Hadamard rotation of q and k after RoPE) comes from the checkpoint's quantization_config
-    ("k_hadamard", absent = off); float models run without it. Quantized checkpoints run with
-    fp16_activations (activations rounded to fp16 where the GPU engine stores them).
+    ("k_hadamard", absent = off); float models run without it. No model object is built here (see
+    LoadedModel.model for the numpy reference).
     """
     requested = Precision.parse(precision) if precision is not None else None  # before any download
     path = resolve_model(ref)
     cfg = ModelConfig.from_file(path / "config.json")
     tokenizer = Tokenizer(path)
-    k_hadamard = False
+    k_hadamard, group_size = False, None
     if _is_quantized(path, cfg):
         from qserve_lite.io.checkpoint import read_quant_config, read_quantized_weights
 
         qc = read_quant_config(path)
         k_hadamard = bool(qc.get("k_hadamard", False))  # absent (QServe zoo, older checkpoints): off
         w_bit, kv_bit = int(qc["w_bit"]), int(qc.get("kv_bit") or 16)
+        group_size = int(qc.get("group_size", 128)) if w_bit == 4 else None
         if requested is None:
             requested = Precision(w_bit, 8, kv_bit if kv_bit in (4, 8) else 16)
         elif requested.w_bits != w_bit:
@@ -143,9 +164,4 @@ def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) 
                 "w16a16kv8"
             )
         weights = load_llama_weights(cfg, path, dtype=dtype)
-    kv_quantizer = KVFakeQuantizer(requested.kv_bits) if requested.kv_bits < 16 else None
-    model = LlamaModel(cfg, weights, np, kv_quantizer=kv_quantizer)
-    model.k_hadamard = k_hadamard
-    # quantized checkpoints run with the GPU engine's fp16 storage points (model/llama.py fp16_activations)
-    model.fp16_activations = requested.a_bits < 16 or requested.w_bits < 16
-    return LoadedModel(path, cfg, model, tokenizer, requested)
+    return LoadedModel(path, cfg, weights, tokenizer, requested, k_hadamard, group_size)

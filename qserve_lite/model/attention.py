@@ -22,8 +22,6 @@ token attends to quantized K/V, as deepcompressor evaluates KV quantization.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-
 import numpy as np
 
 
@@ -68,26 +66,12 @@ def as_backend(cache, start: int) -> AttentionBackend:
     return cache if isinstance(cache, AttentionBackend) else ContiguousAttention(cache, start)
 
 
-@dataclass
-class PackedBatch:
-    """Where each sequence of a packed batch sits. Its new tokens are packed rows
-    query_start[i]:query_start[i+1]; it attends over context_lens[i] tokens (cached + new) whose pages
-    are block_tables[i] (padded with -1); slot_mapping[j] = page * page_size + offset of packed token j."""
-
-    query_start: np.ndarray  # int64 [num_seqs + 1] (cu_seqlens)
-    context_lens: np.ndarray  # int64 [num_seqs]
-    block_tables: np.ndarray  # int64 [num_seqs, max_pages]
-    slot_mapping: np.ndarray  # int64 [num_tokens]
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.context_lens)
-
-
 class PagedAttention(AttentionBackend):
     """A packed variable-length batch over a paged cache (see the module docstring)."""
 
-    def __init__(self, kv_cache, batch: PackedBatch, fresh_new_kv: bool = False):
+    def __init__(self, kv_cache, batch, fresh_new_kv: bool = False):
+        """batch: a packed batch's layout (engine/batch.PackedBatch: query_start, context_lens,
+        block_tables, slot_mapping)."""
         self.kv_cache = kv_cache
         self.batch = batch
         self.fresh_new_kv = fresh_new_kv and kv_cache.quantized

@@ -1,14 +1,24 @@
-"""DeviceWeights: a model's weights on the device, in the layouts the GPU runner's kernels take.
+"""The GPU model: a Llama-family model's weights on the device and its fused forward over the kernels.
 
-Two producers: `DeviceWeights.from_loaded` uploads a loaded model (model/loader.load_model: our
-QServe-format checkpoints, QServe zoo ones, or float models at w16a16*) once, with q/k/v and gate/up
-concatenated along the output channels (`fuse_linears`); model/random_weights.py draws random weights
-directly on the device in the same layouts. GPUModelRunner runs either.
-
-Per linear (`DeviceLinear`, one mode per model): packed W4 qweights (core/pack.py) with fp16 s1_scales and
-either the g128 s2_scales / s2_zeros (int8 [k_pad / 128, n], group-major, 32-block permuted) or the
-per-channel s1_szeros; int8 W8A8 weights with fp16 dequant scales; fp16 weights for float models.
+Weights (`DeviceWeights`), in the layouts the kernels take, with the precision they run at as a value. Two
+producers: `DeviceWeights.from_host` uploads host weights (io/loader.load_model: our QServe-format
+checkpoints, QServe zoo ones, or float models at w16a16*) once, with q/k/v and gate/up concatenated along the
+output channels (`fuse_linears`); model/random_weights.py draws random weights directly on the device in the
+same layouts. Per linear (`DeviceLinear`, one mode per model): packed W4 qweights (core/pack.py) with fp16
+s1_scales and either the g128 s2_scales / s2_zeros (int8 [k_pad / 128, n], group-major, 32-block permuted)
+or the per-channel s1_szeros; int8 W8A8 weights with fp16 dequant scales; fp16 weights for float models.
 Embeddings, lm_head, norms and biases are fp16.
+
+The forward (`GPULlama`), one decoder layer on a packed batch of T tokens (kernels/*):
+    rms_norm_quant(x + residual)  -> qkv GEMM (fp16 out) -> rope_write_kv (RoPE in place, then the per-head
+    Hadamard on q and k when the model has k_hadamard; K/V into the pages)
+    -> prefill_attention (varlen, cu_seqlens) | decode_attention (block tables) -> quantize_per_token
+    -> o_proj GEMM -> rms_norm_quant(o + residual) -> gate_up GEMM -> silu_mul_quant -> down GEMM
+Then the final RMSNorm and the fp16 lm_head GEMM run on each sequence's last token only. Float models
+(w16a16, w16a16kv4/kv8) take the same path with fp16 GEMMs and no activation quantization. GEMM and
+attention outputs go to buffers preallocated for `max_tokens` tokens; the row kernels (norm, quantization)
+allocate from cupy's pool. With numpy arrays everything runs on the kernels' numpy twins (a CPU check of the
+forward itself).
 """
 
 from __future__ import annotations
@@ -17,14 +27,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qserve_lite.errors import DeviceError, QServeLiteError
-from qserve_lite.core.model_config import ModelConfig
-from qserve_lite.model.linear import Linear
-from qserve_lite.io.loader import LoadedModel
-from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.core.formats import W4Group
+from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.pack import pack_w4, to_qserve_group_params
-from qserve_lite.engine.model_runner import kv_bits_of
+from qserve_lite.core.precision import Precision
+from qserve_lite.core.rope import rope_inv_freq
+from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul, silu_mul_quant
+from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
+from qserve_lite.kernels.fp16_gemm import fp16_gemm
+from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
+from qserve_lite.kernels.paged_kv import PagedKVPool
+from qserve_lite.model.linear import Linear
+from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
+from qserve_lite.model.weights import LlamaWeights
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 
@@ -164,16 +180,21 @@ class DeviceLayer:
 
 @dataclass
 class DeviceWeights:
-    """Everything GPUModelRunner needs of a model: its config, KV-cache bits and device weights."""
+    """Everything the GPU model needs: its config, its precision and its weights on the device."""
 
     config: ModelConfig
-    kv_bits: int  # 4, 8 or 16 (fp16 KV cache)
+    precision: Precision
     layers: list[DeviceLayer]
     embed: object  # fp16 [vocab, hidden]
     lm_head: object  # fp16 [vocab, hidden] (the embed array itself when tied)
     lm_head_bias: object | None
     final_norm: object  # fp16 [hidden]
     k_hadamard: bool = False  # q and k rotated per head by H_D after RoPE (the model's k_hadamard)
+
+    @property
+    def kv_bits(self) -> int:
+        """4, 8 or 16 (an fp16 KV cache)."""
+        return self.precision.kv_bits
 
     @property
     def mode(self) -> str:
@@ -199,14 +220,13 @@ class DeviceWeights:
         return int(sum(a.nbytes for a in arrays if a is not None))
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, xp) -> DeviceWeights:
-        """Upload a loaded model's weights (numpy, on the host) to xp (cupy; numpy for the twin)."""
-        cfg, model = loaded.config, loaded.model
-        check_head_dim(cfg)
-        w = model.weights
+    def from_host(cls, config: ModelConfig, weights: LlamaWeights, precision: Precision, xp,
+                  k_hadamard: bool = False) -> DeviceWeights:
+        """Upload host weights (numpy: float or quantized linears) to xp (cupy; numpy for the twin)."""
+        check_head_dim(config)
         f16 = xp.float16
         layers = []
-        for i, lw in enumerate(w.layers):
+        for i, lw in enumerate(weights.layers):
             p = f"model.layers.{i}"
             layers.append(
                 DeviceLayer(
@@ -218,17 +238,17 @@ class DeviceWeights:
                     down=fuse_linears([lw.down_proj], xp, f"{p}.mlp.down_proj"),
                 )
             )
-        embed = xp.asarray(w.embed_tokens, dtype=f16)
-        head = w.lm_head.weight
+        embed = xp.asarray(weights.embed_tokens, dtype=f16)
+        head = weights.lm_head.weight
         return cls(
-            config=cfg,
-            kv_bits=kv_bits_of(model),
+            config=config,
+            precision=precision,
             layers=layers,
             embed=embed,
-            lm_head=embed if head is w.embed_tokens else xp.asarray(head, dtype=f16),
-            lm_head_bias=None if w.lm_head.bias is None else xp.asarray(w.lm_head.bias, dtype=f16),
-            final_norm=xp.asarray(w.final_norm, dtype=f16),
-            k_hadamard=bool(getattr(model, "k_hadamard", False)),
+            lm_head=embed if head is weights.embed_tokens else xp.asarray(head, dtype=f16),
+            lm_head_bias=None if weights.lm_head.bias is None else xp.asarray(weights.lm_head.bias, dtype=f16),
+            final_norm=xp.asarray(weights.final_norm, dtype=f16),
+            k_hadamard=k_hadamard,
         )
 
 
@@ -237,3 +257,111 @@ def check_head_dim(cfg: ModelConfig) -> None:
         raise DeviceError(
             f"the GPU attention kernels support head_dim 64 and 128, this model has {cfg.head_dim}"
         )
+
+
+def activation_buffer_bytes(cfg: ModelConfig, max_tokens: int) -> int:
+    """GPULlama's preallocated fp16 GEMM / attention output buffers for max_tokens tokens."""
+    qkv_n = cfg.q_size + 2 * cfg.kv_size
+    return 2 * max_tokens * (qkv_n + cfg.q_size + 2 * cfg.hidden_size + 2 * cfg.intermediate_size)
+
+
+@dataclass
+class StepInputs:
+    """One step's packed batch on the device (int32 arrays of xp): `num_tokens` new tokens of `num_seqs`
+    sequences back to back. Prefill: cu_seqlens [num_seqs + 1] delimits each sequence's tokens; decode: one
+    token per sequence and cu_seqlens None. context_lens: tokens each sequence attends to (cached + new);
+    block_tables [num_seqs, max_pages]: its KV pages; slot_mapping: the page slot each new token's K/V goes to
+    (-1: not written). max_seqlen_q and max_context are host-side bounds that size the attention grids."""
+
+    token_ids: object
+    positions: object
+    slot_mapping: object
+    context_lens: object
+    block_tables: object
+    cu_seqlens: object | None
+    num_tokens: int
+    is_prefill: bool
+    max_seqlen_q: int
+    max_context: int
+
+
+class GPULlama:
+    """The fused forward of DeviceWeights over a PagedKVPool, with its activation buffers."""
+
+    def __init__(self, weights: DeviceWeights, kv_pool: PagedKVPool, max_tokens: int, xp):
+        cfg = self.cfg = weights.config
+        check_head_dim(cfg)
+        self.xp = xp
+        self.weights = weights
+        self.kv_pool = kv_pool
+        self.H, self.KVH, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.eps = float(cfg.rms_norm_eps)
+        self.mode = weights.mode
+        self.float_acts = self.mode == "f16"
+        self.need_sums = self.mode == "w4_per_channel"
+        self.inv_freq = xp.asarray(rope_inv_freq(cfg), dtype=xp.float64)
+        self.max_tokens = max_tokens
+        f16, T, h = xp.float16, max_tokens, cfg.hidden_size
+        layer0 = weights.layers[0]
+        self.qkv_buf = xp.empty((T, layer0.qkv.n), dtype=f16)
+        self.attn_buf = xp.empty((T, self.H, self.D), dtype=f16)
+        self.o_buf = xp.empty((T, h), dtype=f16)
+        self.gate_up_buf = xp.empty((T, layer0.gate_up.n), dtype=f16)
+        self.down_buf = xp.empty((T, h), dtype=f16)
+
+    def __call__(self, inputs: StepInputs, last=None):
+        """Next-token logits fp32 [rows, vocab] of the tokens `last` selects (default: every token)."""
+        x, residual = self.forward(inputs)
+        if last is not None:
+            x, residual = x[last], residual[last]
+        return self.logits(x, residual)
+
+    def _norm(self, x, residual, gamma):
+        """(the next linear's input, the new residual stream)."""
+        if self.float_acts:
+            return rms_norm(x, gamma, self.eps, residual=residual, xp=self.xp)
+        return rms_norm_quant(x, gamma, self.eps, residual=residual, xp=self.xp, with_sums=self.need_sums)
+
+    def _quantize(self, x):
+        return x if self.float_acts else quantize_per_token(x, self.xp, self.need_sums)
+
+    def _silu_mul(self, gate_up):
+        if self.float_acts:
+            return silu_mul(gate_up, self.xp)
+        return silu_mul_quant(gate_up, self.xp, self.need_sums)
+
+    def forward(self, inputs: StepInputs):
+        """The decoder layers on the packed tokens -> (last layer's output, residual stream), [T, hidden]."""
+        T, H, KVH, D = inputs.num_tokens, self.H, self.KVH, self.D
+        assert T <= self.max_tokens, (T, self.max_tokens)
+        qs_n, kv_n = H * D, KVH * D
+        x = self.weights.embed[inputs.token_ids]
+        residual = None
+        for i, layer in enumerate(self.weights.layers):
+            act, residual = self._norm(x, residual, layer.input_norm)
+            qkv = layer.qkv(act, self.qkv_buf[:T])
+            q = qkv[:, :qs_n].reshape(T, H, D)
+            k = qkv[:, qs_n : qs_n + kv_n].reshape(T, KVH, D)
+            v = qkv[:, qs_n + kv_n :].reshape(T, KVH, D)
+            rope_write_kv(q, k, v, inputs.positions, self.inv_freq, self.kv_pool, i, inputs.slot_mapping,
+                          k_hadamard=self.weights.k_hadamard)
+            attn = self._attention(i, q, k, v, inputs).reshape(T, qs_n)
+            o = layer.o_proj(self._quantize(attn), self.o_buf[:T])
+            act, residual = self._norm(o, residual, layer.post_attn_norm)
+            gate_up = layer.gate_up(act, self.gate_up_buf[:T])
+            x = layer.down(self._silu_mul(gate_up), self.down_buf[:T])
+        return x, residual
+
+    def _attention(self, layer: int, q, k, v, inputs: StepInputs):
+        out = self.attn_buf[: inputs.num_tokens]
+        if inputs.is_prefill:
+            return prefill_attention(q, k, v, inputs.cu_seqlens, inputs.context_lens, self.kv_pool, layer,
+                                     inputs.block_tables, max_seqlen_q=inputs.max_seqlen_q, out=out)
+        return decode_attention(q, self.kv_pool, layer, inputs.block_tables, inputs.context_lens,
+                                max_context=inputs.max_context, out=out)
+
+    def logits(self, x, residual):
+        """fp32 [rows, vocab]: the final RMSNorm of x + residual, then lm_head."""
+        w = self.weights
+        y, _ = rms_norm(x, w.final_norm, self.eps, residual=residual, xp=self.xp)
+        return fp16_gemm(y, w.lm_head, w.lm_head_bias, out_dtype=np.float32, xp=self.xp)

@@ -240,7 +240,7 @@ def build_random_weights(
         lm_head = fill_rows(xp.empty((vocab, h), f16), lambda s: rnd.normal(s, 1 / math.sqrt(h)).astype(f16))
     return DeviceWeights(
         config=cfg,
-        kv_bits=precision.kv_bits,
+        precision=precision,
         layers=layers,
         embed=embed,
         lm_head=lm_head,
