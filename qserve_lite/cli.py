@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from qserve_lite.engine.config import EngineConfig
 from qserve_lite.errors import DeviceError, QServeLiteError
 from qserve_lite.io.default_models import DEFAULT_MODEL
 
@@ -39,9 +40,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in flight at once")
-    p.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     _add_precision_arg(p)
+    EngineConfig.add_cli_arguments(p, device="auto", max_num_seqs=256)
 
 
 def _pick_device(requested: str) -> str:
@@ -73,9 +73,9 @@ def _load_llm(args: argparse.Namespace):
     """The engine on the chosen device; returns (llm, load seconds)."""
     from qserve_lite.llm import LLM
 
-    device = _pick_device(args.device)
+    config = EngineConfig.from_cli(args, device=_pick_device(args.device))
     t0 = time.perf_counter()
-    llm = LLM(args.model, precision=args.precision, device=device, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, precision=args.precision, config=config)
     return llm, time.perf_counter() - t0
 
 

@@ -12,6 +12,7 @@ import pytest
 from qserve_lite.bench import throughput
 from qserve_lite.bench.max_batch import batch_bytes, kv_bytes_per_sequence, max_batch, runner_bytes
 from qserve_lite.bench.measure import measure
+from qserve_lite.model import random_weights as random_model
 from qserve_lite.model.random_weights import build_random_weights
 from qserve_lite.bench.step_split import measure_decode_steps, prefill_batch
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner
@@ -337,18 +338,16 @@ def test_bench_out_of_memory_everywhere(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(GPUModelRunner, "run", oom)
     rc, rows, err = _bench_oom(tmp_path, capsys, "2,3")
     assert rc == 1 and rows == [] and err.count("out of GPU memory in the warm-up") == 2
-    monkeypatch.setattr("qserve_lite.model.random_weights.build_random_weights", oom)
+    monkeypatch.setattr(throughput, "build_random_weights", oom)
     rc, rows, err = _bench_oom(tmp_path, capsys, "2")
     assert rc == 2 and rows == [] and "Traceback" not in err
     assert "w4a8kv4 g128: out of GPU memory building the random weights (192 MiB more did not fit" in err
 
 
 def test_bench_says_when_the_weights_alone_do_not_fit(tmp_path, capsys, monkeypatch):
-    from qserve_lite.model import random_weights as random_model
-
     monkeypatch.setattr(random_model, "free_device_memory", lambda xp: (100 << 20, 80 << 30))
     built = []
-    monkeypatch.setattr(random_model, "build_random_weights", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(throughput, "build_random_weights", lambda *a, **k: built.append(1))
     rc, rows, err = _bench_oom(tmp_path, capsys, "2", "--precision", "w16a16")
     assert rc == 2 and not built and rows == []
     assert "config.json w16a16: the weights alone do not fit" in err

@@ -17,6 +17,16 @@ import time
 import numpy as np
 
 from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.engine.block_manager import pages_for
+from qserve_lite.engine.gpu_model_runner import GPUModelRunner
+from qserve_lite.engine.config import EngineConfig
+from qserve_lite.engine.llm_engine import LLMEngine
+from qserve_lite.core.kv_layout import KVPageLayout
+from qserve_lite.bench.protocol import generation_lengths, random_prompts, run_requests, synchronizer
+from qserve_lite.engine.gpu_model_runner import RESERVED_BYTES
+from qserve_lite.engine.gpu_model_runner import env_num_pages
+from qserve_lite.bench.max_batch import batch_bytes, max_batch
+from qserve_lite.bench.protocol import longest_generation
 
 WARMUP_GEN = 2  # warm-up tokens per sequence: one prefill of every prompt and one decode step
 OOM_STEP = 0.9  # --max-batch: the next batch after an out-of-memory error
@@ -102,13 +112,6 @@ def measure(
     warmup_gen: int = WARMUP_GEN,
 ) -> dict:
     """One measurement (bench/throughput.py's docstring) -> the JSON row's workload and timing fields."""
-    from qserve_lite.engine.block_manager import pages_for
-    from qserve_lite.engine.gpu_model_runner import GPUModelRunner
-    from qserve_lite.engine.config import EngineConfig
-    from qserve_lite.engine.llm_engine import LLMEngine
-    from qserve_lite.core.kv_layout import KVPageLayout
-    from qserve_lite.bench.protocol import generation_lengths, random_prompts, run_requests, synchronizer
-
     if min(batch, prompt_len, gen_len) < 1:
         raise QServeLiteError(f"batch, prompt length and gen must be >= 1: {batch}, {prompt_len}, {gen_len}")
     vocab = weights.config.vocab_size
@@ -182,8 +185,6 @@ def measure(
 def budget_bytes(xp, utilization: float) -> int:
     """Device bytes left for KV pages and runner buffers: utilization x total, minus what is in use (the
     weights), minus the runner's reserve."""
-    from qserve_lite.engine.gpu_model_runner import RESERVED_BYTES
-
     xp.get_default_memory_pool().free_all_blocks()
     free, total = xp.cuda.runtime.memGetInfo()
     return int(total * utilization) - (total - free) - RESERVED_BYTES
@@ -192,10 +193,6 @@ def budget_bytes(xp, utilization: float) -> int:
 def measure_largest_batch(weights, xp, utilization: float, **kw) -> dict:
     """--max-batch: the largest batch the memory left after the weights holds (max_batch.max_batch),
     confirmed by running it; after an out-of-memory error, 10% smaller, until one runs."""
-    from qserve_lite.engine.gpu_model_runner import env_num_pages
-    from qserve_lite.bench.max_batch import batch_bytes, max_batch
-    from qserve_lite.bench.protocol import longest_generation
-
     if xp is np:
         raise QServeLiteError("--max-batch sizes the batch from free GPU memory: run it with --device gpu")
     if env_num_pages() is not None or kw.get("num_pages") is not None:

@@ -50,6 +50,15 @@ import numpy as np
 
 from qserve_lite.errors import DeviceError, QServeLiteError
 from qserve_lite.core.backend import device_array_module
+from qserve_lite.bench.protocol import MODES
+from qserve_lite.io.shipped_configs import shipped_config_names
+from qserve_lite.engine.gpu_model_runner import env_num_pages
+from qserve_lite.io.shipped_configs import load_config
+from qserve_lite.core.precision import Precision
+from qserve_lite.bench.measure import OutOfMemory, describe_oom, is_out_of_memory, measure, measure_largest_batch, release
+from qserve_lite.model.random_weights import CPU_MAX_PARAMETERS, build_random_weights, check_weights_fit
+from qserve_lite.bench.results import append_jsonl, device_name, format_table, git_sha, plot_throughput, read_jsonl
+from qserve_lite.bench.results import results_file, today
 
 DEFAULT_BATCH = 64
 TABLE = [
@@ -60,8 +69,6 @@ TABLE = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qserve_lite.bench.protocol import MODES
-
     p.add_argument("--model", "-m", default="llama-3-8b", help="shipped config name or a config.json path")
     p.add_argument("--precision", default="w4a8kv4",
                    help="w4a8kv4 (default), w4a8kv8, w8a8kv8, w8a8kv4, w16a16, ...")
@@ -113,8 +120,6 @@ def batch_sizes(arg: str | None, environ=None) -> list[int]:
 
 
 def _model_label(ref: str) -> str:
-    from qserve_lite.io.shipped_configs import shipped_config_names
-
     name = str(ref).lower().removesuffix(".json")
     return name if name in shipped_config_names() else str(ref)
 
@@ -122,14 +127,6 @@ def _model_label(ref: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """The command: 0 when every measurement ran, 1 when some batch size ran out of GPU memory (its error
     line printed, the other sizes measured), errors a user can fix raised as QServeLiteError."""
-    from qserve_lite.engine.gpu_model_runner import env_num_pages
-    from qserve_lite.io.shipped_configs import load_config
-    from qserve_lite.core.precision import Precision
-    from qserve_lite.bench.measure import OutOfMemory, describe_oom, is_out_of_memory, measure, measure_largest_batch, release
-    from qserve_lite.model.random_weights import CPU_MAX_PARAMETERS, build_random_weights, check_weights_fit
-    from qserve_lite.bench.results import append_jsonl, device_name, format_table, git_sha, plot_throughput, read_jsonl
-    from qserve_lite.bench.results import results_file, today
-
     precision = Precision.parse(args.precision)
     if args.max_batch and args.batch is not None:
         raise QServeLiteError("give --batch or --max-batch, not both")

@@ -15,6 +15,7 @@ from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.model.kv_cache import KVCache
 from qserve_lite.core.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from qserve_lite.model.weights import LayerWeights, LlamaWeights
+from qserve_lite.core.hadamard import hadamard
 
 
 def rms_norm(x, weight, eps: float, xp):
@@ -116,8 +117,6 @@ class LlamaModel:
         """The normalized Hadamard matrix H_D [head_dim, head_dim] (core/hadamard.py) as an xp array."""
         h = self._head_hadamard
         if h is None or h.dtype != dtype:
-            from qserve_lite.core.hadamard import hadamard
-
             h = self._head_hadamard = self.xp.asarray(hadamard(self.cfg.head_dim), dtype=dtype)
         return h
 

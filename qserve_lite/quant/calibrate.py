@@ -29,6 +29,7 @@ from qserve_lite.eval.corpus import PYTHON_DOC_ROOT, python_doc_files
 from qserve_lite.model.llama import OBSERVED_POINTS, LlamaModel
 from qserve_lite.core.rope import rope_cos_sin
 from qserve_lite.core.backend import array_module
+from qserve_lite.core.backend import gpu_unavailable_reason
 
 PILE_REPO = "mit-han-lab/pile-val-backup"
 PILE_FILE = "val.jsonl.zst"
@@ -172,8 +173,6 @@ def load_calibration_samples(tokenizer, source: str | Sequence[str | Path] = "py
 
 def gpu_available() -> bool:
     """cupy is importable and sees a CUDA device (the engine's own check)."""
-    from qserve_lite.core.backend import gpu_unavailable_reason
-
     return gpu_unavailable_reason() is None
 
 

@@ -40,6 +40,12 @@ from qserve_lite.quant.quantizers import quantize_w4_per_channel, quantize_w8_pe
 from qserve_lite.quant.reorder import reorder_down
 from qserve_lite.quant.smooth_attention import search_smooth_attention, smooth_attention
 from qserve_lite.quant.smooth_proj import DEFAULT_ALPHA_BETA, smooth_proj
+from qserve_lite.core.precision import Precision
+from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
+from qserve_lite.quant.rotate import prepare_ends, prepare_layer, rotation_matrices
+from qserve_lite.io.checkpoint import save_quantized
+from qserve_lite.io.loader import resolve_model
+from qserve_lite.model.tokenizer import Tokenizer
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INPUT_POINT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
@@ -173,8 +179,6 @@ def rtn(w_bit: int = 4, group_size: int = 128, kv_bit: int = 4, **overrides) -> 
 
 def config_for_precision(precision: str = "w4a8kv4", group_size: int = 128, **overrides) -> QoQConfig:
     """Preset for a QServe precision name (w4a8kv4, w4a8kv8, w8a8kv4, w8a8kv8)."""
-    from qserve_lite.core.precision import Precision
-
     p = Precision.parse(precision)
     if (p.w_bits, p.a_bits) not in ((4, 8), (8, 8)) or p.kv_bits not in (4, 8):
         raise QServeLiteError(f"quantize supports w4a8kv4, w4a8kv8, w8a8kv4, w8a8kv8; got {p.name}")
@@ -312,8 +316,6 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
                    inv_freq: np.ndarray, xp=np) -> dict:
     """Replace the 7 linears of a (transformed, float64) layer by W4A8Linear / W8A8Linear, in place. xp = cupy
     (GPU calibration) runs GPTQ's Hessian factorizations and the g128 group clip search on the GPU."""
-    from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
-
     info: dict = {}
     ratios = {name: 1.0 for name in LINEAR_NAMES}
     if config.does_clip:
@@ -364,8 +366,6 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
     quantized ones) rather than the whole float model. Returns per-layer records of what was done."""
     from tqdm.auto import tqdm
 
-    from qserve_lite.quant.rotate import prepare_ends, prepare_layer, rotation_matrices
-
     # QServe's W4A8 runtime ignores norm weights: they are always folded into the linears
     R, Rh = rotation_matrices(cfg, seed=config.rotation_seed) if config.rotation else (None, None)
     prepare_ends(weights, R)
@@ -406,10 +406,6 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
                    calib_files: list[str | Path] | None = None, progress: bool = True,
                    overwrite: bool = False) -> QuantizeReport:
     """Quantize a float Llama-family model with QoQ and write a QServe-format checkpoint to out_dir."""
-    from qserve_lite.io.checkpoint import save_quantized
-    from qserve_lite.io.loader import resolve_model
-    from qserve_lite.model.tokenizer import Tokenizer
-
     config = config or qoq_g128()
     t0 = time.perf_counter()
     path = resolve_model(model_dir)

@@ -20,6 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from qserve_lite.model.weights import LayerWeights
+from qserve_lite.kernels.kv_quant import kv_fake_quant
+from qserve_lite.quant.clip import causal_bias, gqa_attention, query_positions
+from qserve_lite.core.hadamard import hadamard
 
 
 def tie_rope_halves(span: np.ndarray) -> np.ndarray:
@@ -92,10 +95,6 @@ def search_smooth_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, o_weigh
     lambda * (deq((k / lambda) H) H) (H is symmetric and orthogonal).
     Returns (alpha, beta, error, error without smoothing).
     """
-    from qserve_lite.kernels.kv_quant import kv_fake_quant
-    from qserve_lite.quant.clip import causal_bias, gqa_attention, query_positions
-    from qserve_lite.core.hadamard import hadamard
-
     q = np.asarray(q, dtype=np.float32)
     k = np.asarray(k, dtype=np.float32)
     v = np.asarray(v, dtype=np.float32)
