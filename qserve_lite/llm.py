@@ -16,6 +16,7 @@ import logging
 
 import numpy as np
 
+from qserve_lite.engine.config import EngineConfig
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.io.default_models import DEFAULT_MODEL
@@ -82,7 +83,13 @@ class LLM:
         max_model_len: int | None = None,
         seed: int = 0,
         gpu_memory_utilization: float = 0.9,
+        config: EngineConfig | None = None,
     ):
+        if config is not None:  # temporary (server branch): the config's fields replace the keywords
+            device, max_num_seqs, max_num_batched_tokens = (
+                config.device, config.max_num_seqs, config.max_num_batched_tokens)
+            num_pages, max_model_len, seed = config.num_pages, config.max_model_len, config.seed
+            gpu_memory_utilization = config.gpu_memory_utilization
         from qserve_lite.core.backend import resolve_device
         from qserve_lite.io.loader import load_model
 

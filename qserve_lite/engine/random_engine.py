@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qserve_lite.engine.config import EngineConfig
 from qserve_lite.engine.llm_engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, LLMEngine
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.core.model_config import ModelConfig
@@ -107,7 +108,7 @@ def load_tokenizer(ref: str | Path) -> tuple[Tokenizer, str]:
 
 
 def build_random_engine(
-    config: str | Path,
+    shape_config: str | Path,
     tokenizer: str | Path,
     *,
     precision: str | Precision | None = None,
@@ -119,8 +120,9 @@ def build_random_engine(
     num_pages: int | None = None,
     gpu_memory_utilization: float = 0.9,
     seed: int = 0,
+    config: EngineConfig | None = None,
 ) -> RandomEngine:
-    """Random weights of `config`'s shape (a shipped name or a config.json) with `tokenizer`'s vocabulary,
+    """Random weights of `shape_config` (a shipped name or a config.json) with `tokenizer`'s vocabulary,
     behind an LLMEngine (module docstring). precision: default w4a8kv4; group_size: W4 only (128 or -1).
     num_pages: 64-token KV pages (default on the GPU: what gpu_memory_utilization leaves, or
     NUM_GPU_PAGE_BLOCKS; on the CPU: what 2 GiB holds)."""
@@ -135,11 +137,16 @@ def build_random_engine(
         linear_mode,
     )
 
+    if config is not None:  # temporary (server branch): the config's fields replace the engine keywords
+        device, max_num_seqs, max_num_batched_tokens = (
+            config.device, config.max_num_seqs, config.max_num_batched_tokens)
+        max_model_len, num_pages, seed = config.max_model_len, config.num_pages, config.seed
+        gpu_memory_utilization = config.gpu_memory_utilization
     precision = Precision.parse(precision or "w4a8kv4") if not isinstance(precision, Precision) else precision
     linear_mode(precision, group_size)  # a bad group size fails before anything is loaded
-    shape = load_config(config)
-    name = str(config).lower().removesuffix(".json")
-    label = name if name in shipped_config_names() else str(config)
+    shape = load_config(shape_config)
+    name = str(shape_config).lower().removesuffix(".json")
+    label = name if name in shipped_config_names() else str(shape_config)
     tok, tokenizer_ref = load_tokenizer(tokenizer)
     cfg = with_vocab_size(shape, tok.vocab_size)
     xp = device_array_module(device)
