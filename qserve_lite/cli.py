@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from qserve_lite import server as server_pkg
 from qserve_lite.engine.config import EngineConfig
 from qserve_lite.errors import DeviceError, QServeLiteError
 from qserve_lite.io.default_models import DEFAULT_MODEL
@@ -241,27 +242,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP server (needs the [server] extra)."""
     import os
 
-    from qserve_lite.server import missing_server_deps
-
-    missing = missing_server_deps()
+    missing = server_pkg.missing_server_deps()
     if missing:
         raise QServeLiteError(
             f"qserve-lite serve needs {' and '.join(missing)}: pip install 'qserve-lite[server]'"
         )
-    from qserve_lite.server.app import serve
+    from qserve_lite.server.launch import serve  # imports fastapi and uvicorn: the optional [server] extra
 
     if args.random_weights is None and (args.tokenizer is not None or args.group_size is not None):
         raise QServeLiteError("--tokenizer and --group-size go with --random-weights")
-    device = _pick_device(args.device)
+    engine_config = EngineConfig.from_cli(args)
+    _pick_device(engine_config.device)
     serve(
-        args.model, precision=args.precision, host=args.host, port=args.port,
+        args.model, engine_config=engine_config, precision=args.precision, host=args.host, port=args.port,
         random_weights=args.random_weights, tokenizer=args.tokenizer,
         group_size=128 if args.group_size is None else args.group_size,
         api_key=args.api_key or os.environ.get("QSERVE_LITE_API_KEY") or None,
-        served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, num_pages=args.num_pages, device=device,
+        served_model_name=args.served_model_name,
         max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
-        access_log=not args.no_access_log, log_level=args.log_level, seed=args.seed,
+        access_log=not args.no_access_log, log_level=args.log_level,
     )
     return 0
 
@@ -358,16 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $QSERVE_LITE_API_KEY)")
     s.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
-    s.add_argument("--max-num-seqs", type=int, default=256, help="sequences in flight at once")
-    s.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
-    s.add_argument("--num-pages", type=int, default=None, help="64-token KV cache pages")
     s.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on Ctrl-C before they are aborted")
     s.add_argument("--seed", type=int, default=0, help="seeds requests that have no seed of their own")
     s.add_argument("--no-access-log", action="store_true", help="do not log every request")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    s.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
+    EngineConfig.add_cli_arguments(s, device="auto", max_num_seqs=256)
     _add_precision_arg(s)
     s.add_argument(
         "--random-weights", default=None, metavar="SHAPE",

@@ -20,6 +20,7 @@ from conftest import build_tokenizer
 from qserve_lite.engine.random_engine import build_random_engine, load_tokenizer, with_vocab_size
 from qserve_lite.model.random_weights import build_random_weights, weight_bytes
 from qserve_lite.cli import main as cli_main
+from qserve_lite.engine.config import EngineConfig
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.io.shipped_configs import load_config
@@ -58,7 +59,7 @@ def test_weight_bytes_match_the_built_weights():
 
 def test_random_engine_speaks_text(tiny_shape):
     cfg_path, tok_dir = tiny_shape
-    built = build_random_engine(cfg_path, tok_dir, device="cpu", max_num_seqs=4, seed=1)
+    built = build_random_engine(cfg_path, tok_dir, config=EngineConfig(device="cpu", max_num_seqs=4, seed=1))
     engine, tok = built.engine, load_tokenizer(tok_dir)[0]
     assert built.vocab_size == tok.vocab_size == engine.vocab_size and built.config_vocab_size == 1000
     assert engine.config.num_layers == 2 and engine.config.extra["vocab_size"] == tok.vocab_size
@@ -76,9 +77,9 @@ def test_random_engine_speaks_text(tiny_shape):
     assert len(done) == 2 and all(0 < len(o.outputs[0].token_ids) <= 6 for o in done)
     assert len(done[0].outputs[0].text) > 0  # random, but text
     with pytest.raises(QServeLiteError, match="group size 128 or -1"):
-        build_random_engine(cfg_path, tok_dir, device="cpu", group_size=64)
+        build_random_engine(cfg_path, tok_dir, group_size=64, config=EngineConfig(device="cpu"))
     with pytest.raises(QServeLiteError, match="numpy twin"):
-        build_random_engine("llama-3-8b", tok_dir, device="cpu")
+        build_random_engine("llama-3-8b", tok_dir, config=EngineConfig(device="cpu"))
 
 
 def _free_port_socket() -> socket.socket:
@@ -154,6 +155,41 @@ def test_cli_serves_random_weights(tiny_shape, tmp_path, monkeypatch, capsys):
     assert not thread.is_alive()
 
 
+def test_cli_serve_random_weights_engine_flags(tiny_shape, monkeypatch, capsys):
+    """--max-num-batched-tokens, --gpu-memory-utilization and the other engine flags reach
+    build_random_engine as one EngineConfig, and the engine it builds runs with them."""
+    if missing_server_deps():
+        pytest.skip("needs pip install '.[server]'")
+    import uvicorn
+
+    from qserve_lite.server import launch
+
+    cfg_path, tok_dir = tiny_shape
+    seen = {}
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self, sockets=None: seen.setdefault("config", self.config)
+    )
+    real_build = launch.build_random_engine
+
+    def build(shape, tokenizer, *, config: EngineConfig, **kw):
+        seen["engine_config"] = config
+        return real_build(shape, tokenizer, config=config, **kw)
+
+    monkeypatch.setattr(launch, "build_random_engine", build)
+    argv = ["serve", "--random-weights", str(cfg_path), "--tokenizer", str(tok_dir), "--device", "cpu",
+            "--max-num-seqs", "4", "--max-num-batched-tokens", "200", "--gpu-memory-utilization", "0.25",
+            "--max-model-len", "128", "--seed", "3"]
+    assert cli_main(argv) == 0
+    assert seen["engine_config"] == EngineConfig(
+        device="cpu", max_num_seqs=4, max_num_batched_tokens=200, max_model_len=128,
+        gpu_memory_utilization=0.25, seed=3, cuda_graphs=seen["engine_config"].cuda_graphs,
+    )
+    engine = seen["config"].app.state.server.engine.engine
+    assert engine.scheduler.max_num_batched_tokens == 200 and engine.scheduler.max_num_seqs == 4
+    assert engine.max_model_len == 128 and engine.runner.max_tokens == 200
+    assert "max_model_len 128" in capsys.readouterr().out
+
+
 def test_cli_serve_flags_that_need_random_weights(capsys):
     if missing_server_deps():
         pytest.skip("needs pip install '.[server]'")
@@ -167,7 +203,9 @@ def test_random_engine_on_the_gpu(tiny_shape):
 
     cupy_or_skip()
     cfg_path, tok_dir = tiny_shape
-    built = build_random_engine(cfg_path, tok_dir, device="gpu", max_num_seqs=4, num_pages=16)
+    built = build_random_engine(
+        cfg_path, tok_dir, config=EngineConfig(device="gpu", max_num_seqs=4, num_pages=16)
+    )
     engine = built.engine
     assert built.device == "gpu" and engine.runner.cuda_graphs and engine.block_manager.num_pages == 16
     for prompt in ("The capital of France is", "Count to three."):

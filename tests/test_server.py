@@ -15,6 +15,7 @@ import pytest
 
 from qserve_lite import LLM, SamplingParams
 from qserve_lite.cli import main as cli_main
+from qserve_lite.engine.config import EngineConfig
 from qserve_lite.server import missing_server_deps
 
 try:  # the [server] extra and the test clients; without them only the CLI's message is tested
@@ -22,6 +23,7 @@ try:  # the [server] extra and the test clients; without them only the CLI's mes
     import openai
     import uvicorn
 
+    from qserve_lite.server import launch
     from qserve_lite.server.app import create_app
     from qserve_lite.server.async_engine import AsyncEngine, EngineError
 
@@ -752,3 +754,51 @@ def test_cli_serve_starts_uvicorn(tiny_model_dir, monkeypatch, capsys):
     guard = config.app.user_middleware[0]
     assert guard.kwargs["api_key"] == "from-env"
     assert "serving as 'tiny'" in capsys.readouterr().out
+
+
+def test_cli_serve_engine_flags_reach_the_engine(tiny_model_dir, monkeypatch, capsys):
+    """Every engine flag (EngineConfig.add_cli_arguments) reaches LLM as one EngineConfig, and the engine runs
+    with it: --max-num-batched-tokens is the scheduler's prefill budget (and caps max_model_len)."""
+    if missing_server_deps():
+        pytest.skip("needs pip install '.[server]'")
+    seen = {}
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self, sockets=None: seen.setdefault("config", self.config)
+    )
+    real_llm = launch.LLM
+
+    def llm(model, precision=None, *, config: EngineConfig):
+        seen["engine_config"] = config
+        return real_llm(model, precision, config=config)
+
+    monkeypatch.setattr(launch, "LLM", llm)
+    argv = ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--max-num-seqs", "3",
+            "--max-num-batched-tokens", "100", "--gpu-memory-utilization", "0.5", "--num-pages", "40",
+            "--seed", "7", "--no-cuda-graphs"]
+    assert cli_main(argv) == 0
+    config = seen["engine_config"]
+    assert config == EngineConfig(device="cpu", max_num_seqs=3, max_num_batched_tokens=100, num_pages=40,
+                                  gpu_memory_utilization=0.5, seed=7, cuda_graphs=False)
+    engine = seen["config"].app.state.server.engine.engine
+    assert engine.scheduler.max_num_batched_tokens == 100 and engine.scheduler.max_num_seqs == 3
+    assert engine.max_model_len == 100 and engine.block_manager.num_pages == 40
+    assert "max_model_len 100, 40 KV pages" in capsys.readouterr().out
+
+
+def test_cli_serve_engine_flag_defaults_and_errors(tiny_model_dir, monkeypatch, capsys):
+    if missing_server_deps():
+        pytest.skip("needs pip install '.[server]'")
+    seen = []
+    monkeypatch.setattr(launch, "serve", lambda model, **kw: seen.append(kw["engine_config"]))
+    assert cli_main(["serve", "--model", str(tiny_model_dir), "--device", "cpu"]) == 0
+    assert seen[-1] == EngineConfig(device="cpu", cuda_graphs=seen[-1].cuda_graphs)
+    assert seen[-1].max_num_seqs == 256 and seen[-1].max_num_batched_tokens is None
+    assert seen[-1].gpu_memory_utilization == 0.9 and seen[-1].seed == 0
+    for flag, value, message in (
+        ("--gpu-memory-utilization", "1.5", "gpu_memory_utilization must be in (0, 1]"),
+        ("--max-num-batched-tokens", "1", "max_num_batched_tokens must be an integer >= 2"),
+        ("--max-num-seqs", "0", "max_num_seqs must be an integer >= 1"),
+    ):
+        assert cli_main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", flag, value]) == 2
+        assert message in capsys.readouterr().err
+    assert len(seen) == 1  # a bad value fails before anything is loaded

@@ -1,9 +1,9 @@
 """Request and response bodies of the OpenAI-compatible API (completions, chat completions, models, errors).
 
 Requests are validated here first (types, ranges, sizes); what needs the model (token counts, vocabulary,
-max_model_len) is checked in app.py. Every bound is finite so no value can overflow inside the engine step,
-which serves every request at once. Unknown fields are ignored, as OpenAI-compatible servers do; fields of
-the OpenAI API that we do not implement are accepted only at their neutral value.
+max_model_len) is checked in serving.py. Every bound is finite so no value can overflow inside the engine
+step, which serves every request at once. Unknown fields are ignored, as OpenAI-compatible servers do;
+fields of the OpenAI API that we do not implement are accepted only at their neutral value.
 """
 
 from __future__ import annotations
