@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from qserve_lite import server as server_pkg
+from qserve_lite.bench import throughput
+from qserve_lite.core.backend import resolve_device
+from qserve_lite.core.precision import PRECISION_NAMES
 from qserve_lite.engine.config import EngineConfig
 from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.eval.corpus import python_doc_files, read_texts
+from qserve_lite.eval.perplexity import perplexity
 from qserve_lite.io.default_models import DEFAULT_MODEL
+from qserve_lite.io.gguf_import import import_gguf
+from qserve_lite.io.loader import load_model, require_gguf
+from qserve_lite.llm import LLM
+from qserve_lite.quant.calibrate import split_python_doc
+from qserve_lite.quant.qoq import config_for_precision, quantize_model
+from qserve_lite.sampling_params import SamplingParams
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -20,8 +32,6 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
-    from qserve_lite.core.precision import PRECISION_NAMES
-
     p.add_argument(
         "--precision", default=None, metavar="NAME",
         help=f"run at this precision ({', '.join(PRECISION_NAMES)}); default: the model's own "
@@ -48,8 +58,6 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def _pick_device(requested: str) -> str:
     """Check --device early (an unusable 'gpu' fails before loading anything); returns it unchanged, so
     'auto' reaches LLM, which also falls back to the CPU for models the GPU kernels cannot run."""
-    from qserve_lite.core.backend import resolve_device
-
     resolve_device(requested)
     return requested
 
@@ -61,8 +69,6 @@ def _cpu_only(requested: str, command: str) -> None:
 
 
 def _sampling_params(args: argparse.Namespace):
-    from qserve_lite.sampling_params import SamplingParams
-
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop or ()),
@@ -72,8 +78,6 @@ def _sampling_params(args: argparse.Namespace):
 
 def _load_llm(args: argparse.Namespace):
     """The engine on the chosen device; returns (llm, load seconds)."""
-    from qserve_lite.llm import LLM
-
     config = EngineConfig.from_cli(args, device=_pick_device(args.device))
     t0 = time.perf_counter()
     llm = LLM(args.model, precision=args.precision, config=config)
@@ -162,18 +166,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from qserve_lite.eval.corpus import python_doc_files, read_texts
-    from qserve_lite.eval.perplexity import perplexity
-    from qserve_lite.io.loader import load_model
-
     _cpu_only(args.device, "ppl")
     files = list(args.text or [])
     if args.python_doc:
         if args.python_doc_split == "all":
             files += python_doc_files()
         else:
-            from qserve_lite.quant.calibrate import split_python_doc
-
             calib_files, eval_files = split_python_doc()
             files += eval_files if args.python_doc_split == "eval" else calib_files
     if not files:
@@ -190,10 +188,6 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from qserve_lite.quant.qoq import config_for_precision, quantize_model
-
-    from qserve_lite.core.backend import resolve_device
-
     # calibration forwards run on the GPU when there is one ("auto"), or where --device says
     calib = {"seed": args.seed, "calib_device": resolve_device(args.device)}
     if args.calib_seq_len is not None:
@@ -221,9 +215,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> int:
-    from qserve_lite.io.gguf_import import import_gguf
-    from qserve_lite.io.loader import require_gguf
-
     require_gguf()
     t0 = time.perf_counter()
     out = import_gguf(args.file, args.out_dir, dtype=args.dtype)
@@ -233,15 +224,11 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Throughput with QServe's protocol on random weights of a shipped model shape (bench/throughput.py)."""
-    from qserve_lite.bench.throughput import run
-
-    return run(args)
+    return throughput.run(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP server (needs the [server] extra)."""
-    import os
-
     missing = server_pkg.missing_server_deps()
     if missing:
         raise QServeLiteError(
@@ -343,11 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     i.set_defaults(func=cmd_import_gguf)
 
-    from qserve_lite.bench.throughput import add_arguments as add_bench_arguments
-
     b = sub.add_parser("bench",
                        help="generation throughput (QServe's protocol) on random weights of a model shape")
-    add_bench_arguments(b)
+    throughput.add_arguments(b)
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
