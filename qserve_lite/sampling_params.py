@@ -38,30 +38,30 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not (self.temperature >= 0.0) or math.isinf(self.temperature):
-            raise SamplingError(
-                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
-            )
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (0.0 <= self.min_p <= 1.0):
-            raise SamplingError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise SamplingError(f"seed must be None or an integer >= 0, got {self.seed!r}")
-        if not (self.repetition_penalty > 0.0) or math.isinf(self.repetition_penalty):
-            raise SamplingError(
-                f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}"
-            )
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not (-2.0 <= value <= 2.0):
-                raise SamplingError(f"{name} must be in [-2, 2] (0 = off), got {value!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise SamplingError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        checks = (
+            (_is_int(self.max_tokens) and self.max_tokens >= 1,
+             f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
+            (_is_number(self.temperature) and 0.0 <= self.temperature < math.inf,
+             f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"),
+            (_is_int(self.top_k) and self.top_k >= 0,
+             f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
+            (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
+             f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}"),
+            (self.seed is None or (_is_int(self.seed) and self.seed >= 0),
+             f"seed must be None or an integer >= 0, got {self.seed!r}"),
+            (_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty < math.inf,
+             f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}"),
+            (_is_number(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+             f"presence_penalty must be in [-2, 2] (0 = off), got {self.presence_penalty!r}"),
+            (_is_number(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2] (0 = off), got {self.frequency_penalty!r}"),
+            (self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+             f"logprobs must be None or an integer >= 0, got {self.logprobs!r}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise SamplingError(message)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise SamplingError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
@@ -78,3 +78,12 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _is_int(value) -> bool:
+    """An integer that is not a bool (JSON's true is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -52,90 +52,34 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
-        archs = cfg.get("architectures") or []
-        if not archs:
-            raise ConfigError(
-                f"{source}: field 'architectures' is missing; expected one of {SUPPORTED_ARCHITECTURES}"
-            )
-        arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(
-                f"{source}: architecture '{arch}' is not supported; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-
-        def need(name: str, typ=int):
-            if name not in cfg or cfg[name] is None:
-                raise ConfigError(f"{source}: required field '{name}' is missing")
-            try:
-                value = typ(cfg[name])
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"{source}: field '{name}' = {cfg[name]!r} is not a valid {typ.__name__}"
-                ) from None
-            if typ is int and value <= 0:
-                raise ConfigError(f"{source}: field '{name}' must be positive, got {value}")
-            return value
-
-        hidden = need("hidden_size")
-        heads = need("num_attention_heads")
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        if kv_heads <= 0 or heads % kv_heads:
-            raise ConfigError(
-                f"{source}: num_attention_heads ({heads}) must be a multiple of "
-                f"num_key_value_heads ({kv_heads})"
-            )
-        head_dim = cfg.get("head_dim")
-        if head_dim is None:
-            if hidden % heads:
-                raise ConfigError(
-                    f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
-                )
-            head_dim = hidden // heads
-        head_dim = int(head_dim)
-        if head_dim % 2:
-            raise ConfigError(f"{source}: head_dim must be even for RoPE, got {head_dim}")
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got a {type(cfg).__name__}")
+        arch = _architecture(cfg, source)
+        heads, kv_heads, head_dim = _head_geometry(cfg, source)
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(
                 f"{source}: hidden_act '{cfg.get('hidden_act')}' is not supported (only 'silu')"
             )
-
-        rope_scaling = cfg.get("rope_scaling")
-        if rope_scaling is not None:
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if rope_type not in ("default", "llama3", "linear"):
-                raise ConfigError(
-                    f"{source}: rope_scaling type '{rope_type}' is not supported (default, linear, llama3)"
-                )
-            if rope_type == "default":
-                rope_scaling = None
-            else:
-                rope_scaling = dict(rope_scaling, rope_type=rope_type)
-
-        if arch == "Qwen2ForCausalLM":
-            qkv_bias = True
-        else:
-            qkv_bias = bool(cfg.get("attention_bias", False))
         if cfg.get("mlp_bias"):
             raise ConfigError(f"{source}: mlp_bias=true is not supported")
-
+        qkv_bias = arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
             architecture=arch,
-            hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
+            hidden_size=_need(cfg, source, "hidden_size"),
+            intermediate_size=_need(cfg, source, "intermediate_size"),
+            num_layers=_need(cfg, source, "num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            vocab_size=need("vocab_size"),
+            vocab_size=_need(cfg, source, "vocab_size"),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(cfg.get("rope_theta", 10000.0)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            rope_scaling=rope_scaling,
+            rope_scaling=_rope_scaling(cfg, source),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             extra=cfg,
@@ -151,3 +95,64 @@ class ModelConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(cfg, source=str(path))
+
+
+def _architecture(cfg: dict, source: str) -> str:
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise ConfigError(
+            f"{source}: field 'architectures' is missing; expected one of {SUPPORTED_ARCHITECTURES}"
+        )
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"{source}: architecture '{arch}' is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def _need(cfg: dict, source: str, name: str, typ=int):
+    """A required field, converted to typ (ints must be positive)."""
+    if name not in cfg or cfg[name] is None:
+        raise ConfigError(f"{source}: required field '{name}' is missing")
+    try:
+        value = typ(cfg[name])
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: field '{name}' = {cfg[name]!r} is not a valid {typ.__name__}") from None
+    if typ is int and value <= 0:
+        raise ConfigError(f"{source}: field '{name}' must be positive, got {value}")
+    return value
+
+
+def _head_geometry(cfg: dict, source: str) -> tuple[int, int, int]:
+    """(query heads, kv heads, head_dim), checked."""
+    hidden = _need(cfg, source, "hidden_size")
+    heads = _need(cfg, source, "num_attention_heads")
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    if kv_heads <= 0 or heads % kv_heads:
+        raise ConfigError(
+            f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+        )
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        head_dim = hidden // heads
+    head_dim = int(head_dim)
+    if head_dim % 2:
+        raise ConfigError(f"{source}: head_dim must be even for RoPE, got {head_dim}")
+    return heads, kv_heads, head_dim
+
+
+def _rope_scaling(cfg: dict, source: str) -> dict | None:
+    """rope_scaling with its type under 'rope_type' (None for the default RoPE)."""
+    rope_scaling = cfg.get("rope_scaling")
+    if rope_scaling is None:
+        return None
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if rope_type not in ("default", "llama3", "linear"):
+        raise ConfigError(
+            f"{source}: rope_scaling type '{rope_type}' is not supported (default, linear, llama3)"
+        )
+    return None if rope_type == "default" else dict(rope_scaling, rope_type=rope_type)
