@@ -220,7 +220,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> int:
-    from qserve_lite.io.gguf_import import import_gguf
+    from qserve_lite.io.gguf import import_gguf
     from qserve_lite.io.loader import require_gguf
 
     require_gguf()

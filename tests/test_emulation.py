@@ -390,7 +390,7 @@ def fake_quantized_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     calls = []
 
     def read_quantized_weights(model_cfg, path, group_size=None):
-        from qserve_lite.model.weights import load_llama_weights
+        from qserve_lite.io.hf_weights import load_llama_weights
 
         calls.append(path)
         w = load_llama_weights(model_cfg, path)

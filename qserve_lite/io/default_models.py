@@ -104,7 +104,7 @@ def ensure_default_model(alias: str, progress: bool = True) -> Path:
     out = model_dir(alias)
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
-    from qserve_lite.io.gguf_import import import_gguf
+    from qserve_lite.io.gguf import import_gguf
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{alias}-fetch-") as tmp:

@@ -17,7 +17,7 @@ from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.io.default_models import ALIASES, cache_dir, ensure_default_model
 from qserve_lite.model.llama import LlamaModel
 from qserve_lite.model.tokenizer import Tokenizer
-from qserve_lite.model.weights import load_llama_weights
+from qserve_lite.io.hf_weights import load_llama_weights
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
@@ -38,7 +38,7 @@ def _import_gguf_cached(path: Path) -> Path:
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if not (out / "config.json").is_file():
         require_gguf()
-        from qserve_lite.io.gguf_import import import_gguf
+        from qserve_lite.io.gguf import import_gguf
 
         out.parent.mkdir(parents=True, exist_ok=True)
         import_gguf(path, out)
