@@ -16,7 +16,7 @@ from qserve_lite.errors import DeviceError, QServeLiteError
 from qserve_lite.eval.corpus import python_doc_files, read_texts
 from qserve_lite.eval.perplexity import perplexity
 from qserve_lite.io.default_models import DEFAULT_MODEL
-from qserve_lite.io.gguf_import import import_gguf
+from qserve_lite.io.gguf import import_gguf
 from qserve_lite.io.loader import load_model, require_gguf
 from qserve_lite.llm import LLM
 from qserve_lite.quant.calibrate import split_python_doc

@@ -18,7 +18,7 @@ cp = cupy_or_skip()
 from qserve_lite.eval.perplexity import perplexity  # noqa: E402
 from qserve_lite.core.model_config import ModelConfig  # noqa: E402
 from qserve_lite.io.loader import load_model  # noqa: E402
-from qserve_lite.model.weights import load_llama_weights  # noqa: E402
+from qserve_lite.io.hf_weights import load_llama_weights  # noqa: E402
 from qserve_lite.quant import qoq  # noqa: E402
 from qserve_lite.quant.calibrate import LayerRunner  # noqa: E402
 

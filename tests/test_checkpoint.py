@@ -1,4 +1,4 @@
-"""Quantized checkpoints (io/checkpoint.py) and the torch-free reader of torch files (torch_pickle.py)."""
+"""Quantized checkpoints (io/checkpoint/) and the torch-free reader of torch files (torch_pickle.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.model.linear import Linear
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.io.torch_pickle import TorchCheckpoint, UnsafeCheckpointError, load_torch_state_dict
-from qserve_lite.model.weights import load_llama_weights
+from qserve_lite.io.hf_weights import load_llama_weights
 from qserve_lite.core.formats import W4Group, W4PerChannel
 from qserve_lite.quant.quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
 
@@ -414,7 +414,7 @@ def test_zoo_checkpoint(tmp_path, caplog):
     assert is_quantized_checkpoint(zoo)
     qc = read_quant_config(zoo)
     assert (qc["w_bit"], qc["group_size"], qc["kv_bit"], qc["inferred"]) == (4, -1, 4, True)
-    with caplog.at_level(logging.WARNING, logger="qserve_lite.io.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="qserve_lite.io.checkpoint.zoo"):
         w = read_quantized_weights(cfg, zoo, group_size=-1)
     assert "post_attention_layernorm" in caplog.text and "ignores norm weights" in caplog.text
     layer = w.layers[0]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from qserve_lite.cli import main
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.eval.perplexity import perplexity
 from qserve_lite.model.linear import Linear
+from qserve_lite.io import loader
 from qserve_lite.io.loader import load_model
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.kernels.act_quant import dequantize_per_token, quantize_per_token
@@ -390,7 +389,7 @@ def fake_quantized_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     calls = []
 
     def read_quantized_weights(model_cfg, path, group_size=None):
-        from qserve_lite.model.weights import load_llama_weights
+        from qserve_lite.io.hf_weights import load_llama_weights
 
         calls.append(path)
         w = load_llama_weights(model_cfg, path)
@@ -400,11 +399,9 @@ def fake_quantized_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
                 setattr(lw, name, W4A8Linear(quantize_w4_group(lin.weight.astype(np.float64)), lin.bias))
         return w
 
-    fake = types.ModuleType("qserve_lite.io.checkpoint")
-    fake.read_quant_config = lambda model_dir: dict(json.loads((model_dir / "config.json").read_text())[
-        "quantization_config"])
-    fake.read_quantized_weights = read_quantized_weights
-    monkeypatch.setitem(sys.modules, "qserve_lite.io.checkpoint", fake)
+    monkeypatch.setattr(loader, "read_quant_config", lambda model_dir: dict(
+        json.loads((model_dir / "config.json").read_text())["quantization_config"]))
+    monkeypatch.setattr(loader, "read_quantized_weights", read_quantized_weights)
     return out, calls
 
 

@@ -29,7 +29,7 @@ from qserve_lite.llm import LLM  # noqa: E402
 from qserve_lite.io.checkpoint import LINEARS, save_quantized  # noqa: E402
 from qserve_lite.core.model_config import ModelConfig  # noqa: E402
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear  # noqa: E402
-from qserve_lite.model.weights import load_llama_weights  # noqa: E402
+from qserve_lite.io.hf_weights import load_llama_weights  # noqa: E402
 from qserve_lite.quant.quantizers import (  # noqa: E402
     quantize_w4_group,
     quantize_w4_per_channel,

@@ -1,4 +1,4 @@
-"""Tests for qserve_lite.io.gguf_import: tiny llama GGUFs written with gguf.GGUFWriter."""
+"""Tests for qserve_lite.io.gguf: tiny llama GGUFs written with gguf.GGUFWriter."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from safetensors.numpy import load_file  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from qserve_lite.errors import GGUFImportError, QServeLiteError  # noqa: E402
-from qserve_lite.io import gguf_import as gi  # noqa: E402
-from qserve_lite.io.gguf_import import (  # noqa: E402
+from qserve_lite.io.gguf import tensors as gi  # noqa: E402
+from qserve_lite.io.gguf import (  # noqa: E402
     import_gguf,
     infer_llama3_rope_scaling,
     permute_qk,

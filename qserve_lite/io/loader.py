@@ -19,7 +19,9 @@ from qserve_lite.io.default_models import ALIASES, cache_dir, ensure_default_mod
 from qserve_lite.model.llama import LlamaModel
 from qserve_lite.model.weights import LlamaWeights
 from qserve_lite.model.tokenizer import Tokenizer
-from qserve_lite.model.weights import load_llama_weights
+from qserve_lite.io.checkpoint import is_quantized_checkpoint, read_quant_config, read_quantized_weights
+from qserve_lite.io.gguf import import_gguf
+from qserve_lite.io.hf_weights import load_llama_weights
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
@@ -40,8 +42,6 @@ def _import_gguf_cached(path: Path) -> Path:
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if not (out / "config.json").is_file():
         require_gguf()
-        from qserve_lite.io.gguf_import import import_gguf
-
         out.parent.mkdir(parents=True, exist_ok=True)
         import_gguf(path, out)
     return out
@@ -113,13 +113,7 @@ class LoadedModel:
 def _is_quantized(path: Path, cfg: ModelConfig) -> bool:
     """config.json has a quantization_config, or (QServe zoo checkpoints, which have none) the tensors are
     stored quantized."""
-    if "quantization_config" in cfg.extra:
-        return True
-    try:
-        from qserve_lite.io.checkpoint import is_quantized_checkpoint
-    except ImportError:  # checkpoint IO not available: only quantization_config marks a quantized model
-        return False
-    return is_quantized_checkpoint(path)
+    return "quantization_config" in cfg.extra or is_quantized_checkpoint(path)
 
 
 def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) -> LoadedModel:
@@ -139,8 +133,6 @@ def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) 
     tokenizer = Tokenizer(path)
     k_hadamard, group_size = False, None
     if _is_quantized(path, cfg):
-        from qserve_lite.io.checkpoint import read_quant_config, read_quantized_weights
-
         qc = read_quant_config(path)
         k_hadamard = bool(qc.get("k_hadamard", False))  # absent (QServe zoo, older checkpoints): off
         w_bit, kv_bit = int(qc["w_bit"]), int(qc.get("kv_bit") or 16)

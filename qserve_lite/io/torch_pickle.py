@@ -162,77 +162,100 @@ def _flatten(obj, prefix: str, out: dict[str, _TensorRef]) -> None:
         # other leaves (ints, strings, None, lists) carry no weights: skipped
 
 
+def _data_pkl(names: list[str], src: str) -> str:
+    """The archive's one '<prefix>/data.pkl' (or a bare 'data.pkl')."""
+    pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if not pkls and "data.pkl" in names:
+        pkls = ["data.pkl"]
+    if len(pkls) != 1:
+        hint = " (a TorchScript archive?)" if any(n.endswith("constants.pkl") for n in names) else ""
+        raise WeightsError(
+            f"{src}: not a torch state-dict archive{hint}: expected one '<prefix>/data.pkl', "
+            f"found {len(pkls)}; save the weights with torch.save(model.state_dict(), ...) or as "
+            "safetensors"
+        )
+    return pkls[0]
+
+
+def _state_dict(obj, src: str) -> dict:
+    """The unpickled object as a state dict; a lone {'state_dict' | 'model' | 'module': dict} is unwrapped."""
+    if isinstance(obj, _TensorRef):
+        raise WeightsError(f"{src}: holds a single tensor, not a state dict (name -> tensor)")
+    if not isinstance(obj, dict):
+        raise WeightsError(
+            f"{src}: the pickle holds a {type(obj).__name__}, not a state dict (name -> tensor)"
+        )
+    wrappers = [k for k in ("state_dict", "model", "module") if isinstance(obj.get(k), dict)]
+    if len(obj) == 1 and wrappers:
+        obj = obj[wrappers[0]]
+    return obj
+
+
 class TorchCheckpoint:
     """A torch zip checkpoint: ``keys()``, ``shape(name)``, ``dtype(name)``, ``get(name)`` -> numpy copy."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        src = str(self.path)
+        self._zip = self._open_zip()
         try:
-            self._zip = zipfile.ZipFile(self.path)
+            self._read_index(str(self.path))
+        except BaseException:
+            self._zip.close()
+            raise
+
+    def _open_zip(self) -> zipfile.ZipFile:
+        try:
+            return zipfile.ZipFile(self.path)
         except FileNotFoundError:
             raise WeightsError(f"weight file not found: {self.path}") from None
         except zipfile.BadZipFile:
             raise WeightsError(self._not_zip_message()) from None
         except OSError as e:
             raise WeightsError(f"cannot open weight file {self.path}: {e.strerror}") from None
+
+    def _read_index(self, src: str) -> None:
+        """Unpickle the state dict's tensor descriptors and check every storage is in the archive."""
+        names = self._zip.namelist()
+        pkl = _data_pkl(names, src)
+        self._prefix = pkl[: -len("data.pkl")]
+        self._big_endian = self._byteorder(names, src) == "big"
+        with self._zip.open(pkl) as fh:
+            up = _RestrictedUnpickler(fh, src)
+            try:
+                obj = up.load()
+            except (WeightsError, MemoryError):
+                raise
+            except Exception as e:  # malformed pickles raise all sorts of errors
+                raise WeightsError(
+                    f"{src}: corrupted pickle in the torch checkpoint ({type(e).__name__}: {e})"
+                ) from None
+        self._tensors: dict[str, _TensorRef] = {}
+        _flatten(_state_dict(obj, src), "", self._tensors)
+        for ref in up.storages.values():
+            self._check_storage(ref, src)
+
+    def _byteorder(self, names: list[str], src: str) -> str:
+        order = "little"
+        if self._prefix + "byteorder" in names:
+            order = self._zip.read(self._prefix + "byteorder").decode("ascii", "replace").strip()
+        if order not in ("little", "big"):
+            raise WeightsError(f"{src}: unknown byteorder record {order!r}")
+        return order
+
+    def _check_storage(self, ref: _StorageRef, src: str) -> None:
+        member = self._prefix + "data/" + ref.key
         try:
-            names = self._zip.namelist()
-            pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-            if not pkls and "data.pkl" in names:
-                pkls = ["data.pkl"]
-            if len(pkls) != 1:
-                hint = " (a TorchScript archive?)" if any(n.endswith("constants.pkl") for n in names) else ""
-                raise WeightsError(
-                    f"{src}: not a torch state-dict archive{hint}: expected one '<prefix>/data.pkl', "
-                    f"found {len(pkls)}; save the weights with torch.save(model.state_dict(), ...) or as "
-                    "safetensors"
-                )
-            self._prefix = pkls[0][: -len("data.pkl")]
-            order = "little"
-            if self._prefix + "byteorder" in names:
-                order = self._zip.read(self._prefix + "byteorder").decode("ascii", "replace").strip()
-            if order not in ("little", "big"):
-                raise WeightsError(f"{src}: unknown byteorder record {order!r}")
-            self._big_endian = order == "big"
-            with self._zip.open(pkls[0]) as fh:
-                up = _RestrictedUnpickler(fh, src)
-                try:
-                    obj = up.load()
-                except (WeightsError, MemoryError):
-                    raise
-                except Exception as e:  # malformed pickles raise all sorts of errors
-                    raise WeightsError(
-                        f"{src}: corrupted pickle in the torch checkpoint ({type(e).__name__}: {e})"
-                    ) from None
-            if isinstance(obj, _TensorRef):
-                raise WeightsError(f"{src}: holds a single tensor, not a state dict (name -> tensor)")
-            if not isinstance(obj, dict):
-                raise WeightsError(
-                    f"{src}: the pickle holds a {type(obj).__name__}, not a state dict (name -> tensor)"
-                )
-            wrappers = [k for k in ("state_dict", "model", "module") if isinstance(obj.get(k), dict)]
-            if len(obj) == 1 and wrappers:
-                obj = obj[wrappers[0]]
-            self._tensors: dict[str, _TensorRef] = {}
-            _flatten(obj, "", self._tensors)
-            for ref in up.storages.values():
-                member = self._prefix + "data/" + ref.key
-                try:
-                    info = self._zip.getinfo(member)
-                except KeyError:
-                    raise WeightsError(
-                        f"{src}: storage '{ref.key}' is missing from the archive (truncated file?); "
-                        "re-download it"
-                    ) from None
-                if info.file_size < ref.numel * self._itemsize(ref.dtype):
-                    raise WeightsError(
-                        f"{src}: storage '{ref.key}' has {info.file_size} bytes, fewer than its {ref.numel} "
-                        "elements need (truncated or corrupted file); re-download it"
-                    )
-        except BaseException:
-            self._zip.close()
-            raise
+            info = self._zip.getinfo(member)
+        except KeyError:
+            raise WeightsError(
+                f"{src}: storage '{ref.key}' is missing from the archive (truncated file?); "
+                "re-download it"
+            ) from None
+        if info.file_size < ref.numel * self._itemsize(ref.dtype):
+            raise WeightsError(
+                f"{src}: storage '{ref.key}' has {info.file_size} bytes, fewer than its {ref.numel} "
+                "elements need (truncated or corrupted file); re-download it"
+            )
 
     def _not_zip_message(self) -> str:
         try:

@@ -31,7 +31,8 @@ from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.model.linear import Linear
 from qserve_lite.model.llama import LlamaModel
 from qserve_lite.core.rope import rope_inv_freq
-from qserve_lite.model.weights import LayerReader, LayerWeights, LlamaWeights, load_llama_weights
+from qserve_lite.io.hf_weights import LayerReader, load_llama_weights
+from qserve_lite.model.weights import LayerWeights, LlamaWeights
 from qserve_lite.quant import calibrate
 from qserve_lite.quant.calibrate import LayerRunner, PointSpec, PointStats
 from qserve_lite.quant.clip import clip_ratios, search_group_clip, search_qk_clip, search_row_clip
