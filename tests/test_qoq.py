@@ -392,7 +392,7 @@ def test_quantize_cli_calibrates_on_the_gpu_when_there_is_one(monkeypatch, tmp_p
         seen["config"] = config
         return qoq.QuantizeReport(Path(out), 0.0, 0.0, 0, [])
 
-    monkeypatch.setattr(qoq, "quantize_model", fake_quantize_model)
+    monkeypatch.setattr(cli, "quantize_model", fake_quantize_model)
     args = ["quantize", "--model", "m", "--out", str(tmp_path / "q"), "--rotation-seed", "5"]
     assert cli.main(args + (["--device", device] if device != "auto" else [])) == 0
     config = seen["config"]
