@@ -37,6 +37,7 @@ from qserve_lite.io.loader import LoadedModel
 from qserve_lite.core.kv_layout import PAGE_SIZE
 from qserve_lite.core.rope import rope_inv_freq
 from qserve_lite.core.kv_layout import KVPageLayout
+from qserve_lite.kernels.cuda.workspace import pin_workspaces, release_workspaces
 from qserve_lite.kernels.paged_kv import PagedKVPool
 from qserve_lite.model.gpu_model import DeviceLayer, DeviceLinear, DeviceWeights, check_head_dim, fuse_linears
 from qserve_lite.engine.model_runner import ModelRunner
@@ -299,12 +300,7 @@ class GPUModelRunner:
         benchmark building several runners in one process)."""
         self.graphs.clear()
         if self.graph_stream is not None:
-            from qserve_lite.kernels.cuda import _gpu, attention as _gpu_attention
-
-            key = (self.xp.cuda.Device().id, self.graph_stream.ptr)
-            for workspace in (_gpu._workspace, _gpu_attention._workspace):
-                with workspace.lock:
-                    workspace.bufs.pop(key, None)
+            release_workspaces(self.graph_stream)
 
     def _graph_inputs(self, bucket: int) -> np.ndarray:
         """Host inputs of a padded batch: padding rows write nothing (slot -1) and attend to one token."""
@@ -323,8 +319,6 @@ class GPUModelRunner:
         tokens). Everything the step allocates comes from a memory pool of the graph's own, warmed by an eager
         run of the same step first (kernels compiled, blocks cached: no cudaMalloc while capturing); no one
         else allocates from that pool, so no memory the graph writes is ever handed out again."""
-        from qserve_lite.kernels.cuda import _gpu, attention as _gpu_attention
-
         cp = self.xp
         inputs = cp.asarray(self._graph_inputs(bucket))
         tok, pos, slots, ctx, bt = self._graph_views(inputs, bucket)
@@ -344,7 +338,6 @@ class GPUModelRunner:
             finally:
                 graph = stream.end_capture()
         stream.synchronize()
-        key = (cp.cuda.Device().id, stream.ptr)  # split-K workspaces (per stream) may be regrown later
-        keep = [pool, _gpu._workspace.bufs.get(key), _gpu_attention._workspace.bufs.get(key)]
+        keep = [pool, *pin_workspaces(stream)]  # split-K workspaces (per stream) may be regrown later
         self.graphs[bucket] = DecodeGraph(graph, inputs, logits, keep)
         return self.graphs[bucket]
