@@ -22,6 +22,7 @@ from qserve_lite.core.pack import pack_w4, to_qserve_group_params
 from qserve_lite.kernels.cuda.device import sm90a_active, wgmma_available
 from qserve_lite.kernels.cuda.gemm import NAMED_CONFIGS, gemm
 from qserve_lite.kernels.cuda.gemm_skinny import SkinnyConfig
+from qserve_lite.kernels.cuda.workspace import pin_workspaces, release_workspaces
 
 pytestmark = pytest.mark.gpu
 
@@ -379,3 +380,22 @@ def test_cuda_graph_capture():
                                      cp.asnumpy(s2z))
         same(new_res, res_ref, "graph residual")
         same(y, ref, "graph gemm")
+
+
+def test_pin_and_release_workspaces():
+    """A split-K GEMM on a stream leaves its int32 workspace for pin_workspaces; release drops it."""
+    r = rng()
+    m, n, k = 4, 384, 4096
+    qw, s1, s2s, s2z = (cp.asarray(a) for a in w4_group(r, n, k))
+    q, sx, _ = quant_acts(r, m, k)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        out = gemm("w4_g128", cp.asarray(q), qw, n, k, x_scales=cp.asarray(sx), w_scales=s1, s2_scales=s2s,
+                   s2_zeros=s2z, splits=4)
+        stream.synchronize()
+    assert out.shape == (m, n)
+    gemm_bufs, attention_bufs = pin_workspaces(stream)
+    assert gemm_bufs is not None and gemm_bufs[0].dtype == cp.int32 and gemm_bufs[1].dtype == cp.int32
+    assert attention_bufs is None  # no decode attention ran on this stream
+    release_workspaces(stream)
+    assert pin_workspaces(stream) == [None, None]
