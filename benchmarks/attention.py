@@ -47,7 +47,8 @@ VARIANT_POINTS = [(1, 16384), (32, 4096), (256, 1536)]
 # ---- precompiling (fills CuPy's on-disk cache; the GPU tests use the same modules) ----
 
 def all_modules() -> list[tuple[str, dict]]:
-    from qserve_lite.kernels.cuda.attention import attention_defines, writer_defines
+    from qserve_lite.kernels.cuda.attention import attention_defines
+    from qserve_lite.kernels.cuda.kv_writer import writer_defines
 
     jobs = []
     for d in (64, 128):
@@ -109,8 +110,8 @@ def fill_pool(cp, pool, rng) -> None:
 
 
 def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
-    from qserve_lite.kernels.cuda import attention as _gpu_attention
     from qserve_lite.kernels.attention import decode_attention
+    from qserve_lite.kernels.cuda import attention as cuda_attention
     from qserve_lite.kernels.paged_kv import PagedKVPool
 
     rng = np.random.default_rng(0)
@@ -130,7 +131,7 @@ def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
                 perm = cp.random.permutation(max_pages)[: copies * need].astype(cp.int32)
                 bts = [perm[i * need : (i + 1) * need].reshape(b, ctx // 64) for i in range(copies)]
                 lens = cp.full((b,), ctx, dtype=cp.int32)
-                base, tps = _gpu_attention.decode_geometry(b, HEADS, KV_HEADS, ctx)
+                base, tps = cuda_attention.decode_geometry(b, HEADS, KV_HEADS, ctx)
                 variants = {"heuristic": (None, None)}
                 if tune and b <= 32:
                     for sp in sorted({max(1, base // 2), base * 2, 1}):
@@ -147,7 +148,7 @@ def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
                         call = functools.partial(decode_attention, q, pool, 0, max_context=ctx, splits=sp,
                                                  out=out)
                     else:
-                        call = functools.partial(_gpu_attention.decode_attention, q, pool, 0, scale=0.088,
+                        call = functools.partial(cuda_attention.decode_attention, q, pool, 0, scale=0.088,
                                                  max_context=ctx, splits=sp, out=out, workspace=None,
                                                  variant=var)
                     times[name] = timer(lambda i, c=call, bts=bts, lens=lens: c(bts[i % len(bts)],

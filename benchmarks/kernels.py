@@ -28,6 +28,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qserve_lite.bench.results import git_sha  # noqa: E402  (the checkout's commit, +dirty)
+from qserve_lite.kernels.cuda import gemm_skinny  # noqa: E402  (the launchers import cupy only when called)
+from qserve_lite.kernels.cuda.cublas import epilogue_i32, int8_matmul_cublas, w4_to_int8  # noqa: E402
+from qserve_lite.kernels.cuda.device import wgmma_available  # noqa: E402
+from qserve_lite.kernels.cuda.gemm import (  # noqa: E402
+    DECODE_CONFIGS,
+    NAMED_CONFIGS,
+    PREFILL_CONFIGS,
+    TUNE_CONFIGS,
+    WGMMA_CONFIGS,
+    choose_config,
+    choose_splits,
+    gemm,
+)
 
 SHAPES = {  # name: (N out features, K in features), Llama-3-8B
     "qkv": (6144, 4096),
@@ -55,8 +68,6 @@ def _compile_job(job):
 
 
 def all_modules() -> list[tuple[str, dict]]:
-    from qserve_lite.kernels.cuda._gpu import NAMED_CONFIGS, TUNE_CONFIGS, wgmma_available
-
     hopper = wgmma_available()
     jobs = []
     for cfg in NAMED_CONFIGS.values():
@@ -75,7 +86,7 @@ def all_modules() -> list[tuple[str, dict]]:
                     defines = {"QS_MODE": mode, "QS_SK_NJ": nj, "QS_SK_CB": c[0], "QS_SK_KW": c[1],
                                "QS_SK_DEPTH": c[2], "QS_ALIGNED": aligned}
                     jobs.append(("gemm_skinny.cu", defines))
-    jobs.append(("gemm.cu", {}))  # helper kernels (w4_to_int8, epilogue) with the default macros
+    jobs.append(("cublas.cu", {}))  # the cuBLAS route's helper kernels (w4_to_int8, epilogue)
     for op in range(3):
         for nc in (1, 2, 4, 8):
             for vec in (0, 1):
@@ -157,27 +168,27 @@ def copies_for(nbytes: int, l2: int) -> int:
 
 # ---- GEMM benchmark ----
 
-def tune_candidates(_gpu, m, n, k):
+def tune_candidates(m, n, k):
     """(label, config, splits) alternatives to the heuristic choice for the g128 GEMM at this M."""
     cands = {}
     out = []
-    if m <= _gpu.SKINNY_MAX_M:
+    if m <= gemm_skinny.SKINNY_MAX_M:
         for cb, kw, depth in SKINNY_TUNE:
-            c = _gpu.SkinnyConfig(cb, kw, depth)
-            base = _gpu.skinny_splits(c, m, n, k)
+            c = gemm_skinny.SkinnyConfig(cb, kw, depth)
+            base = gemm_skinny.skinny_splits(c, m, n, k)
             for sp in sorted({base, 2 * base}):
                 out.append((f"tune:skinny{cb}x{kw}x{depth}:s{sp}", c, sp))
     if m <= 64:
-        cands.update({f"decode{b}": c for b, c in _gpu.DECODE_CONFIGS.items() if b >= m})
-        cands.update({name: c for name, c in _gpu.TUNE_CONFIGS.items() if c.bm >= m})
+        cands.update({f"decode{b}": c for b, c in DECODE_CONFIGS.items() if b >= m})
+        cands.update({name: c for name, c in TUNE_CONFIGS.items() if c.bm >= m})
     elif m <= 256:
-        cands["decode64"] = _gpu.DECODE_CONFIGS[64]
+        cands["decode64"] = DECODE_CONFIGS[64]
     if m >= 64:
-        cands.update(_gpu.PREFILL_CONFIGS)
-        if _gpu.wgmma_available():
-            cands.update(_gpu.WGMMA_CONFIGS)
+        cands.update(PREFILL_CONFIGS)
+        if wgmma_available():
+            cands.update(WGMMA_CONFIGS)
     for name, c in cands.items():
-        base = _gpu.choose_splits(c, 1, m, n, k)
+        base = choose_splits(c, 1, m, n, k)
         for sp in (sorted({1, base, 2 * base}) if c.splitk else [1]):
             out.append((f"tune:{name}:s{sp}", c, sp))
     return out
@@ -197,7 +208,7 @@ def make_group_params(rng, n, k):
 class GemmWeights:
     """One Llama linear's weights in every format, each in enough copies to defeat the L2 cache."""
 
-    def __init__(self, cp, _gpu, rng, n: int, k: int, l2: int):
+    def __init__(self, cp, rng, n: int, k: int, l2: int):
         s2s_np, s2z_np = make_group_params(rng, n, k)
         self.n, self.k = n, k
         self.c4, self.c8 = copies_for(n * k // 2, l2), copies_for(n * k, l2)
@@ -211,10 +222,10 @@ class GemmWeights:
                     for _ in range(self.c16)]
         self.ws8 = cp.asarray(rng.uniform(1e-3, 1e-2, n).astype(np.float16))
         # "dequantize W4 to int8 once": the level-1 int8 weights, cached
-        self.w8_from_w4 = [_gpu.w4_to_int8(q, self.s2s, self.s2z) for q in self.qw[: self.c8]]
+        self.w8_from_w4 = [w4_to_int8(q, self.s2s, self.s2z) for q in self.qw[: self.c8]]
 
 
-def bench_point(cp, _gpu, timer, w: GemmWeights, m: int, tune: bool, rng) -> tuple[dict, dict]:
+def bench_point(cp, timer, w: GemmWeights, m: int, tune: bool, rng) -> tuple[dict, dict]:
     """Times of every GEMM variant at one (shape, M), in seconds, and the heuristic's g128 tile."""
     n, k = w.n, w.k
     qx = cp.random.randint(-127, 128, (m, k), dtype=cp.int8)
@@ -225,32 +236,32 @@ def bench_point(cp, _gpu, timer, w: GemmWeights, m: int, tune: bool, rng) -> tup
     nd = len(w.w8_from_w4)
 
     def g128(i, config=None, splits=None):
-        return _gpu.gemm("w4_g128", qx, w.qw[i % w.c4], n, k, x_scales=sx, w_scales=w.s1, s2_scales=w.s2s,
-                         s2_zeros=w.s2z, config=config, splits=splits)
+        return gemm("w4_g128", qx, w.qw[i % w.c4], n, k, x_scales=sx, w_scales=w.s1, s2_scales=w.s2s,
+                    s2_zeros=w.s2z, config=config, splits=splits)
 
     def pc(i):
-        return _gpu.gemm("w4_per_channel", qx, w.qw[i % w.c4], n, k, x_scales=sx, x_sums=xs, w_scales=w.s1,
-                         w_szeros=w.sz)
+        return gemm("w4_per_channel", qx, w.qw[i % w.c4], n, k, x_scales=sx, x_sums=xs, w_scales=w.s1,
+                    w_szeros=w.sz)
 
     def w8a8(i):
-        return _gpu.gemm("w8", qx, w.w8[i % w.c8], n, k, x_scales=sx, w_scales=w.ws8)
+        return gemm("w8", qx, w.w8[i % w.c8], n, k, x_scales=sx, w_scales=w.ws8)
 
     def f16_ours(i):
-        return _gpu.gemm("f16", x16, w.w16[i % w.c16], n, k)
+        return gemm("f16", x16, w.w16[i % w.c16], n, k)
 
     def cublas_fp16(i):
         return cp.matmul(x16, w.w16[i % w.c16].T)
 
     def cublas_int8(i):
-        return _gpu.int8_matmul_cublas(qx, w.w8[i % w.c8], out=acc)
+        return int8_matmul_cublas(qx, w.w8[i % w.c8], out=acc)
 
     def int8cached(i):
-        acc32 = _gpu.int8_matmul_cublas(qx, w.w8_from_w4[i % nd], out=acc)
-        return _gpu.epilogue_i32(acc32, "w4_g128", sx, w.s1)
+        acc32 = int8_matmul_cublas(qx, w.w8_from_w4[i % nd], out=acc)
+        return epilogue_i32(acc32, "w4_g128", sx, w.s1)
 
     def dequant_cublas(i):
-        w8 = _gpu.w4_to_int8(w.qw[i % w.c4], w.s2s, w.s2z)
-        return _gpu.epilogue_i32(_gpu.int8_matmul_cublas(qx, w8, out=acc), "w4_g128", sx, w.s1)
+        w8 = w4_to_int8(w.qw[i % w.c4], w.s2s, w.s2z)
+        return epilogue_i32(int8_matmul_cublas(qx, w8, out=acc), "w4_g128", sx, w.s1)
 
     t = {"w4a8_g128": timer(g128), "w4a8_pc": timer(pc), "w8a8": timer(w8a8), "fp16_ours": timer(f16_ours),
          "cublas_fp16": timer(cublas_fp16), "cublas_int8": timer(cublas_int8)}
@@ -258,27 +269,25 @@ def bench_point(cp, _gpu, timer, w: GemmWeights, m: int, tune: bool, rng) -> tup
         t["g128_int8cached_cublas"] = timer(int8cached)
         t["g128_dequant_cublas"] = timer(dequant_cublas)
     if tune:
-        for key, c, sp in tune_candidates(_gpu, m, n, k):
+        for key, c, sp in tune_candidates(m, n, k):
             t[key] = timer(lambda i, c=c, sp=sp: g128(i, c, sp))
-    if m <= _gpu.SKINNY_MAX_M:
-        c = _gpu.choose_skinny(m, n, k)
-        label = f"skinny {c.cb}x{c.kw}x{c.depth} splits {_gpu.skinny_splits(c, m, n, k)}"
+    if m <= gemm_skinny.SKINNY_MAX_M:
+        c = gemm_skinny.choose_skinny(m, n, k)
+        label = f"skinny {c.cb}x{c.kw}x{c.depth} splits {gemm_skinny.skinny_splits(c, m, n, k)}"
     else:
-        c = _gpu.choose_config(1, m, n, k)
+        c = choose_config(1, m, n, k)
         kind = "wgmma" if c.wgmma else "mma.sync"
-        label = f"{kind} {c.bn}x{c.bm}x{c.bk} splits {_gpu.choose_splits(c, 1, m, n, k)}"
+        label = f"{kind} {c.bn}x{c.bm}x{c.bk} splits {choose_splits(c, 1, m, n, k)}"
     return t, {"w4a8_g128": label}
 
 
 def bench_gemms(cp, timer, ms, shapes, tune: bool, l2: int, log):
-    from qserve_lite.kernels.cuda import _gpu
-
     rng = np.random.default_rng(0)
     rows = []
     for sname, (n, k) in shapes.items():
-        w = GemmWeights(cp, _gpu, rng, n, k, l2)
+        w = GemmWeights(cp, rng, n, k, l2)
         for m in ms:
-            t, cfg = bench_point(cp, _gpu, timer, w, m, tune, rng)
+            t, cfg = bench_point(cp, timer, w, m, tune, rng)
             flops = 2.0 * m * n * k
             row = {"shape": sname, "n": n, "k": k, "m": m, "times_us": {a: b * 1e6 for a, b in t.items()},
                    "tops": {a: flops / b / 1e12 for a, b in t.items()}, "g128_config": cfg["w4a8_g128"]}
@@ -352,12 +361,10 @@ def profile_one(spec: str) -> None:
     """One warm-up and one measured launch of a GEMM (for `ncu --launch-skip 1 --launch-count 1`)."""
     import cupy as cp
 
-    from qserve_lite.kernels.cuda import _gpu
-
     parts = spec.split(":")
     sname, m, kernel = parts[0], int(parts[1]), parts[2]
-    named = _gpu.NAMED_CONFIGS | _gpu.TUNE_CONFIGS | {f"skinny{a}x{b}x{c}": _gpu.SkinnyConfig(a, b, c)
-                                                      for a, b, c in SKINNY_TUNE}
+    named = NAMED_CONFIGS | TUNE_CONFIGS | {f"skinny{a}x{b}x{c}": gemm_skinny.SkinnyConfig(a, b, c)
+                                            for a, b, c in SKINNY_TUNE}
     cfg = named[parts[3]] if len(parts) > 3 and parts[3] else None
     splits = int(parts[4]) if len(parts) > 4 else None
     n, k = SHAPES[sname]
@@ -371,13 +378,13 @@ def profile_one(spec: str) -> None:
     w8 = cp.random.randint(-128, 128, (n, k), dtype=cp.int8)
     for _ in range(2):
         if kernel == "g128":
-            _gpu.gemm("w4_g128", qx, qw, n, k, x_scales=sx, w_scales=s1, s2_scales=s2s, s2_zeros=s2z,
-                      config=cfg, splits=splits)
+            gemm("w4_g128", qx, qw, n, k, x_scales=sx, w_scales=s1, s2_scales=s2s, s2_zeros=s2z,
+                 config=cfg, splits=splits)
         elif kernel == "pc":
-            _gpu.gemm("w4_per_channel", qx, qw, n, k, x_scales=sx, x_sums=xs, w_scales=s1, w_szeros=s1,
-                      config=cfg, splits=splits)
+            gemm("w4_per_channel", qx, qw, n, k, x_scales=sx, x_sums=xs, w_scales=s1, w_szeros=s1,
+                 config=cfg, splits=splits)
         elif kernel == "w8":
-            _gpu.gemm("w8", qx, w8, n, k, x_scales=sx, w_scales=s1, config=cfg, splits=splits)
+            gemm("w8", qx, w8, n, k, x_scales=sx, w_scales=s1, config=cfg, splits=splits)
         cp.cuda.Device().synchronize()
 
 

@@ -21,13 +21,12 @@ from conftest import cupy_or_skip
 
 from qserve_lite.core.rope import rope_inv_freq
 from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
+from qserve_lite.kernels.cuda import attention as cuda_attention
 from qserve_lite.kernels.paged_kv import PagedKVPool
 
 pytestmark = pytest.mark.gpu
 
 cp = cupy_or_skip()
-
-from qserve_lite.kernels.cuda import attention as _gpu_attention  # noqa: E402
 
 CONTEXTS = [1, 63, 64, 65, 1000, 4097]
 GQA = [(4, 4), (6, 2), (8, 2), (16, 2)]  # (query heads, kv heads): ratios 1, 3, 4, 8
@@ -216,7 +215,7 @@ def test_decode_variants(bits, d, variant):
     want = decode_attention(q, np_pool, 0, bt, ctx)
     for splits in (None, 1, 5):
         poison_pool()
-        got = _gpu_attention.decode_attention(cp.asarray(q), g_pool, 0, cp.asarray(bt), cp.asarray(ctx),
+        got = cuda_attention.decode_attention(cp.asarray(q), g_pool, 0, cp.asarray(bt), cp.asarray(ctx),
                                               1 / np.sqrt(d), None, splits, None, None, variant=variant)
         close(got, want, vmax, f"decode variant {variant} bits={bits} d={d} splits={splits}")
 
@@ -233,10 +232,10 @@ def test_decode_cuda_graph():
     g_q, g_bt = cp.asarray(q1), cp.asarray(bt)
     g_ctx = cp.asarray(np.array(lens, dtype=np.int32))
     max_ctx = bt.shape[1] * 64
-    splits, _ = _gpu_attention.decode_geometry(B, h, kvh, max_ctx)
+    splits, _ = cuda_attention.decode_geometry(B, h, kvh, max_ctx)
     assert splits > 1
     out = cp.empty((B, h, d), dtype=cp.float16)
-    ws = _gpu_attention.decode_workspace(B, h, d, splits)
+    ws = cuda_attention.decode_workspace(B, h, d, splits)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         decode_attention(g_q, g_pool, 0, g_bt, g_ctx, max_context=max_ctx, out=out, workspace=ws)

@@ -29,6 +29,7 @@ CONFIGS = [
                  "QS_STAGES": 3, "QS_SPLITK": 0, "QS_ALIGNED": 0, "QS_OUT_F32": 1}),
     ("gemm.cu", {"QS_MODE": 0, "QS_BN": 256, "QS_BM": 128, "QS_BK": 128, "QS_WN": 8, "QS_WM": 1, "QS_WK": 1,
                  "QS_STAGES": 4, "QS_SPLITK": 1, "QS_WGMMA": 1}),  # Hopper only (see SM90_ONLY)
+    ("cublas.cu", {}),  # W4 -> int8 and the int32 epilogue of the cuBLAS route: no configuration macros
     ("gemm_skinny.cu", {"QS_MODE": 1, "QS_SK_NJ": 2, "QS_SK_CB": 2, "QS_SK_KW": 4, "QS_SK_DEPTH": 2}),
     ("gemm_skinny.cu", {"QS_MODE": 0, "QS_SK_NJ": 1, "QS_SK_CB": 1, "QS_SK_KW": 8, "QS_SK_DEPTH": 1,
                         "QS_ALIGNED": 0}),

@@ -19,12 +19,14 @@ from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
 from qserve_lite.kernels.w4a8_gemm import w4_to_int8, w4a8_group_gemm_packed, w4a8_per_channel_gemm_packed
 from qserve_lite.kernels.w8a8_gemm import w8a8_gemm
 from qserve_lite.core.pack import pack_w4, to_qserve_group_params
+from qserve_lite.kernels.cuda.device import sm90a_active, wgmma_available
+from qserve_lite.kernels.cuda.gemm import NAMED_CONFIGS, gemm
+from qserve_lite.kernels.cuda.gemm_skinny import SkinnyConfig
+from qserve_lite.kernels.cuda.workspace import pin_workspaces, release_workspaces
 
 pytestmark = pytest.mark.gpu
 
 cp = cupy_or_skip()
-
-from qserve_lite.kernels.cuda import _gpu  # noqa: E402
 
 MS = [1, 7, 64, 300, 2048]
 
@@ -68,7 +70,7 @@ def opt(a):
 def test_sm90a_on_hopper():
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("not a Hopper GPU")
-    assert _gpu.sm90a_active()
+    assert sm90a_active()
 
 
 # ---- row kernels ----
@@ -251,12 +253,12 @@ def check_fp16_gemm(out, x, w, b, out_dtype):
 
 # ---- every tile configuration, split-K on and off, on one shape ----
 
-@pytest.mark.parametrize("name", sorted(_gpu.NAMED_CONFIGS))
+@pytest.mark.parametrize("name", sorted(NAMED_CONFIGS))
 @pytest.mark.parametrize("mode", ["w4_per_channel", "w4_g128", "w8", "f16"])
 def test_every_config(name, mode):
     r = rng()
-    cfg = _gpu.NAMED_CONFIGS[name]
-    if cfg.wgmma and (mode == "f16" or not _gpu.wgmma_available()):
+    cfg = NAMED_CONFIGS[name]
+    if cfg.wgmma and (mode == "f16" or not wgmma_available()):
         pytest.skip("wgmma tiles: Hopper and int8 modes only")
     n, k = 384, 1024
     m = {8: 5, 16: 13, 32: 29, 64: 61}.get(cfg.bm, 300)
@@ -266,8 +268,8 @@ def test_every_config(name, mode):
             x = activations(r, m, k)
             w = (r.standard_normal((n, k)) / 32).astype(np.float16)
             poison_pool()
-            out = _gpu.gemm("f16", cp.asarray(x), cp.asarray(w), n, k, bias=cp.asarray(b), out_f32=True,
-                            config=cfg, splits=splits)
+            out = gemm("f16", cp.asarray(x), cp.asarray(w), n, k, bias=cp.asarray(b), out_f32=True,
+                       config=cfg, splits=splits)
             check_fp16_gemm(cp.asnumpy(out), x, w, b, np.float32)
             continue
         q, sx, xs = quant_acts(r, m, k)
@@ -288,7 +290,7 @@ def test_every_config(name, mode):
             ref = w8a8_gemm(q, sx, w, ws, b)
             args.update(w_scales=cp.asarray(ws))
         poison_pool()
-        out = _gpu.gemm(mode, cp.asarray(q), cp.asarray(w), n, k, **args)
+        out = gemm(mode, cp.asarray(q), cp.asarray(w), n, k, **args)
         same(out, ref, f"{mode} {name} splits={splits}")
 
 
@@ -307,7 +309,7 @@ def test_skinny_configs(mode, cb, kw, depth):
     for k, k_pad, m, splits in cases:
         q, sx, xs = quant_acts(r, m, k)
         b = r.standard_normal(n).astype(np.float16)
-        args = dict(x_scales=cp.asarray(sx), bias=cp.asarray(b), config=_gpu.SkinnyConfig(cb, kw, depth),
+        args = dict(x_scales=cp.asarray(sx), bias=cp.asarray(b), config=SkinnyConfig(cb, kw, depth),
                     splits=splits)
         if mode == "w4_per_channel":
             qw, s1, sz = w4_per_channel(r, n, k_pad)
@@ -320,7 +322,7 @@ def test_skinny_configs(mode, cb, kw, depth):
             ref = w4a8_group_gemm_packed(q, sx, qw, s1, s2s, s2z, b)
             args.update(w_scales=cp.asarray(s1), s2_scales=cp.asarray(s2s), s2_zeros=cp.asarray(s2z))
         poison_pool()
-        out = _gpu.gemm(mode, cp.asarray(q), cp.asarray(qw), n, k_pad, **args)
+        out = gemm(mode, cp.asarray(q), cp.asarray(qw), n, k_pad, **args)
         same(out, ref, f"skinny {mode} {cb}x{kw}x{depth} m={m} k={k} splits={splits}")
 
 
@@ -378,3 +380,22 @@ def test_cuda_graph_capture():
                                      cp.asnumpy(s2z))
         same(new_res, res_ref, "graph residual")
         same(y, ref, "graph gemm")
+
+
+def test_pin_and_release_workspaces():
+    """A split-K GEMM on a stream leaves its int32 workspace for pin_workspaces; release drops it."""
+    r = rng()
+    m, n, k = 4, 384, 4096
+    qw, s1, s2s, s2z = (cp.asarray(a) for a in w4_group(r, n, k))
+    q, sx, _ = quant_acts(r, m, k)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        out = gemm("w4_g128", cp.asarray(q), qw, n, k, x_scales=cp.asarray(sx), w_scales=s1, s2_scales=s2s,
+                   s2_zeros=s2z, splits=4)
+        stream.synchronize()
+    assert out.shape == (m, n)
+    gemm_bufs, attention_bufs = pin_workspaces(stream)
+    assert gemm_bufs is not None and gemm_bufs[0].dtype == cp.int32 and gemm_bufs[1].dtype == cp.int32
+    assert attention_bufs is None  # no decode attention ran on this stream
+    release_workspaces(stream)
+    assert pin_workspaces(stream) == [None, None]

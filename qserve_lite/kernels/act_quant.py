@@ -28,7 +28,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+
 from qserve_lite.core.backend import is_cupy
+from qserve_lite.kernels.cuda import rows as cuda_rows
 
 QMAX = 127
 
@@ -50,7 +52,7 @@ def quantize_per_token(x, xp=np, with_sums: bool = True) -> QuantizedActivation:
     With xp = cupy and a float16/float32 x this runs the CUDA kernel (cuda/rows.cu), bit-identical.
     with_sums=False leaves `sums` None (only per-channel W4A8 needs them; the kernel then skips them)."""
     if _gpu_input(x, xp):
-        return _rows_gpu("quant", x, x.shape[-1], want_sum=with_sums).qa
+        return _run_rows("quant", x, x.shape[-1], want_sum=with_sums).qa
     x32 = round_to_fp16(x, xp)
     amax = xp.abs(x32).max(axis=-1)
     scales = (amax / xp.float32(QMAX)).astype(xp.float16)
@@ -79,7 +81,7 @@ def silu_mul(gate_up, xp=np):
     fp16 product (see silu_mul_quant).
     """
     if _gpu_input(gate_up, xp):
-        return _rows_gpu("silu", gate_up, gate_up.shape[-1] // 2, want_y=True, want_q=False).y
+        return _run_rows("silu", gate_up, gate_up.shape[-1] // 2, want_y=True, want_q=False).y
     inter = gate_up.shape[-1] // 2
     if gate_up.shape[-1] != 2 * inter:
         raise ValueError(f"silu_mul: the last axis must be [gate | up] of even width, got {gate_up.shape}")
@@ -93,7 +95,7 @@ def silu_mul(gate_up, xp=np):
 def silu_mul_quant(gate_up, xp=np, with_sums: bool = True) -> QuantizedActivation:
     """quantize_per_token(silu_mul(gate_up)): the down_proj input of a quantized MLP, one GPU kernel."""
     if _gpu_input(gate_up, xp):
-        return _rows_gpu("silu", gate_up, gate_up.shape[-1] // 2, want_sum=with_sums).qa
+        return _run_rows("silu", gate_up, gate_up.shape[-1] // 2, want_sum=with_sums).qa
     return quantize_per_token(silu_mul(gate_up, xp), xp, with_sums)
 
 
@@ -107,17 +109,15 @@ def _gpu_input(x, xp) -> bool:
     return is_cupy(xp) and x.dtype in (xp.float16, xp.float32) and x.ndim >= 1
 
 
-def _rows_gpu(op: str, x, k: int, residual=None, **kw) -> _RowResult:
+def _run_rows(op: str, x, k: int, residual=None, **kw) -> _RowResult:
     """Runs a row kernel of cuda/rows.cu over x [..., width] (any leading shape), restoring that shape."""
-    from qserve_lite.kernels.cuda import _gpu
-
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if op != "quant":
         x2 = x2.astype("float16", copy=False)
     if residual is not None:
         residual = residual.reshape(-1, k).astype("float16", copy=False)
-    y, q, scales, sums, res = _gpu.rows(op, x2, k, residual=residual, **kw)
+    y, q, scales, sums, res = cuda_rows.rows(op, x2, k, residual=residual, **kw)
     qa = None if q is None else QuantizedActivation(q.reshape(*lead, k), scales.reshape(lead),
                                                     sums.reshape(lead) if sums is not None else None)
     return _RowResult(None if y is None else y.reshape(*lead, k), qa,

@@ -32,10 +32,12 @@ import math
 
 import numpy as np
 
+from qserve_lite.core.backend import array_module, is_cupy, to_host
 from qserve_lite.core.rope import apply_rope, rope_cos_sin
+from qserve_lite.kernels.cuda import attention as cuda_attention
+from qserve_lite.kernels.cuda import kv_writer as cuda_kv_writer
 from qserve_lite.kernels.kv_quant import kv_quantize
 from qserve_lite.kernels.paged_kv import PagedKVPool
-from qserve_lite.core.backend import array_module, is_cupy, to_host
 
 
 # ---- RoPE + KV writer ----
@@ -77,9 +79,7 @@ def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, s
     Hadamard matrix (`head_hadamard`; D a power of two), then store k and v [T, KVH, D] into layer's pages of
     `pool` at `slot_mapping` [T] (negative slots: not stored)."""
     if is_cupy(array_module(q, k, v, pool.pool)):
-        from qserve_lite.kernels.cuda import attention as _gpu_attention
-
-        _gpu_attention.rope_write_kv(q, k, v, positions, inv_freq, pool, layer, slot_mapping, rope,
+        cuda_kv_writer.rope_write_kv(q, k, v, positions, inv_freq, pool, layer, slot_mapping, rope,
                                      k_hadamard)
         return
     if q.dtype != np.float16 or k.dtype != np.float16 or v.dtype != np.float16:
@@ -125,14 +125,12 @@ def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_len
 
     GPU: `max_context` (host bound on context_lens, default max_pages * 64) sizes the split-K grid, so the
     call never reads device memory on the host and can be captured in a CUDA graph (with int32 inputs, an
-    `out` and a `workspace` from `decode_workspace` that outlive the graph). `splits` overrides the split
-    count (tuning)."""
+    `out` and a `workspace` from `decode_workspace` (kernels/cuda/attention.py) that outlive the graph).
+    `splits` overrides the split count (tuning)."""
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if is_cupy(array_module(q, pool.pool)):
-        from qserve_lite.kernels.cuda import attention as _gpu_attention
-
-        return _gpu_attention.decode_attention(q, pool, layer, block_tables, context_lens, scale, max_context,
+        return cuda_attention.decode_attention(q, pool, layer, block_tables, context_lens, scale, max_context,
                                                splits, out, workspace)
     bt, ctx = to_host(block_tables), to_host(context_lens)
     res = np.empty(q.shape, dtype=np.float16)
@@ -159,9 +157,7 @@ def prefill_attention(q, k, v, cu_seqlens, context_lens=None, pool: PagedKVPool 
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if is_cupy(array_module(q, k, v)):
-        from qserve_lite.kernels.cuda import attention as _gpu_attention
-
-        return _gpu_attention.prefill_attention(q, k, v, cu_seqlens, context_lens, pool, layer, block_tables,
+        return cuda_attention.prefill_attention(q, k, v, cu_seqlens, context_lens, pool, layer, block_tables,
                                                 scale, max_seqlen_q, out, warps)
     cu = to_host(cu_seqlens).astype(np.int64)
     lens = cu[1:] - cu[:-1]

@@ -19,7 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from qserve_lite.kernels.act_quant import QuantizedActivation, _gpu_input, _rows_gpu, quantize_per_token, round_to_fp16
+from qserve_lite.kernels.act_quant import (
+    QuantizedActivation,
+    _gpu_input,
+    _run_rows,
+    quantize_per_token,
+    round_to_fp16,
+)
 
 
 def _rms_norm_twin(x, weight, eps: float, residual, xp):
@@ -35,7 +41,7 @@ def _rms_norm_twin(x, weight, eps: float, residual, xp):
 def rms_norm(x, weight, eps: float, residual=None, xp=np):
     """(y fp16 [..., k], new residual fp16 [..., k]) for x [..., k]; see the module docstring."""
     if _gpu_input(x, xp):
-        res = _rows_gpu("rmsnorm", x, x.shape[-1], residual=residual, gamma=weight, eps=eps, want_y=True,
+        res = _run_rows("rmsnorm", x, x.shape[-1], residual=residual, gamma=weight, eps=eps, want_y=True,
                         want_q=False)
         return res.y, res.residual
     return _rms_norm_twin(x, weight, eps, residual, xp)
@@ -46,7 +52,7 @@ def rms_norm_quant(x, weight, eps: float, residual=None, xp=np,
     """(quantize_per_token(y), new residual fp16) for x [..., k]: one kernel and one pass on the GPU.
     with_sums=False: no per-token sums (only per-channel W4A8 uses them)."""
     if _gpu_input(x, xp):
-        res = _rows_gpu("rmsnorm", x, x.shape[-1], residual=residual, gamma=weight, eps=eps,
+        res = _run_rows("rmsnorm", x, x.shape[-1], residual=residual, gamma=weight, eps=eps,
                         want_sum=with_sums)
         return res.qa, res.residual
     y, r = _rms_norm_twin(x, weight, eps, residual, xp)

@@ -32,8 +32,6 @@ model/paged_kv_cache.PagedKVCache (codes one per byte, scales, zeros; or fp16 va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from qserve_lite.core.kv_layout import PAGE_SIZE, KVPageLayout

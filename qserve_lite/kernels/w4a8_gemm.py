@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from qserve_lite.kernels.w8a8_gemm import add_bias_fp16, exact_int_matmul, pad_k
 from qserve_lite.core.backend import is_cupy
+from qserve_lite.core.pack import from_qserve_group_params, unpack_w4
+from qserve_lite.kernels.cuda import cublas as cuda_cublas
+from qserve_lite.kernels.cuda import gemm as cuda_gemm
+from qserve_lite.kernels.w8a8_gemm import add_bias_fp16, exact_int_matmul, pad_k
 
 
 def _f32(a, xp):
@@ -98,18 +101,15 @@ def w4a8_per_channel_gemm_packed(q_x, x_scales, x_sums, qweight, s1_scales, s1_s
     method "cublas" instead dequantizes to int8 and calls cuBLAS gemmEx + the same epilogue (prefill
     option; not capturable in a CUDA graph)."""
     if not is_cupy(xp):
-        from qserve_lite.core.pack import unpack_w4
-
         codes = unpack_w4(np.asarray(qweight))
         return w4a8_per_channel_gemm(q_x, x_scales, x_sums, codes, s1_scales, s1_szeros, bias, xp)
-    from qserve_lite.kernels.cuda import _gpu
-
     n, k_pad = qweight.shape[0], 2 * qweight.shape[1]
     if method == "cublas":
-        acc = _gpu.int8_matmul_cublas(pad_k(q_x, k_pad, xp), _gpu.w4_to_int8(qweight))
-        return _gpu.epilogue_i32(acc, "w4_per_channel", x_scales, s1_scales, x_sums, s1_szeros, bias)
-    return _gpu.gemm("w4_per_channel", q_x, qweight, n, k_pad, x_scales=x_scales, x_sums=x_sums,
-                     w_scales=s1_scales, w_szeros=s1_szeros, bias=bias)
+        acc = cuda_cublas.int8_matmul_cublas(pad_k(q_x, k_pad, xp), cuda_cublas.w4_to_int8(qweight))
+        return cuda_cublas.epilogue_i32(acc, "w4_per_channel", x_scales, s1_scales, x_sums, s1_szeros,
+                                        bias)
+    return cuda_gemm.gemm("w4_per_channel", q_x, qweight, n, k_pad, x_scales=x_scales, x_sums=x_sums,
+                          w_scales=s1_scales, w_szeros=s1_szeros, bias=bias)
 
 
 def w4a8_group_gemm_packed(q_x, x_scales, qweight, s1_scales, s2_scales, s2_zeros, bias=None, xp=np,
@@ -120,31 +120,24 @@ def w4a8_group_gemm_packed(q_x, x_scales, qweight, s1_scales, s2_scales, s2_zero
     numpy: unpacks and runs the twin above. cupy: the CUDA kernel (cuda/gemm.cu, mode 1), bit-identical;
     method "cublas": dequantize to int8 + cuBLAS gemmEx + epilogue."""
     if not is_cupy(xp):
-        from qserve_lite.core.pack import from_qserve_group_params, unpack_w4
-
         codes = unpack_w4(np.asarray(qweight))
         s2, zeros = from_qserve_group_params(np.asarray(s2_scales), np.asarray(s2_zeros))
         level1 = group_level1(codes, s2, zeros, 128, np)
         return w4a8_group_gemm(q_x, x_scales, level1, s1_scales, bias, xp)
-    from qserve_lite.kernels.cuda import _gpu
-
     n, k_pad = qweight.shape[0], 2 * qweight.shape[1]
     if method == "cublas":
-        acc = _gpu.int8_matmul_cublas(pad_k(q_x, k_pad, xp), _gpu.w4_to_int8(qweight, s2_scales, s2_zeros))
-        return _gpu.epilogue_i32(acc, "w4_g128", x_scales, s1_scales, bias=bias)
-    return _gpu.gemm("w4_g128", q_x, qweight, n, k_pad, x_scales=x_scales, w_scales=s1_scales,
-                     s2_scales=s2_scales, s2_zeros=s2_zeros, bias=bias)
+        qx = pad_k(q_x, k_pad, xp)
+        acc = cuda_cublas.int8_matmul_cublas(qx, cuda_cublas.w4_to_int8(qweight, s2_scales, s2_zeros))
+        return cuda_cublas.epilogue_i32(acc, "w4_g128", x_scales, s1_scales, bias=bias)
+    return cuda_gemm.gemm("w4_g128", q_x, qweight, n, k_pad, x_scales=x_scales, w_scales=s1_scales,
+                          s2_scales=s2_scales, s2_zeros=s2_zeros, bias=bias)
 
 
 def w4_to_int8(qweight, s2_scales=None, s2_zeros=None, xp=np):
     """Packed W4 -> row-major int8 [N, K_pad]: the codes (per-channel) or, given the g128 parameters, the
     level-1 weights codes * s2 - z (what the cuBLAS INT8 path multiplies)."""
     if is_cupy(xp):
-        from qserve_lite.kernels.cuda import _gpu
-
-        return _gpu.w4_to_int8(qweight, s2_scales, s2_zeros)
-    from qserve_lite.core.pack import from_qserve_group_params, unpack_w4
-
+        return cuda_cublas.w4_to_int8(qweight, s2_scales, s2_zeros)
     codes = unpack_w4(np.asarray(qweight))
     if s2_scales is None:
         return codes.astype(np.int8)

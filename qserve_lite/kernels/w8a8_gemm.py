@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from qserve_lite.core.backend import is_cupy
+from qserve_lite.kernels.cuda import gemm as cuda_gemm
+
 INT32_MAX = 2**31 - 1
 
 
@@ -68,10 +71,8 @@ def w8a8_gemm(q_x, x_scales, codes, w_scales, bias=None, xp=np):
 
     With xp = cupy and int8 codes this runs the CUDA kernel (cuda/gemm.cu, mode 2), bit-identical; float64
     codes (the emulation's cached BLAS operand) keep the emulation on either array module."""
-    if getattr(xp, "__name__", "") == "cupy" and codes.dtype == xp.int8:
-        from qserve_lite.kernels.cuda import _gpu
-
+    if is_cupy(xp) and codes.dtype == xp.int8:
         n, k = codes.shape
-        return _gpu.gemm("w8", q_x, codes, n, k, x_scales=x_scales, w_scales=w_scales, bias=bias)
+        return cuda_gemm.gemm("w8", q_x, codes, n, k, x_scales=x_scales, w_scales=w_scales, bias=bias)
     acc = exact_int_matmul(pad_k(q_x, codes.shape[1], xp), codes, xp)
     return w8a8_epilogue(acc, x_scales, w_scales, bias, xp)

@@ -36,6 +36,7 @@ from qserve_lite.errors import DeviceError, QServeLiteError
 from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul, silu_mul_quant
 from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
 from qserve_lite.kernels.fp16_gemm import fp16_gemm
+from qserve_lite.kernels.linear import linear
 from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
 from qserve_lite.kernels.paged_kv import PagedKVPool
 from qserve_lite.model.linear import Linear
@@ -47,7 +48,7 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 
 @dataclass
 class DeviceLinear:
-    """One (possibly fused) linear on the device, in its GEMM kernel's layout (kernels/cuda/_gpu.gemm modes)."""
+    """One (possibly fused) linear on the device, in its GEMM kernel's layout (kernels/linear.py modes)."""
 
     mode: str  # "w4_g128" | "w4_per_channel" | "w8" | "f16"
     weight: object  # packed int8 [n, k_pad / 2] | int8 [n, k] | fp16 [n, k]
@@ -60,47 +61,10 @@ class DeviceLinear:
     bias: object = None  # fp16 [n]
 
     def __call__(self, act, out):
-        """act: QuantizedActivation (int8 modes) or fp16 [M, K] (f16); out: fp16 [M, n], contiguous rows."""
-        if isinstance(self.weight, np.ndarray):  # numpy: the kernels' twins (kernels/*), for checks on the CPU
-            return self._twin(act, out)
-        from qserve_lite.kernels.cuda import _gpu
-
-        if self.mode == "f16":
-            return _gpu.gemm("f16", act, self.weight, self.n, self.k_w, bias=self.bias, out=out)
-        return _gpu.gemm(
-            self.mode,
-            act.q,
-            self.weight,
-            self.n,
-            self.k_w,
-            x_scales=act.scales,
-            x_sums=act.sums,
-            w_scales=self.scales,
-            w_szeros=self.szeros,
-            s2_scales=self.s2_scales,
-            s2_zeros=self.s2_zeros,
-            bias=self.bias,
-            out=out,
-        )
-
-    def _twin(self, act, out):
-        from qserve_lite.kernels.fp16_gemm import fp16_gemm
-        from qserve_lite.kernels.w4a8_gemm import w4a8_group_gemm_packed, w4a8_per_channel_gemm_packed
-        from qserve_lite.kernels.w8a8_gemm import w8a8_gemm
-
-        if self.mode == "f16":
-            out[...] = fp16_gemm(act, self.weight, self.bias, xp=np)
-        elif self.mode == "w8":
-            out[...] = w8a8_gemm(act.q, act.scales, self.weight, self.scales, self.bias, np)
-        elif self.mode == "w4_g128":
-            out[...] = w4a8_group_gemm_packed(
-                act.q, act.scales, self.weight, self.scales, self.s2_scales, self.s2_zeros, self.bias, xp=np
-            )
-        else:
-            out[...] = w4a8_per_channel_gemm_packed(
-                act.q, act.scales, act.sums, self.weight, self.scales, self.szeros, self.bias, xp=np
-            )
-        return out
+        """act: QuantizedActivation (int8 modes) or fp16 [M, K] (f16); out: fp16 [M, n], contiguous rows.
+        numpy weights run the kernels' twins (checks on the CPU), cupy ones the GEMM kernels."""
+        return linear(self.mode, act, self.weight, self.n, self.k_w, scales=self.scales, szeros=self.szeros,
+                      s2_scales=self.s2_scales, s2_zeros=self.s2_zeros, bias=self.bias, out=out)
 
 
 def _concat(arrays, axis: int = 0) -> np.ndarray:

@@ -104,7 +104,7 @@ def _row_scales(rnd: DeviceRandom, n: int, weight_rms: float, k: int):
 
 
 def random_linear(rnd: DeviceRandom, mode: str, n: int, k: int, bias: bool = False) -> DeviceLinear:
-    """One random linear [n out, k in] in `mode`'s device layout (kernels/cuda/_gpu.gemm)."""
+    """One random linear [n out, k in] in `mode`'s device layout (kernels/linear.py)."""
     xp, f16 = rnd.xp, rnd.xp.float16
     b = rnd.normal((n,), 0.1).astype(f16) if bias else None
     if mode in ("w4_g128", "w4_per_channel"):

@@ -1,54 +1,23 @@
-"""Launchers of cuda/kv_writer.cu and cuda/attention.cu over CuPy arrays (see kernels/attention.py for the
-public functions and their numpy twins). Launch geometry depends only on host-side sizes, never on device
+"""Launchers of cuda/attention.cu over CuPy arrays: decode (one query per sequence, split-K over the context)
+and prefill (packed sequences, fresh K/V plus the paged cache before them); see kernels/attention.py for the
+public functions and their numpy twins. Launch geometry depends only on host-side sizes, never on device
 values, so decode (writer + attention) can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
-
 import numpy as np
 
+from qserve_lite.core.backend import import_cupy
+from qserve_lite.kernels.cuda.args import NULL, head_rows, int32_array, pool_args
+from qserve_lite.kernels.cuda.device import sm_count
 from qserve_lite.kernels.cuda.jit import get_kernel, read_global_int
-from qserve_lite.kernels.cuda._gpu import Workspace
+from qserve_lite.kernels.cuda.workspace import attention_workspace
 from qserve_lite.kernels.paged_kv import PagedKVPool
 
 LOG2E = 1.4426950408889634
 DECODE_WARPS = 4
 PREFILL_WARPS = 4
 MIN_SPLIT_TOKENS = 256  # a split gives each of the block's warps at least 4 tiles of 16 tokens
-NULL = np.uint64(0)
-
-
-def _cp():
-    import cupy
-
-    return cupy
-
-
-def _heads(a, name: str, heads: int | None = None, head_dim: int | None = None):
-    """[N, heads, D] fp16 with contiguous heads (row stride free); returns the row stride in elements."""
-    cp = _cp()
-    if not isinstance(a, cp.ndarray) or a.ndim != 3 or a.dtype != cp.float16:
-        raise ValueError(f"{name}: expected a 3-D float16 CuPy array [rows, heads, head_dim], got "
-                         f"{type(a).__name__} {getattr(a, 'shape', None)} {getattr(a, 'dtype', None)}")
-    n, h, d = a.shape
-    if (heads is not None and h != heads) or (head_dim is not None and d != head_dim):
-        raise ValueError(f"{name}: expected [*, {heads}, {head_dim}], got {a.shape}")
-    if a.strides[2] != 2 or (h > 1 and a.strides[1] != 2 * d):
-        raise ValueError(f"{name}: heads must be contiguous within a row, got strides {a.strides}")
-    ld = a.strides[0] // 2 if n > 1 else h * d
-    if a.strides[0] % 2:
-        raise ValueError(f"{name}: odd row stride")
-    return ld
-
-
-def _i32(a, name: str, n: int | None = None):
-    cp = _cp()
-    a = cp.asarray(a)
-    if a.dtype != cp.int32 or not a.flags.c_contiguous:
-        a = cp.ascontiguousarray(a, dtype=cp.int32)
-    if n is not None and a.shape[0] != n:
-        raise ValueError(f"{name}: expected {n} entries, got {a.shape}")
-    return a
 
 
 def attention_defines(head_dim: int, kv_bits: int, prefill_warps: int = PREFILL_WARPS,
@@ -63,60 +32,7 @@ def attention_defines(head_dim: int, kv_bits: int, prefill_warps: int = PREFILL_
     return defines
 
 
-def writer_defines(head_dim: int, kv_bits: int, rope: bool = True,
-                   k_hadamard: bool = False) -> dict[str, int]:
-    return {"QS_D": head_dim, "QS_BITS": kv_bits, "QS_ROPE": int(rope), "QS_KHAD": int(k_hadamard)}
-
-
-def _pools(pool: PagedKVPool | None, layer: int):
-    if pool is None:
-        return NULL, NULL, 0
-    k_pool, v_pool = pool.k_pool(layer), pool.v_pool(layer)
-    return k_pool, v_pool, pool.layout.page_bytes
-
-
-# ---- writer ----
-
-def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, slot_mapping, rope: bool,
-                  k_hadamard: bool = False):
-    cp = _cp()
-    lay = pool.layout
-    D, KVH = lay.head_dim, lay.num_kv_heads
-    if D % 64:
-        raise ValueError(f"the GPU KV writer needs head_dim a multiple of 64, got {D}")
-    if k_hadamard and D & (D - 1):
-        raise ValueError(f"the q / k Hadamard rotation needs a power-of-two head_dim, got {D}")
-    T, H = q.shape[0], q.shape[1]
-    ldq = _heads(q, "q", None, D)
-    ldk = _heads(k, "k", KVH, D)
-    ldv = _heads(v, "v", KVH, D)
-    if k.shape[0] != T or v.shape[0] != T:
-        raise ValueError(f"q, k, v token counts differ: {q.shape}, {k.shape}, {v.shape}")
-    if H % KVH:
-        raise ValueError(f"{H} query heads are not a multiple of {KVH} kv heads")
-    slots = _i32(slot_mapping, "slot_mapping", T)
-    pos = _i32(positions, "positions", T) if rope else slots
-    freq = cp.asarray(inv_freq, dtype=cp.float64) if rope else cp.zeros(1, dtype=cp.float64)
-    if rope and freq.shape != (D // 2,):
-        raise ValueError(f"inv_freq: expected ({D // 2},), got {freq.shape}")
-    if T == 0:
-        return
-    kern = get_kernel("kv_writer.cu", "qs_rope_write_kv", writer_defines(D, lay.kv_bits, rope, k_hadamard))
-    k_pool, v_pool, page_bytes = _pools(pool, layer)
-    kern((T,), (128,), (q, np.int64(ldq), k, np.int64(ldk), v, np.int64(ldv), pos, freq, k_pool, v_pool,
-                        np.int64(page_bytes), slots, np.int32(H), np.int32(KVH)))
-
-
 # ---- decode ----
-
-_workspace = Workspace("float32", 1 << 16, 4096)  # decode split-K: (o, m, l) partials
-
-
-def _sm_count() -> int:
-    from qserve_lite.kernels.cuda._gpu import sm_count
-
-    return sm_count()
-
 
 def decode_geometry(batch: int, num_heads: int, num_kv_heads: int, max_context: int,
                     splits: int | None = None) -> tuple[int, int]:
@@ -126,7 +42,7 @@ def decode_geometry(batch: int, num_heads: int, num_kv_heads: int, max_context: 
     blocks = batch * num_kv_heads * -(-group // 8)
     max_context = max(1, int(max_context))
     if splits is None:
-        splits = min(-(-3 * _sm_count() // (2 * max(1, blocks))), -(-max_context // MIN_SPLIT_TOKENS))
+        splits = min(-(-3 * sm_count() // (2 * max(1, blocks))), -(-max_context // MIN_SPLIT_TOKENS))
     splits = max(1, int(splits))
     tps = -(-max_context // splits)
     tps = -(-tps // 64) * 64
@@ -137,7 +53,7 @@ def decode_workspace(batch: int, num_heads: int, head_dim: int, splits: int):
     """(partials, counters) for decode_attention(..., workspace=), e.g. one per CUDA graph: fp32 partials
     (o, m, l) of every (sequence, head, split) and one zeroed int32 counter per (sequence, head), which the
     kernel leaves at zero after every call (so keep that buffer for this purpose only)."""
-    cp = _cp()
+    cp = import_cupy()
     return (cp.empty(batch * num_heads * splits * (head_dim + 2), dtype=cp.float32),
             cp.zeros(batch * num_heads, dtype=cp.int32))
 
@@ -145,21 +61,21 @@ def decode_workspace(batch: int, num_heads: int, head_dim: int, splits: int):
 def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_lens, scale: float,
                      max_context: int | None, splits: int | None, out, workspace,
                      variant: dict | None = None):
-    cp = _cp()
+    cp = import_cupy()
     lay = pool.layout
     D, KVH = lay.head_dim, lay.num_kv_heads
     B, H = q.shape[0], q.shape[1]
-    ldq = _heads(q, "q", None, D)
+    ldq = head_rows(q, "q", None, D)
     if H % KVH:
         raise ValueError(f"{H} query heads are not a multiple of {KVH} kv heads")
     bt = cp.asarray(block_tables)
     if bt.ndim != 2 or bt.shape[0] != B:
         raise ValueError(f"block_tables: expected [{B}, max_pages], got {bt.shape}")
-    bt = _i32(bt, "block_tables")
-    ctx = _i32(context_lens, "context_lens", B)
+    bt = int32_array(bt, "block_tables")
+    ctx = int32_array(context_lens, "context_lens", B)
     if out is None:
         out = cp.empty((B, H, D), dtype=cp.float16)
-    ldo = _heads(out, "out", H, D)
+    ldo = head_rows(out, "out", H, D)
     if ldo % 4 or out.data.ptr % 8:
         raise ValueError("out: rows must start on 8-byte boundaries (row stride % 4 == 0)")
     if B == 0:
@@ -180,13 +96,13 @@ def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_len
     part_o = part_ml = counters = NULL
     if nsplit > 1:
         n = B * H * nsplit
-        part, counters = workspace if workspace is not None else _workspace.get(n * (D + 2), B * H)
+        part, counters = workspace if workspace is not None else attention_workspace.get(n * (D + 2), B * H)
         if part.size < n * (D + 2) or part.dtype != cp.float32 or counters.size < B * H or \
                 counters.dtype != cp.int32:
             raise ValueError(f"workspace: need {n * (D + 2)} float32 and {B * H} int32 (decode_workspace), "
                              f"got {part.size} {part.dtype} and {counters.size} {counters.dtype}")
         part_o, part_ml = part[: n * D], part[n * D : n * (D + 2)]
-    k_pool, v_pool, page_bytes = _pools(pool, layer)
+    k_pool, v_pool, page_bytes = pool_args(pool, layer)
     kern((nsplit, KVH * chunks, B), (32 * warps,), (
         q, np.int64(ldq), k_pool, v_pool, np.int64(page_bytes), bt, np.int32(bt.shape[1]), ctx, np.int32(H),
         np.int32(KVH), np.float32(scale * LOG2E), np.int32(tps), np.int32(nsplit), out, np.int64(ldo),
@@ -201,26 +117,26 @@ _decode_smem: dict[tuple, int] = {}
 
 def prefill_attention(q, k, v, cu_seqlens, context_lens, pool: PagedKVPool | None, layer: int, block_tables,
                       scale: float, max_seqlen_q: int | None, out, warps: int | None):
-    cp = _cp()
+    cp = import_cupy()
     T, H, D = q.shape
     KVH = k.shape[1]
     if D not in (64, 128):
         raise ValueError(f"the GPU prefill attention supports head_dim 64 and 128, got {D}")
-    ldq = _heads(q, "q", None, D)
-    ldk = _heads(k, "k", KVH, D)
-    ldv = _heads(v, "v", KVH, D)
+    ldq = head_rows(q, "q", None, D)
+    ldk = head_rows(k, "k", KVH, D)
+    ldv = head_rows(v, "v", KVH, D)
     if H % KVH:
         raise ValueError(f"{H} query heads are not a multiple of {KVH} kv heads")
     for name, a, ld in (("q", q, ldq), ("k", k, ldk), ("v", v, ldv)):
         if ld % 8 or a.data.ptr % 16:
             raise ValueError(f"{name}: rows must start on 16-byte boundaries (row stride % 8 == 0)")
-    cu = _i32(cu_seqlens, "cu_seqlens")
+    cu = int32_array(cu_seqlens, "cu_seqlens")
     S = cu.shape[0] - 1
-    ctx = cu[1:] - cu[:-1] if context_lens is None else _i32(context_lens, "context_lens", S)
-    ctx = _i32(ctx, "context_lens", S)
+    ctx = cu[1:] - cu[:-1] if context_lens is None else int32_array(context_lens, "context_lens", S)
+    ctx = int32_array(ctx, "context_lens", S)
     if out is None:
         out = cp.empty((T, H, D), dtype=cp.float16)
-    ldo = _heads(out, "out", H, D)
+    ldo = head_rows(out, "out", H, D)
     if T == 0 or S == 0:
         return out
     if max_seqlen_q is None:
@@ -229,7 +145,7 @@ def prefill_attention(q, k, v, cu_seqlens, context_lens, pool: PagedKVPool | Non
         if pool.layout.head_dim != D or pool.layout.num_kv_heads != KVH:
             raise ValueError("the pool's head_dim / kv heads differ from k's")
         bits = pool.kv_bits
-        bt = _i32(cp.asarray(block_tables), "block_tables")
+        bt = int32_array(cp.asarray(block_tables), "block_tables")
         bt_stride = bt.shape[1] if bt.ndim == 2 else 0
     else:
         bits, bt, bt_stride = 16, NULL, 0
@@ -238,7 +154,7 @@ def prefill_attention(q, k, v, cu_seqlens, context_lens, pool: PagedKVPool | Non
     defines = attention_defines(D, bits, w)
     smem = 4 * 64 * D * 2
     kern = get_kernel("attention.cu", "qs_prefill_attn", defines, dynamic_smem=smem)
-    k_pool, v_pool, page_bytes = _pools(pool, layer)
+    k_pool, v_pool, page_bytes = pool_args(pool, layer)
     kern((H, -(-max(1, max_seqlen_q) // bm), S), (32 * w,), (
         q, np.int64(ldq), k, np.int64(ldk), v, np.int64(ldv), cu, ctx, k_pool, v_pool, np.int64(page_bytes),
         bt, np.int32(bt_stride), np.int32(H), np.int32(KVH), np.float32(scale * LOG2E), out, np.int64(ldo)),

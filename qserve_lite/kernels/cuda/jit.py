@@ -19,7 +19,8 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.core.backend import import_cupy
+from qserve_lite.errors import QServeLiteError
 
 CUDA_DIR = Path(__file__).resolve().parent
 BASE_OPTIONS = ("-std=c++17",)
@@ -32,14 +33,6 @@ class CudaCompileError(QServeLiteError):
 _lock = threading.Lock()
 _modules: dict[tuple, object] = {}
 _sources: dict[str, str] = {}
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise DeviceError("CUDA kernels need CuPy: pip install 'qserve-lite[cuda13]' (or [cuda12])") from e
-    return cupy
 
 
 def arch_options(compute_capability: str | int) -> tuple[str, ...]:
@@ -78,11 +71,12 @@ def source_text(name: str) -> str:
 
 
 def load_module(name: str, defines: Mapping[str, int | str] | None = None):
-    """The compiled `cupy.RawModule` of `qserve_lite/kernels/cuda/<name>` with these `-D` macros, current device.
+    """The compiled `cupy.RawModule` of `qserve_lite/kernels/cuda/<name>` with these `-D` macros, current
+    device.
 
     Raises CudaCompileError (with the compiler log) if NVRTC rejects the source.
     """
-    cupy = _cupy()
+    cupy = import_cupy()
     dev = cupy.cuda.Device()
     cc = dev.compute_capability
     key = (name, define_options(defines), dev.id)
@@ -96,7 +90,8 @@ def load_module(name: str, defines: Mapping[str, int | str] | None = None):
         mod.compile()
     except Exception as e:  # cupy.cuda.compiler.CompileException and driver load errors
         raise CudaCompileError(
-            f"compiling qserve_lite/kernels/cuda/{name} for sm_{cc} with options {' '.join(options)} failed:\n{e}"
+            f"compiling qserve_lite/kernels/cuda/{name} for sm_{cc} with options {' '.join(options)} "
+            f"failed:\n{e}"
         ) from e
     with _lock:
         _modules.setdefault(key, mod)
@@ -119,7 +114,7 @@ def get_kernel(name: str, entry: str, defines: Mapping[str, int | str] | None = 
 
 def read_global_int(name: str, symbol: str, defines: Mapping[str, int | str] | None = None) -> int:
     """Value of an `extern "C" __device__ const int` of a module (used to check launch geometry)."""
-    cupy = _cupy()
+    cupy = import_cupy()
     mod = load_module(name, defines)
     ptr = mod.get_global(symbol)
     return int(cupy.ndarray((1,), cupy.int32, ptr).get()[0])
