@@ -39,16 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from qserve_lite.model.random_weights import build_random_weights
-    from qserve_lite.bench.results import append_jsonl, device_name, format_table, git_sha, results_file
-    from qserve_lite.bench.results import today
+    from qserve_lite.bench.results import (
+        append_jsonl,
+        device_name,
+        format_table,
+        git_sha,
+        results_file,
+        today,
+    )
     from qserve_lite.bench.step_split import measure_decode_steps, prefill_batch
-    from qserve_lite.engine.block_manager import pages_for
     from qserve_lite.core.backend import resolve_device
+    from qserve_lite.core.precision import Precision
+    from qserve_lite.engine.block_manager import pages_for
     from qserve_lite.engine.gpu_model_runner import GPUModelRunner
     from qserve_lite.engine.llm_engine import LLMEngine
     from qserve_lite.io.shipped_configs import load_config
-    from qserve_lite.core.precision import Precision
+    from qserve_lite.model.random_weights import build_random_weights
 
     if resolve_device(args.device) == "gpu":
         import cupy as xp

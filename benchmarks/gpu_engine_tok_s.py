@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qserve_lite.bench.results import git_sha  # noqa: E402  (the checkout's commit, +dirty)
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 

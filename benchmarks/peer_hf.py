@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qserve_lite.bench.results import git_sha  # noqa: E402  (the checkout's commit, +dirty)
+
 CONFIGS = ROOT / "qserve_lite" / "model" / "configs"
 
 

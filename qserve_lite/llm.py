@@ -18,9 +18,9 @@ import numpy as np
 from qserve_lite.core.backend import resolve_device
 from qserve_lite.engine.config import EngineConfig
 from qserve_lite.engine.llm_engine import LLMEngine
-from qserve_lite.io.loader import load_model
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.io.default_models import DEFAULT_MODEL
+from qserve_lite.io.loader import load_model
 from qserve_lite.outputs import RequestOutput
 from qserve_lite.sampling_params import SamplingParams
 

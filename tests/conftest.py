@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 def cupy_or_skip():
     """cupy with a usable CUDA device, else skip the calling test module (GPU tests, pytest -m gpu)."""
     cp = pytest.importorskip("cupy")

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import cupy_or_skip
 
 from qserve_lite.core.rope import rope_inv_freq

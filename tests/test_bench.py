@@ -12,17 +12,17 @@ import pytest
 from qserve_lite.bench import throughput
 from qserve_lite.bench.max_batch import batch_bytes, kv_bytes_per_sequence, max_batch, runner_bytes
 from qserve_lite.bench.measure import measure
-from qserve_lite.model import random_weights as random_model
-from qserve_lite.model.random_weights import build_random_weights
 from qserve_lite.bench.step_split import measure_decode_steps, prefill_batch
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.core.pack import from_qserve_group_params, unpack_w4
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner
-from qserve_lite.model.gpu_model import GPULlama
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.errors import ModelNotFoundError, QServeLiteError
-from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.io.shipped_configs import load_config, resolve_config_path, shipped_config_names
 from qserve_lite.kernels.w4a8_gemm import group_level1
-from qserve_lite.core.pack import from_qserve_group_params, unpack_w4
+from qserve_lite.model import random_weights as random_model
+from qserve_lite.model.gpu_model import GPULlama
+from qserve_lite.model.random_weights import build_random_weights
 from qserve_lite.sampling_params import SamplingParams
 
 PARAMETERS = {  # the public figures (model cards / HF parameter counts)

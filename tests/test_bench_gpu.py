@@ -8,26 +8,25 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from conftest import cupy_or_skip
 
 pytestmark = pytest.mark.gpu
 
 cp = cupy_or_skip()
 
-from qserve_lite.bench.measure import measure  # noqa: E402
-from qserve_lite.model.random_weights import build_random_weights  # noqa: E402
-from qserve_lite.bench.step_split import measure_decode_steps, prefill_batch  # noqa: E402
-from qserve_lite.model.gpu_model import DeviceLayer, DeviceLinear, DeviceWeights  # noqa: E402
-from qserve_lite.engine.gpu_model_runner import GPUModelRunner  # noqa: E402
-from qserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
-from qserve_lite.core.model_config import ModelConfig  # noqa: E402
-from qserve_lite.io.shipped_configs import load_config  # noqa: E402
-from qserve_lite.core.pack import from_qserve_group_params  # noqa: E402
-from qserve_lite.sampling_params import SamplingParams  # noqa: E402
-
 from test_bench import PRECISIONS  # noqa: E402
 from test_bench import tiny as tiny_llama  # noqa: E402
+
+from qserve_lite.bench.measure import measure  # noqa: E402
+from qserve_lite.bench.step_split import measure_decode_steps, prefill_batch  # noqa: E402
+from qserve_lite.core.model_config import ModelConfig  # noqa: E402
+from qserve_lite.core.pack import from_qserve_group_params  # noqa: E402
+from qserve_lite.engine.gpu_model_runner import GPUModelRunner  # noqa: E402
+from qserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
+from qserve_lite.io.shipped_configs import load_config  # noqa: E402
+from qserve_lite.model.gpu_model import DeviceLayer, DeviceLinear, DeviceWeights  # noqa: E402
+from qserve_lite.model.random_weights import build_random_weights  # noqa: E402
+from qserve_lite.sampling_params import SamplingParams  # noqa: E402
 
 
 def tiny(**over) -> ModelConfig:

@@ -8,17 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import cupy_or_skip, random_weights, tiny_config, write_model
 
 pytestmark = pytest.mark.gpu
 
 cp = cupy_or_skip()
 
-from qserve_lite.eval.perplexity import perplexity  # noqa: E402
 from qserve_lite.core.model_config import ModelConfig  # noqa: E402
-from qserve_lite.io.loader import load_model  # noqa: E402
+from qserve_lite.eval.perplexity import perplexity  # noqa: E402
 from qserve_lite.io.hf_weights import load_llama_weights  # noqa: E402
+from qserve_lite.io.loader import load_model  # noqa: E402
 from qserve_lite.quant import qoq  # noqa: E402
 from qserve_lite.quant.calibrate import LayerRunner  # noqa: E402
 

@@ -14,6 +14,8 @@ import pytest
 from conftest import random_weights, tiny_config, write_model
 from safetensors.numpy import load_file, save_file
 
+from qserve_lite.core.formats import W4Group, W4PerChannel
+from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.errors import QServeLiteError, WeightsError
 from qserve_lite.io.checkpoint import (
     is_quantized_checkpoint,
@@ -21,12 +23,10 @@ from qserve_lite.io.checkpoint import (
     read_quantized_weights,
     save_quantized,
 )
-from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.io.hf_weights import load_llama_weights
+from qserve_lite.io.torch_pickle import TorchCheckpoint, UnsafeCheckpointError, load_torch_state_dict
 from qserve_lite.model.linear import Linear
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
-from qserve_lite.io.torch_pickle import TorchCheckpoint, UnsafeCheckpointError, load_torch_state_dict
-from qserve_lite.io.hf_weights import load_llama_weights
-from qserve_lite.core.formats import W4Group, W4PerChannel
 from qserve_lite.quant.quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
 
 DATA = Path(__file__).parent / "data"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import cupy_or_skip
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 
 from qserve_lite.cli import main
+from qserve_lite.core.precision import PRECISION_NAMES, Precision
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.eval.perplexity import perplexity
-from qserve_lite.model.linear import Linear
 from qserve_lite.io import loader
 from qserve_lite.io.loader import load_model
-from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.kernels.act_quant import dequantize_per_token, quantize_per_token
 from qserve_lite.kernels.kv_quant import KVFakeQuantizer, kv_dequantize, kv_fake_quant, kv_quantize
 from qserve_lite.kernels.w4a8_gemm import group_level1, w4a8_group_gemm, w4a8_per_channel_gemm
 from qserve_lite.kernels.w8a8_gemm import exact_int_matmul, w8a8_gemm
-from qserve_lite.core.precision import PRECISION_NAMES, Precision
+from qserve_lite.model.linear import Linear
+from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.quant.quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
 
 EPS32 = 2.0**-24  # half an fp32 ulp, relative

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qserve_lite import LLM, RequestOutput, SamplingParams
+from qserve_lite.engine.batch import PackedBatch
 from qserve_lite.engine.block_manager import BlockManager
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.engine.reference import generate as reference_generate
@@ -15,13 +16,12 @@ from qserve_lite.engine.sampler import Sampler, apply_penalties
 from qserve_lite.engine.scheduler import Scheduler
 from qserve_lite.engine.sequence import Sequence, SequenceStatus
 from qserve_lite.errors import QServeLiteError, SamplingError
-from qserve_lite.engine.batch import PackedBatch
+from qserve_lite.io.loader import load_model
+from qserve_lite.kernels.kv_quant import KVFakeQuantizer
 from qserve_lite.model.attention import ContiguousAttention, PagedAttention
 from qserve_lite.model.kv_cache import KVCache
 from qserve_lite.model.llama import causal_attention
-from qserve_lite.io.loader import load_model
 from qserve_lite.model.paged_kv_cache import PagedKVCache
-from qserve_lite.kernels.kv_quant import KVFakeQuantizer
 
 
 @pytest.fixture(scope="module")

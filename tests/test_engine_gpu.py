@@ -14,22 +14,22 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import cupy_or_skip, random_weights, teacher_forced, tiny_config, write_model
+
 from qserve_lite.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
 cp = cupy_or_skip()
 
+from qserve_lite.core.model_config import ModelConfig  # noqa: E402
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner  # noqa: E402
 from qserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
 from qserve_lite.errors import DeviceError  # noqa: E402
-from qserve_lite.llm import LLM  # noqa: E402
 from qserve_lite.io.checkpoint import LINEARS, save_quantized  # noqa: E402
-from qserve_lite.core.model_config import ModelConfig  # noqa: E402
-from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear  # noqa: E402
 from qserve_lite.io.hf_weights import load_llama_weights  # noqa: E402
+from qserve_lite.llm import LLM  # noqa: E402
+from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear  # noqa: E402
 from qserve_lite.quant.quantizers import (  # noqa: E402
     quantize_w4_group,
     quantize_w4_per_channel,

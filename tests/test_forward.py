@@ -9,9 +9,9 @@ import pytest
 from conftest import random_weights, tiny_config, write_model
 
 from qserve_lite.core.model_config import ModelConfig
-from qserve_lite.io.loader import load_model
 from qserve_lite.core.rope import rope_inv_freq
 from qserve_lite.io.hf_weights import load_llama_weights
+from qserve_lite.io.loader import load_model
 
 
 def naive_forward(cfg: dict, t: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:

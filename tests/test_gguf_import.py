@@ -18,7 +18,6 @@ from safetensors.numpy import load_file  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from qserve_lite.errors import GGUFImportError, QServeLiteError  # noqa: E402
-from qserve_lite.io.gguf import tensors as gi  # noqa: E402
 from qserve_lite.io.gguf import (  # noqa: E402
     import_gguf,
     infer_llama3_rope_scaling,
@@ -26,6 +25,7 @@ from qserve_lite.io.gguf import (  # noqa: E402
     read_gguf_summary,
     unpermute_qk,
 )
+from qserve_lite.io.gguf import tensors as gi  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 2, 4, 2, 16, 96
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

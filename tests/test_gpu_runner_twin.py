@@ -9,17 +9,17 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import random_weights, teacher_forced, tiny_config, write_model
+
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.core.pack import from_qserve_group_params, unpack_w4
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner
-from qserve_lite.model.gpu_model import fuse_linears
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.io.checkpoint import LINEARS, save_quantized
-from qserve_lite.core.model_config import ModelConfig
-from qserve_lite.io.loader import load_model
-from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.io.hf_weights import load_llama_weights
-from qserve_lite.core.pack import from_qserve_group_params, unpack_w4
+from qserve_lite.io.loader import load_model
+from qserve_lite.model.gpu_model import fuse_linears
+from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.quant.quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
 
 QC = {

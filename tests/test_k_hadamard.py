@@ -13,21 +13,21 @@ import numpy as np
 import pytest
 from conftest import random_weights, tiny_config, write_model
 
-from qserve_lite.model.gpu_model import DeviceWeights
+from qserve_lite.core.hadamard import hadamard
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.core.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from qserve_lite.errors import ConfigError
 from qserve_lite.io.checkpoint import LINEARS, save_quantized, validate_quant_config
-from qserve_lite.core.model_config import ModelConfig
-from qserve_lite.model.linear import Linear
-from qserve_lite.model.llama import LlamaModel
-from qserve_lite.io.loader import load_model
-from qserve_lite.model.quant_linear import W8A8Linear
-from qserve_lite.core.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from qserve_lite.io.hf_weights import load_llama_weights
-from qserve_lite.model.weights import LayerWeights, LlamaWeights
+from qserve_lite.io.loader import load_model
 from qserve_lite.kernels.attention import head_hadamard, head_hadamard_scale, rope_write_kv
 from qserve_lite.kernels.kv_quant import KVFakeQuantizer, kv_quantize
 from qserve_lite.kernels.paged_kv import PagedKVPool
-from qserve_lite.core.hadamard import hadamard
+from qserve_lite.model.gpu_model import DeviceWeights
+from qserve_lite.model.linear import Linear
+from qserve_lite.model.llama import LlamaModel
+from qserve_lite.model.quant_linear import W8A8Linear
+from qserve_lite.model.weights import LayerWeights, LlamaWeights
 from qserve_lite.quant.quantizers import quantize_w8_per_channel
 
 QC_W8 = {"quant_method": "qoq", "w_bit": 8, "a_bit": 8, "group_size": -1, "kv_bit": 4}

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import cupy_or_skip
 
-from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul, silu_mul_quant
-from qserve_lite.kernels.fp16_gemm import fp16_gemm
-from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
-from qserve_lite.kernels.w4a8_gemm import w4_to_int8, w4a8_group_gemm_packed, w4a8_per_channel_gemm_packed
-from qserve_lite.kernels.w8a8_gemm import w8a8_gemm
 from qserve_lite.core.pack import pack_w4, to_qserve_group_params
+from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul, silu_mul_quant
 from qserve_lite.kernels.cuda.device import sm90a_active, wgmma_available
 from qserve_lite.kernels.cuda.gemm import NAMED_CONFIGS, gemm
 from qserve_lite.kernels.cuda.gemm_skinny import SkinnyConfig
 from qserve_lite.kernels.cuda.workspace import pin_workspaces, release_workspaces
+from qserve_lite.kernels.fp16_gemm import fp16_gemm
+from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
+from qserve_lite.kernels.w4a8_gemm import w4_to_int8, w4a8_group_gemm_packed, w4a8_per_channel_gemm_packed
+from qserve_lite.kernels.w8a8_gemm import w8a8_gemm
 
 pytestmark = pytest.mark.gpu
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qserve_lite.core.pack import pack_w4, to_qserve_group_params
 from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul, silu_mul_quant
 from qserve_lite.kernels.fp16_gemm import fp16_gemm
 from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
@@ -17,7 +18,6 @@ from qserve_lite.kernels.w4a8_gemm import (
     w4a8_per_channel_gemm,
     w4a8_per_channel_gemm_packed,
 )
-from qserve_lite.core.pack import pack_w4, to_qserve_group_params
 
 
 def rng():

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from qserve_lite.model.llama import causal_attention
-from qserve_lite.model.paged_kv_cache import PagedKVCache
+from qserve_lite.core.kv_layout import KVPageLayout
 from qserve_lite.core.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
-from qserve_lite.core.kv_layout import KVPageLayout
 from qserve_lite.kernels.paged_kv import PagedKVPool, pack_codes, unpack_codes
+from qserve_lite.model.llama import causal_attention
+from qserve_lite.model.paged_kv_cache import PagedKVCache
 
 
 def cfg(kvh=2, d=64, layers=1):

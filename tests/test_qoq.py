@@ -10,9 +10,9 @@ import pytest
 from conftest import random_weights, tiny_config, write_model
 
 from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.io.hf_weights import load_llama_weights
 from qserve_lite.model.llama import LlamaModel
 from qserve_lite.model.tokenizer import Tokenizer
-from qserve_lite.io.hf_weights import load_llama_weights
 from qserve_lite.quant import calibrate, qoq
 from qserve_lite.quant.calibrate import LayerRunner, PointSpec, build_samples, collect
 from qserve_lite.quant.clip import clip_ratios, rtn_w4_per_channel, search_qk_clip, search_row_clip

@@ -6,21 +6,21 @@ import numpy as np
 import pytest
 from conftest import random_weights, tiny_config, write_model
 
-from qserve_lite.errors import QServeLiteError
-from qserve_lite.core.model_config import ModelConfig
-from qserve_lite.model.llama import LlamaModel
-from qserve_lite.io.hf_weights import load_llama_weights
 from qserve_lite.core import hadamard as hmod
 from qserve_lite.core.hadamard import hadamard, hadamard_decomposition, is_hadamard_order
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.io.hf_weights import load_llama_weights
+from qserve_lite.model.llama import LlamaModel
 from qserve_lite.quant.rotate import (
     fold_norms,
     is_tied,
     norms_are_folded,
     rotate_heads_vo,
     rotate_model,
+    rotate_residual,
     rotation_matrices,
     signed_hadamard,
-    rotate_residual,
     untie_embeddings,
     weights_to_float64,
 )

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import build_tokenizer
-from qserve_lite.engine.random_engine import build_random_engine, load_tokenizer, with_vocab_size
-from qserve_lite.model.random_weights import build_random_weights, weight_bytes
+
 from qserve_lite.cli import main as cli_main
-from qserve_lite.engine.config import EngineConfig
-from qserve_lite.errors import QServeLiteError
 from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.engine.config import EngineConfig
+from qserve_lite.engine.random_engine import build_random_engine, load_tokenizer, with_vocab_size
+from qserve_lite.errors import QServeLiteError
 from qserve_lite.io.shipped_configs import load_config
+from qserve_lite.model.random_weights import build_random_weights, weight_bytes
 from qserve_lite.sampling_params import SamplingParams
 from qserve_lite.server import missing_server_deps
 

@@ -10,11 +10,11 @@ benchmark then confirms the batch by running it and steps down on an out-of-memo
 
 from __future__ import annotations
 
+from qserve_lite.core.kv_layout import KVPageLayout
+from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.engine.block_manager import pages_for
 from qserve_lite.engine.gpu_model_runner import temporary_bytes
 from qserve_lite.model.gpu_model import activation_buffer_bytes
-from qserve_lite.core.model_config import ModelConfig
-from qserve_lite.core.kv_layout import KVPageLayout
 
 MAX_BATCH_LIMIT = 4096  # the search's upper end
 

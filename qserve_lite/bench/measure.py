@@ -16,17 +16,20 @@ import time
 
 import numpy as np
 
-from qserve_lite.errors import DeviceError, QServeLiteError
-from qserve_lite.engine.block_manager import pages_for
-from qserve_lite.engine.gpu_model_runner import GPUModelRunner
-from qserve_lite.engine.config import EngineConfig
-from qserve_lite.engine.llm_engine import LLMEngine
-from qserve_lite.core.kv_layout import KVPageLayout
-from qserve_lite.bench.protocol import generation_lengths, random_prompts, run_requests, synchronizer
-from qserve_lite.engine.gpu_model_runner import RESERVED_BYTES
-from qserve_lite.engine.gpu_model_runner import env_num_pages
 from qserve_lite.bench.max_batch import batch_bytes, max_batch
-from qserve_lite.bench.protocol import longest_generation
+from qserve_lite.bench.protocol import (
+    generation_lengths,
+    longest_generation,
+    random_prompts,
+    run_requests,
+    synchronizer,
+)
+from qserve_lite.core.kv_layout import KVPageLayout
+from qserve_lite.engine.block_manager import pages_for
+from qserve_lite.engine.config import EngineConfig
+from qserve_lite.engine.gpu_model_runner import RESERVED_BYTES, GPUModelRunner, env_num_pages
+from qserve_lite.engine.llm_engine import LLMEngine
+from qserve_lite.errors import DeviceError, QServeLiteError
 
 WARMUP_GEN = 2  # warm-up tokens per sequence: one prefill of every prompt and one decode step
 OOM_STEP = 0.9  # --max-batch: the next batch after an out-of-memory error

@@ -48,17 +48,31 @@ from pathlib import Path
 
 import numpy as np
 
-from qserve_lite.errors import DeviceError, QServeLiteError
-from qserve_lite.core.backend import device_array_module
+from qserve_lite.bench.measure import (
+    OutOfMemory,
+    describe_oom,
+    is_out_of_memory,
+    measure,
+    measure_largest_batch,
+    release,
+)
 from qserve_lite.bench.protocol import MODES
-from qserve_lite.io.shipped_configs import shipped_config_names
-from qserve_lite.engine.gpu_model_runner import env_num_pages
-from qserve_lite.io.shipped_configs import load_config
+from qserve_lite.bench.results import (
+    append_jsonl,
+    device_name,
+    format_table,
+    git_sha,
+    plot_throughput,
+    read_jsonl,
+    results_file,
+    today,
+)
+from qserve_lite.core.backend import device_array_module
 from qserve_lite.core.precision import Precision
-from qserve_lite.bench.measure import OutOfMemory, describe_oom, is_out_of_memory, measure, measure_largest_batch, release
+from qserve_lite.engine.gpu_model_runner import env_num_pages
+from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.io.shipped_configs import load_config, shipped_config_names
 from qserve_lite.model.random_weights import CPU_MAX_PARAMETERS, build_random_weights, check_weights_fit
-from qserve_lite.bench.results import append_jsonl, device_name, format_table, git_sha, plot_throughput, read_jsonl
-from qserve_lite.bench.results import results_file, today
 
 DEFAULT_BATCH = 64
 TABLE = [

@@ -14,12 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qserve_lite.errors import QServeLiteError
-from qserve_lite.io.loader import LoadedModel
 from qserve_lite.core.kv_layout import PAGE_SIZE
-from qserve_lite.model.tokenizer import IncrementalDetokenizer
-from qserve_lite.outputs import CompletionOutput, RequestOutput
-from qserve_lite.sampling_params import SamplingParams
 from qserve_lite.engine.block_manager import BlockManager
 from qserve_lite.engine.config import EngineConfig
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner
@@ -27,6 +22,12 @@ from qserve_lite.engine.model_runner import ModelRunner, default_num_pages
 from qserve_lite.engine.sampler import Sampler
 from qserve_lite.engine.scheduler import Scheduler
 from qserve_lite.engine.sequence import Sequence
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.io.loader import LoadedModel
+from qserve_lite.model.tokenizer import IncrementalDetokenizer
+from qserve_lite.outputs import CompletionOutput, RequestOutput
+from qserve_lite.sampling_params import SamplingParams
+
 
 class LLMEngine:
     """One engine over one model. `config` (an EngineConfig, plus field overrides as keywords) says how it

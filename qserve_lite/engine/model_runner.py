@@ -6,8 +6,6 @@ The GPU runner keeps this contract (run(seqs, is_prefill) -> logits on the devic
 
 from __future__ import annotations
 
-import numpy as np
-
 from qserve_lite.core.kv_layout import PAGE_SIZE
 from qserve_lite.engine.batch import prepare
 from qserve_lite.engine.sequence import Sequence

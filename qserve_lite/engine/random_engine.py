@@ -43,7 +43,6 @@ from qserve_lite.model.random_weights import (
 from qserve_lite.model.tokenizer import Tokenizer
 
 
-
 @dataclass
 class RandomEngine:
     """The engine and what it serves: the shape, the precision, and the vocabulary override."""

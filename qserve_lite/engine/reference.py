@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qserve_lite.engine.sampler import sample_next
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.model.llama import LlamaModel
 from qserve_lite.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from qserve_lite.sampling_params import SamplingParams
-from qserve_lite.engine.sampler import sample_next
 
 
 @dataclass

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qserve_lite.sampling_params import SamplingParams
 from qserve_lite.core.backend import to_host
+from qserve_lite.sampling_params import SamplingParams
 
 
 def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

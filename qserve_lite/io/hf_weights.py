@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qserve_lite.errors import WeightsError
 from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.errors import WeightsError
 from qserve_lite.io.safetensors_reader import SafetensorsFile
 from qserve_lite.model.linear import Linear
 from qserve_lite.model.weights import LayerWeights, LlamaWeights

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from qserve_lite.errors import DownloadError, GGUFImportError, ModelNotFoundError, QServeLiteError
-from qserve_lite.kernels.kv_quant import KVFakeQuantizer
-from qserve_lite.core.precision import Precision
 from qserve_lite.core.model_config import ModelConfig
-from qserve_lite.io.default_models import ALIASES, cache_dir, ensure_default_model
-from qserve_lite.model.llama import LlamaModel
-from qserve_lite.model.weights import LlamaWeights
-from qserve_lite.model.tokenizer import Tokenizer
+from qserve_lite.core.precision import Precision
+from qserve_lite.errors import DownloadError, GGUFImportError, ModelNotFoundError, QServeLiteError
 from qserve_lite.io.checkpoint import is_quantized_checkpoint, read_quant_config, read_quantized_weights
+from qserve_lite.io.default_models import ALIASES, cache_dir, ensure_default_model
 from qserve_lite.io.gguf import import_gguf
 from qserve_lite.io.hf_weights import load_llama_weights
+from qserve_lite.kernels.kv_quant import KVFakeQuantizer
+from qserve_lite.model.llama import LlamaModel
+from qserve_lite.model.tokenizer import Tokenizer
+from qserve_lite.model.weights import LlamaWeights
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]

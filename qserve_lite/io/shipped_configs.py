@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qserve_lite.errors import ModelNotFoundError
 from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.errors import ModelNotFoundError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

@@ -39,7 +39,6 @@ from qserve_lite.kernels.cuda import kv_writer as cuda_kv_writer
 from qserve_lite.kernels.kv_quant import kv_quantize
 from qserve_lite.kernels.paged_kv import PagedKVPool
 
-
 # ---- RoPE + KV writer ----
 
 def head_hadamard_scale(head_dim: int) -> np.float32:

@@ -27,6 +27,7 @@ about 2^-11 * |mn| (tiny for heads that straddle 0, where |zero| <= 2^bits - 1 i
 from __future__ import annotations
 
 import numpy as np
+
 from qserve_lite.core.backend import array_module
 
 FP16_MAX = 65504.0

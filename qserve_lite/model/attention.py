@@ -22,6 +22,7 @@ token attends to quantized K/V, as deepcompressor evaluates KV quantization.
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 import numpy as np
 
 

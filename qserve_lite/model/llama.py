@@ -9,13 +9,13 @@ import math
 
 import numpy as np
 
+from qserve_lite.core.hadamard import hadamard
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.core.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from qserve_lite.kernels.attention import head_hadamard
 from qserve_lite.model.attention import AttentionBackend, ContiguousAttention, as_backend
-from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.model.kv_cache import KVCache
-from qserve_lite.core.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from qserve_lite.model.weights import LayerWeights, LlamaWeights
-from qserve_lite.core.hadamard import hadamard
 
 
 def rms_norm(x, weight, eps: float, xp):

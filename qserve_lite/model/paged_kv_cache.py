@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from qserve_lite.kernels.kv_quant import kv_dequantize, kv_quantize
 from qserve_lite.core.kv_layout import PAGE_SIZE
 from qserve_lite.core.model_config import ModelConfig
-
+from qserve_lite.kernels.kv_quant import kv_dequantize, kv_quantize
 
 
 def page_bytes(cfg: ModelConfig, kv_bits: int = 16, dtype=np.float32) -> int:

@@ -6,13 +6,11 @@ returned as float32 holding fp16-rounded values (what the GPU's fp16 output woul
 
 from __future__ import annotations
 
-import numpy as np
-
+from qserve_lite.core.backend import array_module
+from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
 from qserve_lite.kernels.act_quant import quantize_per_token
 from qserve_lite.kernels.w4a8_gemm import group_level1, w4a8_group_gemm, w4a8_per_channel_gemm
 from qserve_lite.kernels.w8a8_gemm import w8a8_gemm
-from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
-from qserve_lite.core.backend import array_module
 
 
 def _exact_weight(qlinear, xp):

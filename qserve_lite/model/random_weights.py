@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qserve_lite.model.gpu_model import DeviceLayer, DeviceLinear, DeviceWeights, check_head_dim
-from qserve_lite.errors import DeviceError, QServeLiteError
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.precision import Precision
+from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.model.gpu_model import DeviceLayer, DeviceLinear, DeviceWeights, check_head_dim
 
 CHUNK_ELEMENTS = 1 << 26  # random draws per chunk: 256 MiB of float32 temporaries
 BUILD_TEMPORARY_BYTES = 3 * 4 * CHUNK_ELEMENTS  # a chunk's float32 draws and their conversions, at most

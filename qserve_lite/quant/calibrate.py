@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qserve_lite.core.backend import array_module, gpu_unavailable_reason
+from qserve_lite.core.rope import rope_cos_sin
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.eval.corpus import PYTHON_DOC_ROOT, python_doc_files
 from qserve_lite.model.llama import OBSERVED_POINTS, LlamaModel
-from qserve_lite.core.rope import rope_cos_sin
-from qserve_lite.core.backend import array_module
-from qserve_lite.core.backend import gpu_unavailable_reason
 
 PILE_REPO = "mit-han-lab/pile-val-backup"
 PILE_FILE = "val.jsonl.zst"

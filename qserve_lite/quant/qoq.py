@@ -17,36 +17,42 @@ outputs instead (GPTQ's sequential mode).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from qserve_lite.errors import QServeLiteError
 from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.core.precision import Precision
+from qserve_lite.core.rope import rope_inv_freq
+from qserve_lite.errors import QServeLiteError
+from qserve_lite.io.checkpoint import save_quantized
+from qserve_lite.io.hf_weights import LayerReader, load_llama_weights
+from qserve_lite.io.loader import resolve_model
 from qserve_lite.model.linear import Linear
 from qserve_lite.model.llama import LlamaModel
-from qserve_lite.core.rope import rope_inv_freq
-from qserve_lite.io.hf_weights import LayerReader, load_llama_weights
+from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
+from qserve_lite.model.tokenizer import Tokenizer
 from qserve_lite.model.weights import LayerWeights, LlamaWeights
 from qserve_lite.quant import calibrate
 from qserve_lite.quant.calibrate import LayerRunner, PointSpec, PointStats
 from qserve_lite.quant.clip import clip_ratios, search_group_clip, search_qk_clip, search_row_clip
-from qserve_lite.quant.gptq import gptq_w4_group, gptq_w4_per_channel, gptq_w8, progressive_params, rtn_w4_group
+from qserve_lite.quant.gptq import (
+    gptq_w4_group,
+    gptq_w4_per_channel,
+    gptq_w8,
+    progressive_params,
+    rtn_w4_group,
+)
 from qserve_lite.quant.quantizers import quantize_w4_per_channel, quantize_w8_per_channel
 from qserve_lite.quant.reorder import reorder_down
+from qserve_lite.quant.rotate import prepare_ends, prepare_layer, rotation_matrices
 from qserve_lite.quant.smooth_attention import search_smooth_attention, smooth_attention
 from qserve_lite.quant.smooth_proj import DEFAULT_ALPHA_BETA, smooth_proj
-from qserve_lite.core.precision import Precision
-from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
-from qserve_lite.quant.rotate import prepare_ends, prepare_layer, rotation_matrices
-from qserve_lite.io.checkpoint import save_quantized
-from qserve_lite.io.loader import resolve_model
-from qserve_lite.model.tokenizer import Tokenizer
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INPUT_POINT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",

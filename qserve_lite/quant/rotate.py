@@ -20,10 +20,10 @@ import copy
 
 import numpy as np
 
+from qserve_lite.core.hadamard import hadamard
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.model.linear import Linear
 from qserve_lite.model.weights import LayerWeights, LlamaWeights
-from qserve_lite.core.hadamard import hadamard
 
 __all__ = [
     "weights_to_float64",

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from qserve_lite.model.weights import LayerWeights
-from qserve_lite.kernels.kv_quant import kv_fake_quant
-from qserve_lite.quant.clip import causal_bias, gqa_attention, query_positions
 from qserve_lite.core.hadamard import hadamard
+from qserve_lite.kernels.kv_quant import kv_fake_quant
+from qserve_lite.model.weights import LayerWeights
+from qserve_lite.quant.clip import causal_bias, gqa_attention, query_positions
 
 
 def tie_rope_halves(span: np.ndarray) -> np.ndarray:

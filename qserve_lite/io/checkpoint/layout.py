@@ -27,9 +27,9 @@ QServe-runtime compatibility. Absent (QServe zoo checkpoints, older ones): false
 
 from __future__ import annotations
 
-from qserve_lite.errors import ConfigError
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.pack import TILE
+from qserve_lite.errors import ConfigError
 
 PRODUCER = "qserve-lite"
 LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),

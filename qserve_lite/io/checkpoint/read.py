@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qserve_lite.errors import ConfigError, WeightsError
 from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.pack import TILE, from_qserve_group_params, unpack_w4
+from qserve_lite.errors import ConfigError, WeightsError
 from qserve_lite.io.checkpoint.layout import (
     LINEARS,
     granularity_name,
@@ -28,7 +28,6 @@ from qserve_lite.io.hf_weights import TensorIndex
 from qserve_lite.model.linear import Linear
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.model.weights import LayerWeights, LlamaWeights
-
 
 # ------------------------------------------------------------------------------------------- format
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qserve_lite.errors import ConfigError, WeightsError
 from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.pack import TILE, pack_w4, to_qserve_group_params
+from qserve_lite.errors import ConfigError, WeightsError
 from qserve_lite.io.atomic_dir import atomic_output_dir
 from qserve_lite.io.checkpoint.layout import LINEARS, PRODUCER, linear_shapes, padded_k, validate_quant_config
 from qserve_lite.model.linear import Linear
