@@ -98,7 +98,8 @@ def test_twin_runner_follows_emulation(float_dir, tmp_path, mode, precision):
     assert agree >= 0.9, agree
     assert err < (0.01 if mode == "float" else 0.1), err
     if mode.endswith("khad"):  # the rotation was really applied: off, the twin's logits move
-        plain = GPUModelRunner(dataclasses.replace(lm, k_hadamard=False), max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512,
+        plain = GPUModelRunner(dataclasses.replace(lm, k_hadamard=False), max_num_batched_tokens=512,
+                               max_num_seqs=8, max_model_len=512,
                                num_pages=32, xp=np)
         engine = LLMEngine(lm, max_num_seqs=8, num_pages=32, runner=plain)
         rows_off, _ = teacher_forced(engine, prompts, forced, n)

@@ -1,4 +1,5 @@
-"""The package's layer order (docs/ARCHITECTURE.md), enforced: every import of a qserve_lite module points down.
+"""The package's layer order (docs/ARCHITECTURE.md), enforced: every import of a qserve_lite module points
+down.
 
     errors < core < kernels < model < io < engine < eval < quant < (llm, bench) < server < cli
 
@@ -129,14 +130,16 @@ def test_an_upward_import_fails(tmp_path, source):
     pkg = _write(tmp_path, {"__init__.py": "", "core/__init__.py": "", "core/x.py": source,
                             "engine/__init__.py": "", "engine/llm_engine.py": "LLMEngine = 1\n"})
     found = violations(pkg)
-    assert len(found) == 1 and "core.x imports qserve_lite.engine" in found[0] and "engine is above" in found[0]
+    assert len(found) == 1
+    assert "core.x imports qserve_lite.engine" in found[0] and "engine is above" in found[0]
 
 
 def test_downward_and_same_layer_imports_pass_and_local_ones_fail(tmp_path):
     pkg = _write(tmp_path, {
         "__init__.py": "", "core/__init__.py": "", "core/a.py": "A = 1\n",
         "engine/__init__.py": "", "engine/b.py": "from qserve_lite.core.a import A\nfrom .c import C\n",
-        "engine/c.py": "C = 2\n\ndef f():\n    from qserve_lite.core import a\n    import numpy\n    return a, numpy\n",
+        "engine/c.py": "C = 2\n\ndef f():\n    from qserve_lite.core import a\n    import numpy\n"
+                       "    return a, numpy\n",
     })
     found = violations(pkg)
     assert found == ["qserve_lite/engine/c.py:4: function-local import of qserve_lite.core.a"]

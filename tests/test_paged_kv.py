@@ -1,4 +1,5 @@
-"""The GPU page layout's numpy twin (kernels/paged_kv.py) and the attention twins (kernels/attention.py), on CPU."""
+"""The GPU page layout's numpy twin (kernels/paged_kv.py) and the attention twins (kernels/attention.py), on
+the CPU."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@
 
 The model: a shipped config (io/configs: llama-3-8b, llama-2-7b, mistral-7b, llama-2-13b, llama-30b,
 yi-34b, llama-2-70b, qwen1.5-72b) or a config.json, with random weights drawn on the GPU at --precision
-(model/random_weights.py); built once, then one engine (GPUModelRunner + LLMEngine + scheduler) per batch size.
+(model/random_weights.py); built once, then one engine (GPUModelRunner + LLMEngine + scheduler) per batch
+size.
 
 --mode static (QServe's protocol, the default): B sequences of --prompt-len random token ids (1024), each
 generating exactly --gen tokens (512; EOS ignored; greedy on the device, only token ids reach the host). All

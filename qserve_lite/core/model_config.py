@@ -137,7 +137,9 @@ def _head_geometry(cfg: dict, source: str) -> tuple[int, int, int]:
     head_dim = cfg.get("head_dim")
     if head_dim is None:
         if hidden % heads:
-            raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+            raise ConfigError(
+                f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+            )
         head_dim = hidden // heads
     head_dim = int(head_dim)
     if head_dim % 2:

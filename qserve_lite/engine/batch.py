@@ -46,7 +46,7 @@ class PackedBatch:
 
 
 def prepare(seqs: list[Sequence], is_prefill: bool) -> PackedBatch:
-    """Pack the new tokens of `seqs` (all uncached tokens in a prefill step, the last one in a decode step)."""
+    """Pack the new tokens of `seqs`: all uncached tokens in a prefill step, the last one in a decode step."""
     tokens, positions, slots, query_start = [], [], [], [0]
     for seq in seqs:
         first = seq.num_cached_tokens if is_prefill else len(seq) - 1

@@ -94,10 +94,11 @@ class EngineConfig:
                        if max_num_batched_tokens is None else
                        f"tokens per prefill step (default {max_num_batched_tokens})")
         g.add_argument("--max-model-len", type=int, default=None,
-                       help="prompt + output tokens per request (default: the model's context, capped to what fits)")
+                       help="prompt + output tokens per request (default: the model's context, capped to "
+                       "what fits)")
         g.add_argument("--num-pages", type=int, default=None,
-                       help="64-token KV cache pages (default: what --gpu-memory-utilization leaves on the GPU, "
-                       "2 GiB on the CPU)")
+                       help="64-token KV cache pages (default: what --gpu-memory-utilization leaves on the "
+                       "GPU, 2 GiB on the CPU)")
         g.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                        help=f"share of GPU memory for weights, buffers and KV cache (default "
                        f"{DEFAULT_GPU_MEMORY_UTILIZATION})")

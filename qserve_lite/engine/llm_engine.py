@@ -69,8 +69,9 @@ class LLMEngine:
             raise QServeLiteError(
                 f"max_model_len {config.max_model_len} does not fit: {num_pages} pages hold "
                 f"{num_pages * PAGE_SIZE} tokens and max_num_batched_tokens is "
-                f"{config.max_num_batched_tokens}. A preempted sequence is prefilled again whole, so both must "
-                "hold max_model_len tokens: raise num_pages and max_num_batched_tokens, or lower max_model_len"
+                f"{config.max_num_batched_tokens}. A preempted sequence is prefilled again whole, so both "
+                "must hold max_model_len tokens: raise num_pages and max_num_batched_tokens, or lower "
+                "max_model_len"
             )
         self.max_model_len = min(limit, fits)
         self.engine_config = config.replace(num_pages=num_pages, max_model_len=self.max_model_len)

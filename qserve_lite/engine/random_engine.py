@@ -4,7 +4,8 @@ weights are not at hand.
 
     engine = build_random_engine("llama-3-8b", "smollm2-135m", precision="w4a8kv4", group_size=128)
 
-The decoder layers have the config's shape and are drawn on the device at `precision` (model/random_weights.py,
+The decoder layers have the config's shape and are drawn on the device at `precision`
+(model/random_weights.py,
 as `qserve-lite bench` builds them); the vocabulary is the tokenizer's: vocab_size is overridden to the
 tokenizer's size (embeddings and lm_head shrink or grow with it), so text prompts and chat templates work and
 outputs are (random) text. EOS and the chat template are the tokenizer's.
@@ -153,7 +154,8 @@ def build_random_engine(
     build_s = time.perf_counter() - t0
 
     limit = config.max_model_len or cfg.max_position_embeddings
-    runner_config = config.replace(max_model_len=limit, max_num_batched_tokens=config.batched_tokens_for(limit))
+    batched = config.batched_tokens_for(limit)
+    runner_config = config.replace(max_model_len=limit, max_num_batched_tokens=batched)
     if config.num_pages is None and xp is np:
         num_pages = env_num_pages()
         if num_pages is None:

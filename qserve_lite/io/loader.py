@@ -86,7 +86,7 @@ def resolve_model(ref: str | Path) -> Path:
 @dataclass
 class LoadedModel:
     """A model as loaded: what it is (config, host weights, tokenizer) and how it runs (precision, group
-    size, k_hadamard), as values. The GPU engine reads these fields and never builds the numpy reference model;
+    size, k_hadamard), as values. The GPU engine reads these fields and never builds the numpy reference;
     `model` builds that reference (the CPU engine, perplexity, calibration) on first use."""
 
     path: Path

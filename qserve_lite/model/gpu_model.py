@@ -203,14 +203,14 @@ class DeviceWeights:
                 )
             )
         embed = xp.asarray(weights.embed_tokens, dtype=f16)
-        head = weights.lm_head.weight
+        head, head_bias = weights.lm_head.weight, weights.lm_head.bias
         return cls(
             config=config,
             precision=precision,
             layers=layers,
             embed=embed,
             lm_head=embed if head is weights.embed_tokens else xp.asarray(head, dtype=f16),
-            lm_head_bias=None if weights.lm_head.bias is None else xp.asarray(weights.lm_head.bias, dtype=f16),
+            lm_head_bias=None if head_bias is None else xp.asarray(head_bias, dtype=f16),
             final_norm=xp.asarray(weights.final_norm, dtype=f16),
             k_hadamard=k_hadamard,
         )

@@ -9,7 +9,8 @@ The bit layout of packed codes does not matter for random data (random bytes are
 32-block permutation of the g128 parameters only reorders i.i.d. values), but the value ranges do:
 
 - W4 g128 (QoQ progressive): s2 in [8, 15] and z = floor(7.5 s2), so codes * s2 <= 225 fits a byte and the
-  level-1 weight codes * s2 - z lies in [-112, 113] (int8; quant/formats.W4Group, kernels/w4a8_gemm). Stored as
+  level-1 weight codes * s2 - z lies in [-112, 113] (int8; core/formats.W4Group, kernels/w4a8_gemm). Stored
+  as
   QServe does (quant/pack.to_qserve_group_params): s2_scales = s2, s2_zeros = -z (int8 [k / 128, n]).
   z = 7.5 s2 (rather than benchmarks/gpu_engine_tok_s.py's 8 s2) centres the weights, so the residual
   stream does not drift over 80 layers.
