@@ -5,7 +5,8 @@ Per sequence: its KV pages at full length (prompt + generated tokens), every lay
 page layout (core/kv_layout.KVPageLayout). Per batch: the GPU model's preallocated activation buffers
 (model/gpu_model) and a step's temporaries for max(max_num_batched_tokens, batch) tokens
 (engine/gpu_model_runner), plus the decode CUDA graph's own memory pool (one step's temporaries and its fp32
-logits for `batch` rows). The throughput benchmark then confirms the batch by running it and steps down on an out-of-memory error.
+logits for `batch` rows). The throughput benchmark then confirms the batch by running it and steps down on an
+out-of-memory error.
 """
 
 from __future__ import annotations
