@@ -130,19 +130,17 @@ class LLM:
         ids: list[str] = []
         try:
             for prompt, p in zip(prompts, params, strict=True):
-                ids.append(engine.add_request(prompt, p))
+                ids.append(engine.add_request(prompt, p, stream=False))
             done: dict[str, RequestOutput] = {}
             wanted = set(ids)
-            generated = 0
+            generated0 = engine.num_generated_tokens
             with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
                 while len(done) < len(ids):
                     for out in engine.step():
-                        if out.request_id not in wanted:
-                            continue
-                        generated += 1
-                        if out.finished:
+                        if out.finished and out.request_id in wanted:
                             done[out.request_id] = out
                             bar.update(1)
+                    generated = engine.num_generated_tokens - generated0
                     bar.set_postfix(
                         tok_s=f"{generated / max(bar.format_dict['elapsed'], 1e-9):.1f}", refresh=False
                     )

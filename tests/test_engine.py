@@ -399,6 +399,24 @@ def test_abort_frees_pages(tiny):
     assert not engine.abort(waiting) and engine.step() == []
 
 
+def test_unstreamed_requests_are_reported_only_when_they_finish(tiny):
+    """stream=False: step() builds no per-token output for the request, only its final one, with the same
+    tokens and text as a streamed request."""
+    engine = LLMEngine(tiny, num_pages=16)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 6)]
+    quiet = [engine.add_request([5, 6, 7, 8], p, stream=False) for p in params]
+    loud = [engine.add_request([5, 6, 7, 8], p) for p in params]
+    seen: dict[str, list] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(out)
+    assert [len(seen[r]) for r in quiet] == [1, 1] and [len(seen[r]) for r in loud] == [3, 6]
+    for q, lo in zip(quiet, loud, strict=True):
+        assert seen[q][0].finished and seen[lo][-1].finished
+        assert seen[q][0].outputs[0].token_ids == seen[lo][-1].outputs[0].token_ids
+        assert seen[q][0].outputs[0].text == seen[lo][-1].outputs[0].text
+
+
 class FakeRunner:
     """Random logits; checks that every sequence's tokens have pages and no page is shared."""
 

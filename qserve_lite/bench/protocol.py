@@ -73,17 +73,18 @@ def run_requests(engine, prompts: list[list[int]], gens: list[int], sync: Callab
     """Queue every prompt (greedy, exactly gens[i] tokens: EOS ignored) and step the engine until all are
     done; returns the per-step timings."""
     for prompt, gen in zip(prompts, gens, strict=True):
-        engine.add_request(prompt, SamplingParams(max_tokens=gen, ignore_eos=True))
+        engine.add_request(prompt, SamplingParams(max_tokens=gen, ignore_eos=True), stream=False)
     log = StepLog()
     generated0 = engine.num_generated_tokens
     sync()
     start = time.perf_counter()
     while engine.has_unfinished():
-        prompt_tokens = engine.num_prompt_tokens
+        prompt_tokens, generated = engine.num_prompt_tokens, engine.num_generated_tokens
         t0 = time.perf_counter()
-        outputs = engine.step()
+        engine.step()
         seconds = time.perf_counter() - t0
-        log.add("prefill" if engine.num_prompt_tokens != prompt_tokens else "decode", len(outputs), seconds)
+        kind = "prefill" if engine.num_prompt_tokens != prompt_tokens else "decode"
+        log.add(kind, engine.num_generated_tokens - generated, seconds)  # one token per sequence
     sync()
     log.wall_s = time.perf_counter() - start
     log.generated = engine.num_generated_tokens - generated0

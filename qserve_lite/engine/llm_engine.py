@@ -104,9 +104,14 @@ class LLMEngine:
     # ---- requests ----
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = True,
     ) -> str:
-        """Queue a prompt (text, or token ids); returns its request id."""
+        """Queue a prompt (text, or token ids); returns its request id. stream: step() reports this request
+        after every token (False: only when it finishes)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -144,6 +149,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None,
             stop_ids=frozenset(stop_ids),
         )
+        seq.stream = stream
         self._next_seq_id += 1
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -163,7 +169,8 @@ class LLMEngine:
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns the state of every request that got a token (finished ones included)."""
+        """Run one batch; returns the state of every streamed request that got a token and of every request
+        that finished."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -176,9 +183,11 @@ class LLMEngine:
         for seq, token, logprobs in zip(batch.seqs, sampled.token_ids, sampled.logprobs, strict=True):
             seq.num_cached_tokens = len(seq)  # the runner wrote K/V of every token so far
             self._append(seq, token, logprobs)
-            outputs.append(self.output_of(seq))
             if seq.is_finished:
                 self.seqs.pop(seq.request_id, None)
+                outputs.append(self.output_of(seq))
+            elif seq.stream:
+                outputs.append(self.output_of(seq))
         self.num_generated_tokens += len(batch.seqs)
         return outputs
 

@@ -50,6 +50,7 @@ class Sequence:
         # detokenizer state: full text so far (trimmed at a stop string once one is found)
         self.detokenizer = detokenizer
         self.text = ""
+        self.stream = True  # the engine reports it after every token (else only when it finishes)
 
     def __len__(self) -> int:
         return len(self.token_ids)
