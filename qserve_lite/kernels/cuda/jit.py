@@ -8,7 +8,7 @@ compiles once per machine; this module keeps the loaded ones in memory per proce
 
 Hopper (compute capability 9.0) gets `-arch=sm_90a` in the options (CuPy also adds its own `-arch=sm_90`;
 NVRTC 13 accepts both and builds the arch-specific target that wgmma/setmaxnreg need, as measured with
-CuPy 14.2; tests/test_kernels_gpu.py checks it); every other GPU gets its native architecture from
+CuPy 14.2; tests/kernels/test_kernels_gpu.py checks it); every other GPU gets its native architecture from
 CuPy. Only inline PTX is used (no mma.h, which the pip CUDA headers lack), and no CUDA header is included,
 so the sources compile under nvcc and NVRTC alike.
 """

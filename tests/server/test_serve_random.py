@@ -27,7 +27,7 @@ from qserve_lite.model.random_weights import build_random_weights, weight_bytes
 from qserve_lite.sampling_params import SamplingParams
 from qserve_lite.server import missing_server_deps
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,

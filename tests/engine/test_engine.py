@@ -352,7 +352,7 @@ def test_engine_greedy_equals_reference_w4a8kv4_zoo_checkpoint(tmp_path):
 
     from conftest import build_tokenizer
 
-    src = Path(__file__).parent / "data" / "qserve_zoo_tiny"
+    src = Path(__file__).parents[1] / "data" / "qserve_zoo_tiny"
     if not src.is_dir():
         pytest.skip("zoo fixture not present")
     shutil.copytree(src, tmp_path / "zoo")

@@ -3,7 +3,7 @@ the CPU integer emulation (pytest -m gpu; needs the checkpoint: QSERVE_LITE_QUAN
 skipped, since quantizing takes minutes).
 
 16 chat prompts from examples/prompts.txt, the first 32 greedy tokens of each, compared along the emulation's
-greedy path (teacher forcing, as tests/test_engine_gpu.py does): both engines see the same histories, so one
+greedy path (teacher forcing, as tests/engine/test_engine_gpu.py does): both engines see the same histories, so one
 flipped token does not derail the rest of the comparison.
 
 The figure is bounded by how this W4A8KV4 model amplifies rounding, not by kernel errors: one-ulp fp16
@@ -32,7 +32,7 @@ from test_engine_gpu import _compare, _teacher_forced  # noqa: E402
 from qserve_lite.llm import LLM  # noqa: E402
 from qserve_lite.sampling_params import SamplingParams  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_PROMPTS, NUM_TOKENS = 16, 32
 
 

@@ -29,7 +29,7 @@ from qserve_lite.model.linear import Linear
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.quant.quantizers import quantize_w4_group, quantize_w4_per_channel, quantize_w8_per_channel
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANT = {
     "w4_chn": {"quant_method": "qoq", "w_bit": 4, "a_bit": 8, "group_size": -1, "kv_bit": 4},

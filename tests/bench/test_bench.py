@@ -74,7 +74,7 @@ def test_shipped_configs_have_the_known_sizes():
 def test_configs_are_package_data():
     from pathlib import Path
 
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"io/configs/*.json"' in pyproject
 
 

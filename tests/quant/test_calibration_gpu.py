@@ -21,7 +21,7 @@ from qserve_lite.io.loader import load_model  # noqa: E402
 from qserve_lite.quant import qoq  # noqa: E402
 from qserve_lite.quant.calibrate import LayerRunner  # noqa: E402
 
-FIXTURE_TEXT = Path(__file__).parent / "data" / "python_doc_sample.rst.txt"
+FIXTURE_TEXT = Path(__file__).parents[1] / "data" / "python_doc_sample.rst.txt"
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def test_default_model_perplexity_is_sane(real_cache):
     from qserve_lite.io.loader import load_model
 
     lm = load_model("smollm2-135m")
-    text = (Path(__file__).parent / "data" / "python_doc_sample.rst.txt").read_text()
+    text = (Path(__file__).parents[1] / "data" / "python_doc_sample.rst.txt").read_text()
     ids = lm.tokenizer.encode(text, add_special_tokens=False)
     res = perplexity(lm.model, np.asarray(ids), seq_len=512, progress=False)
     assert res.chunks >= 2

@@ -22,7 +22,7 @@ from qserve_lite.quant.reorder import reorder_down
 from qserve_lite.quant.smooth_attention import smooth_attention, tie_rope_halves
 from qserve_lite.quant.smooth_proj import smooth_proj
 
-FIXTURE_TEXT = Path(__file__).parent / "data" / "python_doc_sample.rst.txt"
+FIXTURE_TEXT = Path(__file__).parents[1] / "data" / "python_doc_sample.rst.txt"
 
 
 def _load64(model_dir):

@@ -426,7 +426,7 @@ def test_loader_qserve_zoo_checkpoint_without_quantization_config(tmp_path):
     pytest.importorskip("qserve_lite.io.checkpoint")
     from conftest import build_tokenizer
 
-    src = Path(__file__).parent / "data" / "qserve_zoo_tiny"
+    src = Path(__file__).parents[1] / "data" / "qserve_zoo_tiny"
     if not src.is_dir():
         pytest.skip("zoo fixture not present")
     path = tmp_path / "zoo"
