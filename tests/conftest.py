@@ -52,6 +52,14 @@ def teacher_forced(engine, prompts, forced: list[list[int]] | None, num_tokens: 
     return rows, own
 
 
+def compare_logits(a, b) -> tuple[float, float]:
+    """(argmax agreement, max over rows of max|a - b| / max|b|) of two {key: logits row} dicts."""
+    keys = sorted(b)
+    agree = np.mean([int(np.argmax(a[k])) == int(np.argmax(b[k])) for k in keys])
+    err = max(float(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max()) for k in keys)
+    return float(agree), err
+
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}"

@@ -21,13 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cupy_or_skip
+from conftest import compare_logits, cupy_or_skip, teacher_forced
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 cp = cupy_or_skip()
-
-from test_engine_gpu import _compare, _teacher_forced  # noqa: E402
 
 from qserve_lite.llm import LLM  # noqa: E402
 from qserve_lite.sampling_params import SamplingParams  # noqa: E402
@@ -56,10 +54,10 @@ def test_default_model_gpu_matches_emulation(checkpoint):
     assert gpu.precision == cpu.precision and gpu.precision.name == "w4a8kv4"
     prompts = _chat_prompts(cpu)
     assert len(prompts) == NUM_PROMPTS
-    ref_rows, ref_own = _teacher_forced(cpu.engine, prompts, None)
+    ref_rows, ref_own = teacher_forced(cpu.engine, prompts, None, NUM_TOKENS)
     forced = [[ref_own[(i, j)] for j in range(NUM_TOKENS)] for i in range(NUM_PROMPTS)]
-    gpu_rows, _ = _teacher_forced(gpu.engine, prompts, forced)
-    agree, err = _compare(gpu_rows, ref_rows)
+    gpu_rows, _ = teacher_forced(gpu.engine, prompts, forced, NUM_TOKENS)
+    agree, err = compare_logits(gpu_rows, ref_rows)
     free = gpu.generate(prompts, SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True), use_tqdm=False)
     free_agree = np.mean([a == b for o, f in zip(free, forced, strict=True)
                           for a, b in zip(o.outputs[0].token_ids, f, strict=True)])

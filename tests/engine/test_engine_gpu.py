@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import cupy_or_skip, random_weights, teacher_forced, tiny_config, write_model
+from conftest import compare_logits, cupy_or_skip, random_weights, teacher_forced, tiny_config, write_model
 
 from qserve_lite.sampling_params import SamplingParams
 
@@ -97,14 +97,6 @@ def _teacher_forced(engine, prompts, forced: list[list[int]] | None):
     return teacher_forced(engine, prompts, forced, NUM_TOKENS)
 
 
-def _compare(a, b) -> tuple[float, float]:
-    """(argmax agreement, max over rows of max|a - b| / max|b|) of two {key: logits row} dicts."""
-    keys = sorted(b)
-    agree = np.mean([int(np.argmax(a[k])) == int(np.argmax(b[k])) for k in keys])
-    err = max(float(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max()) for k in keys)
-    return float(agree), err
-
-
 # (checkpoint, precision or None for its own, min teacher-forced agreement with the emulation, with the twin).
 # Measured on an H200 (2026-11-21), GPU vs twin / GPU vs emulation: w4 g128 kv4 0.961 / 0.898, w4 per-channel
 # kv4 0.855 / 0.809, w4a8kv8 0.961 / 0.945, w4a8 0.980 / 0.973, w8a8kv4 0.957 / 0.891, w8a8kv8 0.984 / 0.980,
@@ -144,9 +136,9 @@ def test_greedy_matches_cpu(checkpoints, mode, precision, min_agree, min_twin):
     free = gpu.generate(prompts, SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True), use_tqdm=False)
     free_agree = np.mean([a == b for o, f in zip(free, forced, strict=True)
                           for a, b in zip(o.outputs[0].token_ids, f, strict=True)])
-    vs_twin, err_twin = _compare(gpu_rows, twin_rows)
-    vs_emul, err_emul = _compare(gpu_rows, ref_rows)
-    twin_emul, _ = _compare(twin_rows, ref_rows)
+    vs_twin, err_twin = compare_logits(gpu_rows, twin_rows)
+    vs_emul, err_emul = compare_logits(gpu_rows, ref_rows)
+    twin_emul, _ = compare_logits(twin_rows, ref_rows)
     name = f"{mode}/{gpu.precision}"
     print(f"\n{name}: GPU vs twin argmax {vs_twin:.3f} (logits err {err_twin:.4f}); GPU vs emulation, "
           f"teacher-forced {vs_emul:.3f} (twin {twin_emul:.3f}), free-running {free_agree:.3f} (logits err "
@@ -218,7 +210,7 @@ def test_graph_replay_matches_eager(checkpoints, monkeypatch, mode, precision):
     forced = [[ref_own[(i, j)] for j in range(NUM_TOKENS)] for i in range(len(prompts))]
     rows, _ = _teacher_forced(graphs.engine, prompts, forced)
     assert graphs.engine.runner.graphs, "no decode step ran as a graph"
-    agree, err = _compare(rows, ref_rows)
+    agree, err = compare_logits(rows, ref_rows)
     params = [SamplingParams(max_tokens=4 + 4 * i, ignore_eos=True) for i in range(len(prompts))]
     a = eager.generate(prompts, params, use_tqdm=False)
     b = graphs.generate(prompts, params, use_tqdm=False)
