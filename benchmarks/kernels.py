@@ -67,8 +67,9 @@ def _compile_job(job):
     return name, defines, time.perf_counter() - t0
 
 
-def all_modules() -> list[tuple[str, dict]]:
-    hopper = wgmma_available()
+def _gemm_modules(hopper: bool) -> list[tuple[str, dict]]:
+    """gemm.cu: every named config in every mode it supports (wgmma ones only on Hopper), then the
+    --tune alternatives in g128 mode."""
     jobs = []
     for cfg in NAMED_CONFIGS.values():
         for mode in range(4):
@@ -79,6 +80,12 @@ def all_modules() -> list[tuple[str, dict]]:
                     jobs.append(("gemm.cu", cfg.defines(mode, aligned, out_f32)))
     for cfg in TUNE_CONFIGS.values():
         jobs.append(("gemm.cu", cfg.defines(1, True, False)))
+    return jobs
+
+
+def _skinny_modules() -> list[tuple[str, dict]]:
+    """gemm_skinny.cu: both W4 modes, both NJ, every --tune tile, aligned or not."""
+    jobs = []
     for mode in (0, 1):
         for nj in (1, 2):
             for c in SKINNY_TUNE:
@@ -86,13 +93,26 @@ def all_modules() -> list[tuple[str, dict]]:
                     defines = {"QS_MODE": mode, "QS_SK_NJ": nj, "QS_SK_CB": c[0], "QS_SK_KW": c[1],
                                "QS_SK_DEPTH": c[2], "QS_ALIGNED": aligned}
                     jobs.append(("gemm_skinny.cu", defines))
-    jobs.append(("cublas.cu", {}))  # the cuBLAS route's helper kernels (w4_to_int8, epilogue)
+    return jobs
+
+
+def _row_modules() -> list[tuple[str, dict]]:
+    """rows.cu: the three row ops (fp32 input only for op 0) at every width and vectorisation."""
+    jobs = []
     for op in range(3):
         for nc in (1, 2, 4, 8):
             for vec in (0, 1):
                 for in_f32 in ((0, 1) if op == 0 else (0,)):
                     defines = {"QS_ROW_OP": op, "QS_NC": nc, "QS_VEC": vec, "QS_IN_F32": in_f32}
                     jobs.append(("rows.cu", defines))
+    return jobs
+
+
+def all_modules() -> list[tuple[str, dict]]:
+    jobs = _gemm_modules(wgmma_available())
+    jobs += _skinny_modules()
+    jobs.append(("cublas.cu", {}))  # the cuBLAS route's helper kernels (w4_to_int8, epilogue)
+    jobs += _row_modules()
     jobs.append(("arch_probe.cu", {}))
     return jobs
 
@@ -225,6 +245,22 @@ class GemmWeights:
         self.w8_from_w4 = [w4_to_int8(q, self.s2s, self.s2z) for q in self.qw[: self.c8]]
 
 
+def _time_tune_candidates(timer, g128, m: int, n: int, k: int, t: dict) -> None:
+    """Time the g128 GEMM with each of tune_candidates(m, n, k) into t (keys "tune:...")."""
+    for key, c, sp in tune_candidates(m, n, k):
+        t[key] = timer(lambda i, c=c, sp=sp: g128(i, c, sp))
+
+
+def _g128_heuristic_label(m: int, n: int, k: int) -> str:
+    """The g128 GEMM's heuristic choice at (M, N, K): the skinny tile or the GemmConfig, and its splits."""
+    if m <= gemm_skinny.SKINNY_MAX_M:
+        c = gemm_skinny.choose_skinny(m, n, k)
+        return f"skinny {c.cb}x{c.kw}x{c.depth} splits {gemm_skinny.skinny_splits(c, m, n, k)}"
+    c = choose_config(1, m, n, k)
+    kind = "wgmma" if c.wgmma else "mma.sync"
+    return f"{kind} {c.bn}x{c.bm}x{c.bk} splits {choose_splits(c, 1, m, n, k)}"
+
+
 def bench_point(cp, timer, w: GemmWeights, m: int, tune: bool, rng) -> tuple[dict, dict]:
     """Times of every GEMM variant at one (shape, M), in seconds, and the heuristic's g128 tile."""
     n, k = w.n, w.k
@@ -269,16 +305,8 @@ def bench_point(cp, timer, w: GemmWeights, m: int, tune: bool, rng) -> tuple[dic
         t["g128_int8cached_cublas"] = timer(int8cached)
         t["g128_dequant_cublas"] = timer(dequant_cublas)
     if tune:
-        for key, c, sp in tune_candidates(m, n, k):
-            t[key] = timer(lambda i, c=c, sp=sp: g128(i, c, sp))
-    if m <= gemm_skinny.SKINNY_MAX_M:
-        c = gemm_skinny.choose_skinny(m, n, k)
-        label = f"skinny {c.cb}x{c.kw}x{c.depth} splits {gemm_skinny.skinny_splits(c, m, n, k)}"
-    else:
-        c = choose_config(1, m, n, k)
-        kind = "wgmma" if c.wgmma else "mma.sync"
-        label = f"{kind} {c.bn}x{c.bm}x{c.bk} splits {choose_splits(c, 1, m, n, k)}"
-    return t, {"w4a8_g128": label}
+        _time_tune_candidates(timer, g128, m, n, k, t)
+    return t, {"w4a8_g128": _g128_heuristic_label(m, n, k)}
 
 
 def bench_gemms(cp, timer, ms, shapes, tune: bool, l2: int, log):

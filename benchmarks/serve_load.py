@@ -58,6 +58,18 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def _token_chunk(res: RequestResult, chunk: dict, chat: bool) -> bool:
+    """Whether a streamed chunk carries a generated token; its usage counts, if any, go into res."""
+    if chunk.get("usage"):
+        res.prompt_tokens = chunk["usage"]["prompt_tokens"]
+        res.output_tokens = chunk["usage"]["completion_tokens"]
+    if not chunk.get("choices"):
+        return False
+    if chat and "role" in (chunk["choices"][0].get("delta") or {}):
+        return False  # the opening chunk, sent before any token
+    return True
+
+
 async def one_request(client, url: str, body: dict, chat: bool) -> RequestResult:
     res = RequestResult(start=time.perf_counter())
     last = None
@@ -76,13 +88,8 @@ async def one_request(client, url: str, body: dict, chat: bool) -> RequestResult
                 if "error" in chunk:
                     res.error = str(chunk["error"].get("message"))[:200]
                     return res
-                if chunk.get("usage"):
-                    res.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                    res.output_tokens = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices"):
+                if not _token_chunk(res, chunk, chat):
                     continue
-                if chat and "role" in (chunk["choices"][0].get("delta") or {}):
-                    continue  # the opening chunk, sent before any token
                 now = time.perf_counter()
                 if last is None:
                     res.ttft = now - res.start

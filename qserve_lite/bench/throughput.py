@@ -139,6 +139,42 @@ def _model_label(ref: str) -> str:
     return name if name in shipped_config_names() else str(ref)
 
 
+def _build_weights(cfg, precision: Precision, group_size: int, xp, seed: int, label: str):
+    """The random device weights (synchronized on the GPU); out of GPU memory is a DeviceError."""
+    try:
+        check_weights_fit(cfg, precision, group_size, xp, name=label)
+        weights = build_random_weights(cfg, precision, group_size, xp=xp, seed=seed)
+        if xp is not np:
+            xp.cuda.Device().synchronize()
+    except Exception as e:  # noqa: BLE001 - out-of-memory surfaces as several exception types
+        if isinstance(e, QServeLiteError) or not is_out_of_memory(e):
+            raise
+        oom = describe_oom(e)
+    else:
+        oom = None
+    if oom is not None:  # raised outside the except block: the partly built weights are freed
+        release(xp)
+        raise DeviceError(f"{label}: out of GPU memory building the random weights ({oom}); use fewer "
+                          "weight bits (e.g. --precision w4a8kv4) or a larger GPU")
+    return weights
+
+
+def _report(rows: list[dict], failed: list, json_out: str | None, gpu: str) -> int:
+    """Append the rows to the results file, print their table and plot; 1 if some batch size failed."""
+    out = Path(json_out) if json_out else results_file("bench", gpu)
+    append_jsonl(out, rows)
+    print(format_table(rows, TABLE))
+    print(f"results appended to {out}", file=sys.stderr)
+    png = plot_throughput(read_jsonl(out), out.with_suffix(".png"))
+    if png is not None:
+        print(f"plot: {png}", file=sys.stderr)
+    if failed:
+        print(f"qserve-lite bench: batch {', '.join(map(str, failed))} did not fit in GPU memory (see above)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """The command: 0 when every measurement ran, 1 when some batch size ran out of GPU memory (its error
     line printed, the other sizes measured), errors a user can fix raised as QServeLiteError."""
@@ -156,21 +192,7 @@ def run(args: argparse.Namespace) -> int:
     group_size = args.group_size if precision.w_bits == 4 else None
     label = f"{_model_label(args.model)} {precision.name}{f' g{group_size}' if group_size else ''}"
     t0 = time.perf_counter()
-    try:
-        check_weights_fit(cfg, precision, args.group_size, xp, name=label)
-        weights = build_random_weights(cfg, precision, args.group_size, xp=xp, seed=args.seed)
-        if xp is not np:
-            xp.cuda.Device().synchronize()
-    except Exception as e:  # noqa: BLE001 - out-of-memory surfaces as several exception types
-        if isinstance(e, QServeLiteError) or not is_out_of_memory(e):
-            raise
-        oom = describe_oom(e)
-    else:
-        oom = None
-    if oom is not None:  # raised outside the except block: the partly built weights are freed
-        release(xp)
-        raise DeviceError(f"{label}: out of GPU memory building the random weights ({oom}); use fewer "
-                          "weight bits (e.g. --precision w4a8kv4) or a larger GPU")
+    weights = _build_weights(cfg, precision, args.group_size, xp, args.seed, label)
     build_s = time.perf_counter() - t0
     gpu = device_name(xp)
     base = {
@@ -197,18 +219,7 @@ def run(args: argparse.Namespace) -> int:
         release(xp)
     if not rows:
         return 1
-    out = Path(args.json_out) if args.json_out else results_file("bench", gpu)
-    append_jsonl(out, rows)
-    print(format_table(rows, TABLE))
-    print(f"results appended to {out}", file=sys.stderr)
-    png = plot_throughput(read_jsonl(out), out.with_suffix(".png"))
-    if png is not None:
-        print(f"plot: {png}", file=sys.stderr)
-    if failed:
-        print(f"qserve-lite bench: batch {', '.join(map(str, failed))} did not fit in GPU memory (see above)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _report(rows, failed, args.json_out, gpu)
 
 
 def main(argv: list[str] | None = None) -> int:

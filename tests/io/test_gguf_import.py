@@ -133,19 +133,9 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.{_TO_GGUF[rest]}"
 
 
-def write_gguf(path: Path, weights: dict, tok_fields: dict, *, arch="llama", qtype=QT.F16,
-               eos_id=0, bos_id=1, extra_kv=None, extra_tensors=None, skip=()) -> Path:
-    """Write a llama.cpp-style GGUF: q/k permuted, matrices as ``qtype``, norms as F32."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(LAYERS)
-    w.add_context_length(512)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(50000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(HEAD_DIM)
+def _add_tokenizer_kv(w, tok_fields: dict, bos_id: int, eos_id: int) -> None:
+    """The tokenizer's GGUF keys: vocab size, model, pre, tokens, types, merges / scores, bos / eos,
+    add_bos and the chat template."""
     w.add_vocab_size(len(tok_fields["tokens"]))
     w.add_tokenizer_model(tok_fields["model"])
     if tok_fields.get("pre"):
@@ -160,6 +150,38 @@ def write_gguf(path: Path, weights: dict, tok_fields: dict, *, arch="llama", qty
     w.add_eos_token_id(eos_id)
     w.add_add_bos_token(tok_fields.get("add_bos", False))
     w.add_chat_template(CHAT_TEMPLATE)
+
+
+def _add_model_tensor(w, name: str, arr: np.ndarray, qtype) -> None:
+    """One weight as llama.cpp stores it: q/k permuted, vectors F32, matrices as ``qtype``."""
+    if name.endswith("attn_q.weight"):
+        arr = permute_qk(arr, HEADS)
+    elif name.endswith("attn_k.weight"):
+        arr = permute_qk(arr, KV_HEADS)
+    if arr.ndim == 1:
+        w.add_tensor(name, arr.astype(np.float32))
+    elif qtype == QT.F16:
+        w.add_tensor(name, arr.astype(np.float16))
+    elif qtype == QT.F32:
+        w.add_tensor(name, arr.astype(np.float32))
+    else:
+        w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), qtype), raw_dtype=qtype)
+
+
+def write_gguf(path: Path, weights: dict, tok_fields: dict, *, arch="llama", qtype=QT.F16,
+               eos_id=0, bos_id=1, extra_kv=None, extra_tensors=None, skip=()) -> Path:
+    """Write a llama.cpp-style GGUF: q/k permuted, matrices as ``qtype``, norms as F32."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(512)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(50000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(HEAD_DIM)
+    _add_tokenizer_kv(w, tok_fields, bos_id, eos_id)
     for k, v in (extra_kv or {}).items():
         if isinstance(v, str):
             w.add_string(k, v)
@@ -169,18 +191,7 @@ def write_gguf(path: Path, weights: dict, tok_fields: dict, *, arch="llama", qty
         name = gguf_name(hf)
         if name in skip:
             continue
-        if name.endswith("attn_q.weight"):
-            arr = permute_qk(arr, HEADS)
-        elif name.endswith("attn_k.weight"):
-            arr = permute_qk(arr, KV_HEADS)
-        if arr.ndim == 1:
-            w.add_tensor(name, arr.astype(np.float32))
-        elif qtype == QT.F16:
-            w.add_tensor(name, arr.astype(np.float16))
-        elif qtype == QT.F32:
-            w.add_tensor(name, arr.astype(np.float32))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), qtype), raw_dtype=qtype)
+        _add_model_tensor(w, name, arr, qtype)
     for name, arr in (extra_tensors or {}).items():
         w.add_tensor(name, arr)
     w.write_header_to_file()

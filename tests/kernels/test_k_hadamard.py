@@ -35,14 +35,8 @@ QC_W8 = {"quant_method": "qoq", "w_bit": 8, "a_bit": 8, "group_size": -1, "kv_bi
 
 # ---- the FWHT twin ----
 
-def _kernel_fwht(x: np.ndarray) -> np.ndarray:
-    """cuda/kv_writer.cu's QS_KHAD step on one head, emulated lane by lane: x1[lane][j] = channel lane*P + j,
-    x2[lane][j] = channel D/2 + lane*P + j, register stages, shuffle stages, the x1/x2 stage, the scale."""
-    D = x.shape[0]
-    P, half = D // 64, D // 2
-    x32 = x.astype(np.float32)
-    x1 = [[x32[lane * P + j] for j in range(P)] for lane in range(32)]
-    x2 = [[x32[half + lane * P + j] for j in range(P)] for lane in range(32)]
+def _fwht_register_stages(x1: list, x2: list, P: int) -> None:
+    """The butterflies within each lane's P registers (strides 1 .. P/2), in place."""
     m = 1
     while m < P:
         for lane in range(32):
@@ -52,6 +46,10 @@ def _kernel_fwht(x: np.ndarray) -> np.ndarray:
                         a, b = h[lane][j], h[lane][j | m]
                         h[lane][j], h[lane][j | m] = a + b, a - b
         m *= 2
+
+
+def _fwht_shuffle_stages(x1: list, x2: list, P: int) -> None:
+    """The butterflies across lanes (xor-shuffle distances 1 .. 16), in place."""
     lm = 1
     while lm < 32:
         for h in (x1, x2):
@@ -61,10 +59,27 @@ def _kernel_fwht(x: np.ndarray) -> np.ndarray:
                     partner, own = old[lane ^ lm][j], old[lane][j]
                     h[lane][j] = partner - own if lane & lm else own + partner
         lm *= 2
+
+
+def _fwht_x1_x2_stage(x1: list, x2: list, P: int) -> None:
+    """The last butterfly, between the two halves x1 and x2, in place."""
     for lane in range(32):
         for j in range(P):
             a, b = x1[lane][j], x2[lane][j]
             x1[lane][j], x2[lane][j] = a + b, a - b
+
+
+def _kernel_fwht(x: np.ndarray) -> np.ndarray:
+    """cuda/kv_writer.cu's QS_KHAD step on one head, emulated lane by lane: x1[lane][j] = channel lane*P + j,
+    x2[lane][j] = channel D/2 + lane*P + j, register stages, shuffle stages, the x1/x2 stage, the scale."""
+    D = x.shape[0]
+    P, half = D // 64, D // 2
+    x32 = x.astype(np.float32)
+    x1 = [[x32[lane * P + j] for j in range(P)] for lane in range(32)]
+    x2 = [[x32[half + lane * P + j] for j in range(P)] for lane in range(32)]
+    _fwht_register_stages(x1, x2, P)
+    _fwht_shuffle_stages(x1, x2, P)
+    _fwht_x1_x2_stage(x1, x2, P)
     out = np.empty(D, np.float32)
     for lane in range(32):
         for j in range(P):

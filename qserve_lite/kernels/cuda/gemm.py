@@ -139,6 +139,74 @@ def _gemm_kernel(mode: int, cfg: GemmConfig, aligned: bool, out_f32: bool):
 _smem_of: dict[tuple, int] = {}
 
 
+def _output(out, m: int, n: int, out_f32: bool, cupy):
+    """The output [m, n] (float32 if `out_f32` else float16): `out` checked (contiguous rows), or new."""
+    out_dtype = cupy.float32 if out_f32 else cupy.float16
+    if out is None:
+        return cupy.empty((m, n), dtype=out_dtype)
+    if out.shape != (m, n) or out.dtype != out_dtype or out.strides[1] != out.itemsize:
+        raise ValueError(f"out: expected {(m, n)} {np.dtype(out_dtype)} with contiguous rows")
+    return out
+
+
+def _check_operands(mode: str, mode_id: int, q_x, w, n: int, kw: int, cupy) -> None:
+    """The activations' and weight's dtype (fp16 or int8 by mode) and the weight's shape (W4: packed)."""
+    want = cupy.float16 if mode_id == 3 else cupy.int8
+    if q_x.dtype != want or w.dtype != want:
+        raise ValueError(f"{mode}: expected {np.dtype(want)} activations and weights, "
+                         f"got {q_x.dtype}, {w.dtype}")
+    w_shape = (n, kw // 2) if mode_id in (0, 1) else (n, kw)
+    if w.shape != w_shape:
+        raise ValueError(f"{mode}: expected a weight of shape {w_shape}, got {w.shape}")
+
+
+def _check_w4_layout(mode_id: int, w, n: int, kw: int) -> None:
+    """The packed W4 weight: n % 32 == 0, K_pad % 32 (g128: 128) == 0, contiguous and 16-byte aligned."""
+    if n % 32 or kw % (128 if mode_id == 1 else 32) or not w.flags.c_contiguous or not aligned16(w):
+        raise ValueError(f"packed W4 weight: need n % 32 == 0, K_pad % 32 (g128: 128) == 0 and a "
+                         f"contiguous 16-byte aligned array, got n={n}, K_pad={kw}")
+
+
+def _operand_layout(mode_id: int, q_x, w, m: int, n: int, kw: int, kx_bytes: int, kw_bytes: int):
+    """(w, lda, ldw, aligned): the weight (int8 / fp16 modes: with contiguous rows), the row strides in
+    bytes (ldw 0 for the packed W4 weight, whose layout is checked) and whether every row is 16-byte
+    aligned (the kernel's vector-load path)."""
+    lda = q_x.strides[0] if m > 1 else kx_bytes
+    ldw = 0
+    aligned = lda % 16 == 0 and kx_bytes % 16 == 0 and aligned16(q_x)
+    if mode_id in (0, 1):
+        _check_w4_layout(mode_id, w, n, kw)
+    else:
+        w = c_rows(w, "weight")
+        ldw = w.strides[0] if n > 1 else kw_bytes
+        aligned = aligned and ldw % 16 == 0 and kw_bytes % 16 == 0 and aligned16(w)
+    return w, lda, ldw, aligned
+
+
+def _g128_group_scales(s2_scales, s2_zeros, n: int, kw: int, cupy):
+    """g128 mode's level-2 (s2_scales, s2_zeros), contiguous, each [K_pad / 128, n]."""
+    s2_scales = cupy.ascontiguousarray(s2_scales)
+    s2_zeros = cupy.ascontiguousarray(s2_zeros)
+    if s2_scales.shape != (kw // 128, n) or s2_zeros.shape != s2_scales.shape:
+        raise ValueError(f"s2_scales / s2_zeros: expected {(kw // 128, n)}, got {s2_scales.shape}, "
+                         f"{s2_zeros.shape}")
+    return s2_scales, s2_zeros
+
+
+def _epilogue_vectors(mode_id: int, m: int, n: int, x_scales, w_scales, x_sums, w_szeros, bias, cupy):
+    """(x_scales, w_scales, x_sums, w_szeros, bias) as the mode's epilogue reads them: contiguous
+    vectors of their length and dtype (int8 modes: the scales; per-channel W4: the sums and szeros)."""
+    if mode_id != 3:
+        x_scales = vector(x_scales, m, cupy.float16, "x_scales")
+        w_scales = vector(w_scales, n, cupy.float16, "weight scales")
+    if mode_id == 0:
+        x_sums = vector(x_sums, m, cupy.float32, "x_sums")
+        w_szeros = vector(w_szeros, n, cupy.float16, "s1_szeros")
+    if bias is not None:
+        bias = vector(bias, n, cupy.float16, "bias")
+    return x_scales, w_scales, x_sums, w_szeros, bias
+
+
 def gemm(mode: str, q_x, w, n: int, kw: int, *, x_scales=None, x_sums=None, w_scales=None, w_szeros=None,
          s2_scales=None, s2_zeros=None, bias=None, out_f32: bool = False, config=None,
          splits: int | None = None, out=None):
@@ -153,49 +221,19 @@ def gemm(mode: str, q_x, w, n: int, kw: int, *, x_scales=None, x_sums=None, w_sc
     m, k = q_x.shape
     if k > kw:
         raise ValueError(f"activations have {k} input features, the weight only {kw}")
-    out_dtype = cupy.float32 if out_f32 else cupy.float16
-    if out is None:
-        out = cupy.empty((m, n), dtype=out_dtype)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.strides[1] != out.itemsize:
-        raise ValueError(f"out: expected {(m, n)} {np.dtype(out_dtype)} with contiguous rows")
+    out = _output(out, m, n, out_f32, cupy)
     if m == 0 or n == 0:
         return out
     if kw == 0:
         out[...] = 0
         return out
-    want = cupy.float16 if mode_id == 3 else cupy.int8
-    if q_x.dtype != want or w.dtype != want:
-        raise ValueError(f"{mode}: expected {np.dtype(want)} activations and weights, "
-                         f"got {q_x.dtype}, {w.dtype}")
-    w_shape = (n, kw // 2) if mode_id in (0, 1) else (n, kw)
-    if w.shape != w_shape:
-        raise ValueError(f"{mode}: expected a weight of shape {w_shape}, got {w.shape}")
+    _check_operands(mode, mode_id, q_x, w, n, kw, cupy)
     kx_bytes, kw_bytes = k * elem, kw * elem
-    lda = q_x.strides[0] if m > 1 else kx_bytes
-    ldw = 0
-    aligned = lda % 16 == 0 and kx_bytes % 16 == 0 and aligned16(q_x)
-    if mode_id in (0, 1):
-        if n % 32 or kw % (128 if mode_id == 1 else 32) or not w.flags.c_contiguous or not aligned16(w):
-            raise ValueError(f"packed W4 weight: need n % 32 == 0, K_pad % 32 (g128: 128) == 0 and a "
-                             f"contiguous 16-byte aligned array, got n={n}, K_pad={kw}")
-    else:
-        w = c_rows(w, "weight")
-        ldw = w.strides[0] if n > 1 else kw_bytes
-        aligned = aligned and ldw % 16 == 0 and kw_bytes % 16 == 0 and aligned16(w)
+    w, lda, ldw, aligned = _operand_layout(mode_id, q_x, w, m, n, kw, kx_bytes, kw_bytes)
     if mode_id == 1:
-        s2_scales = cupy.ascontiguousarray(s2_scales)
-        s2_zeros = cupy.ascontiguousarray(s2_zeros)
-        if s2_scales.shape != (kw // 128, n) or s2_zeros.shape != s2_scales.shape:
-            raise ValueError(f"s2_scales / s2_zeros: expected {(kw // 128, n)}, got {s2_scales.shape}, "
-                             f"{s2_zeros.shape}")
-    if mode_id != 3:
-        x_scales = vector(x_scales, m, cupy.float16, "x_scales")
-        w_scales = vector(w_scales, n, cupy.float16, "weight scales")
-    if mode_id == 0:
-        x_sums = vector(x_sums, m, cupy.float32, "x_sums")
-        w_szeros = vector(w_szeros, n, cupy.float16, "s1_szeros")
-    if bias is not None:
-        bias = vector(bias, n, cupy.float16, "bias")
+        s2_scales, s2_zeros = _g128_group_scales(s2_scales, s2_zeros, n, kw, cupy)
+    x_scales, w_scales, x_sums, w_szeros, bias = _epilogue_vectors(
+        mode_id, m, n, x_scales, w_scales, x_sums, w_szeros, bias, cupy)
 
     if mode_id in (0, 1) and (isinstance(config, SkinnyConfig) or (config is None and m <= SKINNY_MAX_M)):
         return gemm_skinny(mode_id, q_x, w, n, kw, lda, out, config or choose_skinny(m, n, kw), splits,
