@@ -10,9 +10,11 @@ Decode CUDA graphs: a bucket (1, 2, 4, 8, 16, 24, 32, 48, ... up to max_num_seqs
 over static int32 inputs (tokens, positions, slots, context lengths, block tables) that attend up to
 max_model_len tokens; a batch of B sequences replays the smallest bucket >= B with its rows padded (padding
 rows write nothing, slot -1, and attend to one token). Everything a captured step allocates comes from a
-memory pool of the graph's own, and the split-K workspaces it writes are pinned (kernels/cuda/workspace.py)
-for the graph's lifetime, so no memory the graph writes is ever handed out again. Weights come uploaded from a loaded model
-(io/loader.load_model) or as DeviceWeights already on the device (model/random_weights.py).
+memory pool of the graph's own, and the split-K workspaces it writes are pinned
+(kernels/cuda/workspace.py) for the graph's lifetime, so no memory the graph writes is ever handed out again.
+
+Weights come uploaded from a loaded model (io/loader.load_model) or as DeviceWeights already on the device
+(model/random_weights.py).
 
 KV pool: as many 64-token pages as `gpu_memory_utilization` of the device's memory leaves after weights,
 buffers and a reserve (capped at what every sequence at full length needs); NUM_GPU_PAGE_BLOCKS (or

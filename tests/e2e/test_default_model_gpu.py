@@ -3,8 +3,8 @@ the CPU integer emulation (pytest -m gpu; needs the checkpoint: QSERVE_LITE_QUAN
 skipped, since quantizing takes minutes).
 
 16 chat prompts from examples/prompts.txt, the first 32 greedy tokens of each, compared along the emulation's
-greedy path (teacher forcing, as tests/engine/test_engine_gpu.py does): both engines see the same histories, so one
-flipped token does not derail the rest of the comparison.
+greedy path (teacher forcing, as tests/engine/test_engine_gpu.py does): both engines see the same
+histories, so one flipped token does not derail the rest of the comparison.
 
 The figure is bounded by how this W4A8KV4 model amplifies rounding, not by kernel errors: one-ulp fp16
 differences (the flash-attention kernel's fp16 probabilities against the emulation's fp32 softmax) flip INT8
