@@ -79,12 +79,15 @@ def run_requests(engine, prompts: list[list[int]], gens: list[int], sync: Callab
     sync()
     start = time.perf_counter()
     while engine.has_unfinished():
-        prompt_tokens, generated = engine.num_prompt_tokens, engine.num_generated_tokens
+        prompt_tokens, steps = engine.num_prompt_tokens, engine.num_steps
         t0 = time.perf_counter()
         engine.step()
         seconds = time.perf_counter() - t0
+        if engine.num_steps == steps:  # only collected the tokens of the last batch: part of that step
+            log.seconds[-1] += seconds
+            continue
         kind = "prefill" if engine.num_prompt_tokens != prompt_tokens else "decode"
-        log.add(kind, engine.num_generated_tokens - generated, seconds)  # one token per sequence
+        log.add(kind, engine.last_batch_size, seconds)
     sync()
     log.wall_s = time.perf_counter() - start
     log.generated = engine.num_generated_tokens - generated0

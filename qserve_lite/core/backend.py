@@ -79,3 +79,26 @@ def to_host(a) -> np.ndarray:
 def device_array_module(device: str):
     """numpy for a device that resolves to 'cpu', cupy for 'gpu' (resolve_device's rules)."""
     return np if resolve_device(device) == "cpu" else import_cupy()
+
+
+class HostCopy:
+    """A device array on its way to the host: the copy is queued behind the work that produces it, and
+    `wait()` blocks until it has landed (numpy arrays are already there)."""
+
+    def __init__(self, a):
+        if not is_cupy(a):
+            self._host, self._event = np.asarray(a), None
+            return
+        cupy = import_cupy()
+        import cupyx  # with cupy: pinned host memory
+
+        self._host = cupyx.empty_pinned(a.shape, dtype=a.dtype)
+        a.get(out=self._host, blocking=False)
+        self._event = cupy.cuda.Event(disable_timing=True)
+        self._event.record()
+
+    def wait(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._host

@@ -45,14 +45,19 @@ class PackedBatch:
         return self.query_start[1:] - 1
 
 
-def prepare(seqs: list[Sequence], is_prefill: bool) -> PackedBatch:
-    """Pack the new tokens of `seqs`: all uncached tokens in a prefill step, the last one in a decode step."""
+def prepare(seqs: list[Sequence], is_prefill: bool, slots_for_decode_tokens: bool = False) -> PackedBatch:
+    """Pack the new tokens of `seqs`: all uncached tokens in a prefill step, the last one in a decode step.
+    slots_for_decode_tokens: a decode step's token_ids hold each sequence's slot instead of its last token
+    (which may still be on the device: the runner gathers it from its per-slot state)."""
     tokens, positions, slots, query_start = [], [], [], [0]
     for seq in seqs:
         first = seq.num_cached_tokens if is_prefill else len(seq) - 1
         pos = np.arange(first, len(seq))
         table = np.asarray(seq.block_table)
-        tokens.extend(seq.token_ids[first:])
+        if is_prefill or not slots_for_decode_tokens:
+            tokens.extend(seq.token_ids[first:])
+        else:
+            tokens.append(seq.slot)
         positions.append(pos)
         slots.append(table[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE)
         query_start.append(query_start[-1] + len(pos))

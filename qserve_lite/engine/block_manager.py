@@ -30,25 +30,25 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free_pages)
 
-    def _missing(self, seq: Sequence) -> int:
+    def pages_missing(self, seq: Sequence) -> int:
         """Pages seq still needs so that all len(seq) tokens have a slot."""
         return pages_for(len(seq), self.page_size) - len(seq.block_table)
 
     def can_allocate(self, seq: Sequence, use_watermark: bool = True) -> bool:
         """Room to admit seq (all of its tokens), leaving the watermark free if asked."""
         reserve = self.watermark_pages if use_watermark else 0
-        return self.num_free - self._missing(seq) >= reserve
+        return self.num_free - self.pages_missing(seq) >= reserve
 
     def allocate(self, seq: Sequence) -> None:
         assert not seq.block_table, f"{seq} already holds pages"
-        self._take(seq, self._missing(seq))
+        self._take(seq, self.pages_missing(seq))
 
     def can_append(self, seq: Sequence) -> bool:
         """Room for the slot of seq's newest token (a fresh page when it starts one)."""
-        return self._missing(seq) <= self.num_free
+        return self.pages_missing(seq) <= self.num_free
 
     def append(self, seq: Sequence) -> None:
-        self._take(seq, self._missing(seq))
+        self._take(seq, self.pages_missing(seq))
 
     def free(self, seq: Sequence) -> None:
         """Return all of seq's pages; its K/V are gone (num_cached_tokens = 0)."""

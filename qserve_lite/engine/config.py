@@ -42,6 +42,7 @@ class EngineConfig:
     cuda_graphs: bool = dataclasses.field(default_factory=_cuda_graphs_default)  # decode as CUDA graphs
     seed: int = 0  # seeds requests that have no seed of their own
     watermark: float = 0.01  # share of pages kept free when admitting a prefill
+    async_scheduling: bool = True  # overlap: queue the next decode step before the host has this one's tokens
 
     def __post_init__(self):
         def need(ok: bool, what: str) -> None:
@@ -103,6 +104,8 @@ class EngineConfig:
                        help=f"share of GPU memory for weights, buffers and KV cache (default "
                        f"{DEFAULT_GPU_MEMORY_UTILIZATION})")
         g.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: CUDA graphs)")
+        g.add_argument("--no-async-scheduling", action="store_true",
+                       help="wait for each step's tokens before queueing the next (default: overlapped)")
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -115,6 +118,7 @@ class EngineConfig:
             num_pages=args.num_pages,
             gpu_memory_utilization=args.gpu_memory_utilization,
             cuda_graphs=not args.no_cuda_graphs and _cuda_graphs_default(),
+            async_scheduling=not getattr(args, "no_async_scheduling", False),
         )
         if getattr(args, "seed", None) is not None:
             values["seed"] = args.seed

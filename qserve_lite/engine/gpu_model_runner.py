@@ -87,8 +87,10 @@ class DecodeGraphs:
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
 
-    def run(self, batch: PackedBatch):
-        """Next-token logits [B, vocab] of a decode batch, by replaying its bucket's graph."""
+    def run(self, batch: PackedBatch, last_tokens):
+        """Next-token logits [B, vocab] of a decode batch, by replaying its bucket's graph. batch.token_ids
+        holds slots: each row's token is gathered from last_tokens on the device. The logits stay valid until
+        the next replay of the same bucket."""
         B = batch.num_seqs
         bucket = next(b for b in self.buckets if b >= B)
         graph = self.captured.get(bucket) or self._capture(bucket)
@@ -99,8 +101,10 @@ class DecodeGraphs:
         tables = batch.block_tables
         bt[:B, : tables.shape[1]] = np.maximum(tables, 0)  # -1 padding is never read; 0 is a valid page
         graph.inputs.set(host)
+        tokens = graph.inputs[:B]
+        tokens[...] = last_tokens[tokens]
         graph.graph.launch()
-        return graph.logits[:B].copy()
+        return graph.logits[:B]
 
     def capture_up_to(self, max_batch: int | None = None) -> list[int]:
         """Capture now every bucket a batch of up to max_batch sequences (default: max_num_seqs) can use, so
@@ -197,6 +201,9 @@ class GPUModelRunner:
             max_pages = -(-config.max_model_len // PAGE_SIZE)
             self.decode_graphs = DecodeGraphs(self.model, config.max_num_seqs, max_pages)
         self.cuda_graphs = config.cuda_graphs and self.decode_graphs is not None
+        # each running sequence's newest token, by its scheduler slot: decode steps read their input from
+        # here, so a step can be queued before the host knows the previous step's tokens (engine/llm_engine.py)
+        self.last_tokens = cp.zeros(max(1, config.max_num_seqs), dtype=cp.int32)
 
     def _choose_num_pages(self, config: EngineConfig) -> int:
         given = config.num_pages if config.num_pages is not None else env_num_pages()
@@ -233,12 +240,23 @@ class GPUModelRunner:
         return {} if self.decode_graphs is None else self.decode_graphs.captured
 
     def run(self, seqs: list[Sequence], is_prefill: bool):
-        """Next-token logits [len(seqs), vocab] fp32 on the device; writes the batch's K/V to the pages."""
-        batch = prepare(seqs, is_prefill)
+        """Next-token logits [len(seqs), vocab] fp32 on the device; writes the batch's K/V to the pages. A
+        decode step reads each sequence's input token from last_tokens (store_tokens), so it may still be on
+        the device."""
+        batch = prepare(seqs, is_prefill, slots_for_decode_tokens=True)
         if not is_prefill and self.cuda_graphs and self.decode_graphs.fits(batch.num_seqs):
-            return self.decode_graphs.run(batch)
+            return self.decode_graphs.run(batch, self.last_tokens)
         inputs = to_device(batch, self.xp)
+        if not is_prefill:
+            inputs.token_ids = self.last_tokens[inputs.token_ids]
         return self.model(inputs, last=inputs.cu_seqlens[1:] - 1)
+
+    def store_tokens(self, seqs: list[Sequence], token_ids) -> None:
+        """Record each sequence's newest token (an int array of the runner's module, or host ints) in its
+        slot of last_tokens, without waiting for the device."""
+        xp = self.xp
+        slots = xp.asarray(np.fromiter((s.slot for s in seqs), dtype=np.int32, count=len(seqs)))
+        self.last_tokens[slots] = xp.asarray(token_ids, dtype=xp.int32)
 
     def capture_decode_graphs(self, max_batch: int | None = None) -> list[int]:
         """Capture now the decode graphs of every bucket a batch of up to max_batch sequences (default:

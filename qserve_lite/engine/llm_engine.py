@@ -4,6 +4,16 @@ add_request tokenizes and queues; step() asks the scheduler for a batch, has the
 logits, samples, then appends each token, detokenizes, checks the stop conditions and frees what
 finished. The runner is the only device-specific part (numpy here, CuPy on the GPU).
 
+Overlapped steps (EngineConfig.async_scheduling, on by default): the GPU runner reads each decode input
+token from its per-slot state on the device, and the sampler can choose tokens there. A decode batch whose
+rows need nothing from the host is then left in flight: its tokens are written to that state and copied to
+the host behind the step, and the next step() schedules and queues the following batch before it waits for
+them. Meanwhile the host appends, detokenizes and checks the stops of the batch before. Each sequence holds
+the tokens still in flight as `num_pending`: its length (positions, pages) counts them. A sequence that
+stopped on a token is found one step late and runs one extra step, whose token is discarded; one that ends
+by length (max_tokens, max_model_len) is never scheduled past its end. Admission and preemption (which need
+every token on the host), penalties and logprobs wait for the batch in flight first.
+
 A model without a tokenizer (LLMEngine(None, runner=...) over random device weights, bench/) takes token-id
 prompts only; its outputs carry token ids and no text, and EOS comes from the config. Given a tokenizer
 (LLMEngine(None, runner=..., tokenizer=...): random weights served with a real vocabulary,
@@ -12,14 +22,17 @@ engine/random_engine.py), it takes text and detokenizes as a loaded model does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from qserve_lite.core.backend import HostCopy
 from qserve_lite.core.kv_layout import PAGE_SIZE
 from qserve_lite.engine.block_manager import BlockManager
 from qserve_lite.engine.config import EngineConfig
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner
 from qserve_lite.engine.model_runner import ModelRunner, default_num_pages
-from qserve_lite.engine.sampler import Sampler
+from qserve_lite.engine.sampler import Sampler, SamplerOutput
 from qserve_lite.engine.scheduler import Scheduler
 from qserve_lite.engine.sequence import Sequence
 from qserve_lite.errors import QServeLiteError
@@ -27,6 +40,16 @@ from qserve_lite.io.loader import LoadedModel
 from qserve_lite.model.tokenizer import IncrementalDetokenizer
 from qserve_lite.outputs import CompletionOutput, RequestOutput
 from qserve_lite.sampling_params import SamplingParams
+
+
+@dataclass
+class _Launched:
+    """A batch queued on the runner: its tokens on their way to the host (host_tokens), or already chosen
+    there (sampled)."""
+
+    seqs: list[Sequence]
+    host_tokens: HostCopy | None
+    sampled: SamplerOutput | None
 
 
 class LLMEngine:
@@ -80,13 +103,16 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.vocab_size = cfg.vocab_size
         self.block_manager = BlockManager(num_pages, PAGE_SIZE, config.watermark)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
         self.runner = runner
         self.sampler = Sampler(getattr(self.runner, "xp", np))
         self.rng = np.random.default_rng(config.seed)  # seeds the generators of requests without a seed
         self.seqs: dict[str, Sequence] = {}  # unfinished requests by id
         self._next_seq_id = 0
         self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
+        self._in_flight: _Launched | None = None  # a batch whose tokens are still on the device
+        self.last_batch_size = 0  # sequences in the batch the last step() queued
 
     @staticmethod
     def _build_runner(loaded: LoadedModel, config: EngineConfig, limit: int):
@@ -164,31 +190,95 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns the state of every streamed request that got a token and of every request
-        that finished."""
+        """Queue one batch on the runner and collect the tokens of the batch before it; returns the state of
+        every streamed request that got a token and of every request that finished.
+
+        Overlapped (module docstring): a decode batch whose tokens can be chosen on the device is left in
+        flight, and the next step() schedules and queues the following batch before it waits for these
+        tokens, so the device never waits for the host's bookkeeping. Anything that needs every token on
+        the host (admission, preemption, penalties, logprobs, a custom sampler) waits for the batch in
+        flight first."""
+        outputs = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and self.scheduler.needs_host_state():
+            outputs += self._collect(previous)
+            previous = None
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        logits = self.runner.run(batch.seqs, batch.is_prefill)
-        sampled = self.sampler(logits, batch.seqs)
+        overlap = batch is not None and self._overlappable(batch)
+        if previous is not None and not overlap:  # this batch needs the tokens in flight on the host
+            outputs += self._collect(previous)
+            previous = None
+        launched = self._launch(batch, overlap) if batch is not None else None
+        if previous is not None:
+            outputs += self._collect(previous)
+        if launched is not None and overlap:
+            self._in_flight = launched
+        elif launched is not None:
+            outputs += self._collect(launched)
+        return outputs
+
+    def _overlappable(self, batch) -> bool:
+        """The batch's tokens can be chosen and fed to the next step on the device: a decode step, on a
+        runner that reads its decode inputs from the device, with the built-in sampler and rows that need
+        nothing from the host (no penalties, no logprobs)."""
+        return (
+            self.engine_config.async_scheduling
+            and not batch.is_prefill
+            and hasattr(self.runner, "store_tokens")
+            and type(self.sampler) is Sampler
+            and Sampler.on_device(batch.seqs)
+        )
+
+    def _launch(self, batch, overlap: bool) -> _Launched | None:
+        """Run the batch and choose its tokens: on the device and left in flight when `overlap`, else on
+        the host (sampled)."""
+        seqs = [s for s in batch.seqs if not s.is_finished]  # a token just collected may have ended one
+        if not seqs:
+            return None
+        logits = self.runner.run(seqs, batch.is_prefill)
         self.num_steps += 1
+        self.last_batch_size = len(seqs)
         if batch.is_prefill:
             self.num_prompt_tokens += batch.num_tokens
-        outputs = []
-        for seq, token, logprobs in zip(batch.seqs, sampled.token_ids, sampled.logprobs, strict=True):
+        device_tokens = hasattr(self.runner, "store_tokens")
+        if overlap:
+            token_ids = self.sampler.choose(logits, seqs)
+            self.runner.store_tokens(seqs, token_ids)
+            launched = _Launched(seqs, HostCopy(token_ids), None)
+        else:
+            sampled = self.sampler(logits, seqs)
+            if device_tokens:
+                self.runner.store_tokens(seqs, sampled.token_ids)
+            launched = _Launched(seqs, None, sampled)
+        for seq in seqs:
             seq.num_cached_tokens = len(seq)  # the runner wrote K/V of every token so far
-            self._append(seq, token, logprobs)
+            seq.num_pending += 1
+        return launched
+
+    def _collect(self, launched: _Launched) -> list[RequestOutput]:
+        """Append the batch's tokens (waiting for them if they are still on the device), check the stop
+        conditions; the outputs of streamed and finished requests."""
+        if launched.sampled is not None:
+            token_ids, logprobs = launched.sampled.token_ids, launched.sampled.logprobs
+        else:
+            token_ids, logprobs = launched.host_tokens.wait().tolist(), [None] * len(launched.seqs)
+        outputs = []
+        for seq, token, lp in zip(launched.seqs, token_ids, logprobs, strict=True):
+            if seq.is_finished:  # aborted, or stopped by the token before: this one is discarded
+                continue
+            seq.num_pending -= 1
+            self._append(seq, token, lp)
+            self.num_generated_tokens += 1
             if seq.is_finished:
                 self.seqs.pop(seq.request_id, None)
                 outputs.append(self.output_of(seq))
             elif seq.stream:
                 outputs.append(self.output_of(seq))
-        self.num_generated_tokens += len(batch.seqs)
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
@@ -206,7 +296,7 @@ class LLMEngine:
                 seq.text = seq.text[:i]
                 self.scheduler.finish(seq, "stop", s)
                 return
-        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | None = None) -> None:

@@ -121,26 +121,7 @@ class Sampler:
         if penalized:
             logits[penalized] = apply_penalties(logits[penalized], [seqs[i] for i in penalized], xp)
 
-        tokens = np.empty(B, dtype=np.int64)
-        greedy = [i for i, p in enumerate(params) if p.greedy]
-        if greedy:
-            tokens[greedy] = to_host(xp.argmax(logits[greedy], axis=-1))
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled:
-            temps = xp.asarray([params[i].temperature for i in sampled], dtype=xp.float32)[:, None]
-            x = filter_logits(
-                logits[sampled] / temps,
-                np.array([params[i].top_k for i in sampled]),
-                np.array([params[i].top_p for i in sampled]),
-                np.array([params[i].min_p for i in sampled]),
-                xp,
-            )
-            probs = xp.exp(x - x.max(axis=-1, keepdims=True))
-            cdf = xp.cumsum(probs, axis=-1)
-            # u in (0, 1]: the first token whose cdf reaches u * total has positive probability
-            u = xp.asarray([1.0 - seqs[i].generator.random() for i in sampled], dtype=xp.float32)[:, None]
-            picked = xp.minimum(xp.sum(cdf < u * cdf[:, -1:], axis=-1), V - 1)
-            tokens[sampled] = to_host(picked)
+        tokens = to_host(self.choose(logits, seqs)).astype(np.int64)
 
         logprobs: list[dict[int, float] | None] = [None] * B
         if want_lp:
@@ -148,6 +129,41 @@ class Sampler:
             for i, d in zip(want_lp, lp_host, strict=True):
                 logprobs[i] = d
         return SamplerOutput(tokens.tolist(), logprobs)
+
+    @staticmethod
+    def on_device(seqs) -> bool:
+        """choose() alone decides these rows: no penalties (they need the host's token history) and no
+        logprobs (they go back to the host with the token)."""
+        return not any(s.params.has_penalties or s.params.logprobs is not None for s in seqs)
+
+    def choose(self, logits, seqs):
+        """The next token of each row of logits [B, V] (penalties already applied), as an int32 array of the
+        logits' module, computed without waiting for the device: greedy rows take the argmax, sampled rows
+        draw with one uniform from their request's generator (module docstring)."""
+        xp = self.xp
+        B, V = logits.shape
+        params = [s.params for s in seqs]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampled:
+            return xp.argmax(logits, axis=-1).astype(xp.int32)
+        tokens = xp.empty(B, dtype=xp.int32)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if greedy:
+            tokens[greedy] = xp.argmax(logits[greedy], axis=-1)
+        temps = xp.asarray([params[i].temperature for i in sampled], dtype=xp.float32)[:, None]
+        x = filter_logits(
+            logits[sampled] / temps,
+            np.array([params[i].top_k for i in sampled]),
+            np.array([params[i].top_p for i in sampled]),
+            np.array([params[i].min_p for i in sampled]),
+            xp,
+        )
+        probs = xp.exp(x - x.max(axis=-1, keepdims=True))
+        cdf = xp.cumsum(probs, axis=-1)
+        # u in (0, 1]: the first token whose cdf reaches u * total has positive probability
+        u = xp.asarray([1.0 - seqs[i].generator.random() for i in sampled], dtype=xp.float32)[:, None]
+        tokens[sampled] = xp.minimum(xp.sum(cdf < u * cdf[:, -1:], axis=-1), V - 1)
+        return tokens
 
     def _top_logprobs(self, logprobs, ns: list[int], chosen: np.ndarray) -> list[dict[int, float]]:
         """{token: logprob} per row: the top n (most likely first) plus the chosen token."""

@@ -19,7 +19,11 @@ class SequenceStatus(Enum):
 class Sequence:
     """token_ids = prompt + generated tokens. The first `num_cached_tokens` of them have their K/V in
     the pages of `block_table`; the rest (the whole sequence after admission or preemption, the last
-    sampled token while decoding) go through the model in the next step that schedules this sequence."""
+    sampled token while decoding) go through the model in the next step that schedules this sequence.
+
+    With overlapped steps, `num_pending` tokens (0 or 1) are sampled on the device but not yet known on the
+    host: len(seq) counts them (positions, pages), token_ids does not. `slot` is the sequence's row in the
+    engine's persistent per-sequence state (its last sampled token on the device) while it runs."""
 
     def __init__(
         self,
@@ -51,9 +55,11 @@ class Sequence:
         self.detokenizer = detokenizer
         self.text = ""
         self.stream = True  # the engine reports it after every token (else only when it finishes)
+        self.num_pending = 0  # tokens sampled on the device, not yet appended (overlapped steps)
+        self.slot: int | None = None  # row of the persistent per-sequence state while running
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     def __repr__(self) -> str:
         return (
@@ -72,6 +78,12 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.token_ids[-1]
+
+    def ends_after_pending(self, max_model_len: int) -> bool:
+        """Its pending token is certainly its last (max_tokens or max_model_len reached): schedule no more."""
+        return self.num_pending > 0 and (
+            len(self) - self.num_prompt_tokens >= self.params.max_tokens or len(self) >= max_model_len
+        )
 
     @property
     def is_finished(self) -> bool:
