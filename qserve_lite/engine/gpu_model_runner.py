@@ -202,7 +202,7 @@ class GPUModelRunner:
             self.decode_graphs = DecodeGraphs(self.model, config.max_num_seqs, max_pages)
         self.cuda_graphs = config.cuda_graphs and self.decode_graphs is not None
         # each running sequence's newest token, by its scheduler slot: decode steps read their input from
-        # here, so a step can be queued before the host knows the previous step's tokens (engine/llm_engine.py)
+        # here, so a step can be queued before the host knows the previous step's tokens (llm_engine.py)
         self.last_tokens = cp.zeros(max(1, config.max_num_seqs), dtype=cp.int32)
 
     def _choose_num_pages(self, config: EngineConfig) -> int:

@@ -144,8 +144,9 @@ def test_no_page_or_slot_leak_with_overlap_aborts_and_preemption(twin_model):
     live: list[str] = []
     while added < 1000 or engine.has_unfinished():
         for _ in range(min(int(rng.integers(0, 4)), 1000 - added)):
-            params = SamplingParams(max_tokens=int(rng.integers(1, 80)), temperature=float(rng.choice([0, 1])),
-                                    ignore_eos=bool(rng.integers(2)), stop=("ab",) if rng.random() < 0.2 else ())
+            params = SamplingParams(max_tokens=int(rng.integers(1, 80)),
+                                    temperature=float(rng.choice([0, 1])), ignore_eos=bool(rng.integers(2)),
+                                    stop=("ab",) if rng.random() < 0.2 else ())
             live.append(engine.add_request(rng.integers(0, 320, int(rng.integers(1, 150))).tolist(), params))
             added += 1
         if live and rng.random() < 0.15:
