@@ -49,6 +49,8 @@ def prepare(seqs: list[Sequence], is_prefill: bool, slots_for_decode_tokens: boo
     """Pack the new tokens of `seqs`: all uncached tokens in a prefill step, the last one in a decode step.
     slots_for_decode_tokens: a decode step's token_ids hold each sequence's slot instead of its last token
     (which may still be on the device: the runner gathers it from its per-slot state)."""
+    if not is_prefill:
+        return _prepare_decode(seqs, slots_for_decode_tokens)
     tokens, positions, slots, query_start = [], [], [], [0]
     for seq in seqs:
         first = seq.num_cached_tokens if is_prefill else len(seq) - 1
@@ -73,6 +75,31 @@ def prepare(seqs: list[Sequence], is_prefill: bool, slots_for_decode_tokens: boo
         block_tables=block_tables,
         slot_mapping=np.concatenate(slots).astype(np.int64),
         is_prefill=is_prefill,
+    )
+
+
+def _prepare_decode(seqs: list[Sequence], slots_for_tokens: bool) -> PackedBatch:
+    """prepare() of a decode step, vectorized: one token per sequence, at position len(seq) - 1."""
+    B = len(seqs)
+    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=B)
+    max_pages = max(len(s.block_table) for s in seqs)
+    block_tables = np.full((B, max_pages), -1, dtype=np.int64)
+    for i, seq in enumerate(seqs):
+        block_tables[i, : len(seq.block_table)] = seq.block_table
+    positions = lens - 1
+    slot_mapping = block_tables[np.arange(B), positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE
+    if slots_for_tokens:
+        tokens = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=B)
+    else:
+        tokens = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=B)
+    return PackedBatch(
+        token_ids=tokens,
+        positions=positions,
+        query_start=np.arange(B + 1, dtype=np.int64),
+        context_lens=lens,
+        block_tables=block_tables,
+        slot_mapping=slot_mapping,
+        is_prefill=False,
     )
 
 
