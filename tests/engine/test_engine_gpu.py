@@ -220,3 +220,23 @@ def test_graph_replay_matches_eager(checkpoints, monkeypatch, mode, precision):
           f"free-running {same:.3f}; buckets captured {sorted(graphs.engine.runner.graphs)}")
     assert agree >= 0.97 and err < 0.02
     assert same >= 0.9
+
+
+@pytest.mark.parametrize("mode,precision", [("w4_g128", None), ("float", "w16a16")])
+def test_overlapped_steps_equal_the_synchronous_loop(checkpoints, mode, precision):
+    """Async scheduling on the GPU (tokens chosen and fed back on the device, the host one step behind) gives
+    the synchronous loop's tokens exactly: greedy and seeded sampling, stop tokens, max_tokens."""
+    prompts = _prompts()
+    sync = LLM(str(checkpoints[mode]), precision=precision, device="gpu", max_num_seqs=16,
+               async_scheduling=False)
+    overlap = LLM(str(checkpoints[mode]), precision=precision, device="gpu", max_num_seqs=16)
+    assert overlap.engine.engine_config.async_scheduling and not sync.engine.engine_config.async_scheduling
+    free = sync.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False)
+    params = [SamplingParams(max_tokens=4 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    params[1] = SamplingParams(max_tokens=24, stop_token_ids=[free[1].outputs[0].token_ids[5]])
+    params[2] = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.95, top_k=50, seed=3, ignore_eos=True)
+    a = sync.generate(prompts, params, use_tqdm=False)
+    b = overlap.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert [o.outputs[0].finish_reason for o in a] == [o.outputs[0].finish_reason for o in b]
+    assert a[1].outputs[0].finish_reason == "stop" and len(a[1].outputs[0].token_ids) <= 5
