@@ -7,7 +7,8 @@
   step the thread computes each request's new text / tokens (a Delta) and hands them to the event loop in
   one call_soon_threadsafe.
 - A client that goes away aborts its requests (Submission.abort): the engine frees their pages at once.
-- stop() aborts what is still in flight (each waiting handler gets EngineError) and ends the thread.
+- stop() aborts what is still in flight (each choice's last delta has finish_reason "abort": a stream ends
+  with a final chunk, a whole response is answered 503) and ends the thread.
 - An exception in a step fails every request in flight (HTTP 500 to each) and the loop goes on.
 """
 
@@ -64,8 +65,9 @@ class Submission:
         self.num_output_tokens = [0] * len(request_ids)
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """Deltas of every choice in arrival order, until all have finished. Raises EngineError if the engine
-        failed the request or aborted it (shutdown)."""
+        """Deltas of every choice in arrival order, until all have finished. A choice the engine aborted
+        (shutdown: AsyncEngine.stop) ends with finish_reason "abort", like any other finish. Raises
+        EngineError if the engine failed the request."""
         while self.unfinished:
             item = await self.queue.get()
             if isinstance(item, EngineError):
@@ -74,9 +76,6 @@ class Submission:
             self.num_output_tokens[item.index] = item.num_output_tokens
             if item.finish_reason is not None:
                 self.unfinished.discard(item.index)
-                if item.finish_reason == "abort":
-                    self.abort()
-                    raise EngineError("the request was aborted: the server is shutting down", 503)
             yield item
 
     def abort(self) -> None:
@@ -139,13 +138,13 @@ class AsyncEngine:
     ) -> Submission:
         """Queue one engine request per (prompt token ids, params); they join the batch at the next step.
         The caller has validated them (app.py), so add_request does not fail in practice."""
-        if not self.is_running:
-            raise EngineError("the engine is not running (the server is starting or shutting down)", 503)
         n = next(self._ids)
         request_ids = [f"{prefix}-{n}-{i}" for i in range(len(prompts))]
         sub = Submission(self, request_ids, prompts)
         arrival = time.monotonic()
-        with self._cond:
+        with self._cond:  # checked under the lock: an add queued here is seen by the thread before it stops
+            if not self.is_running:
+                raise EngineError("the engine is not running (the server is starting or shutting down)", 503)
             for i, (rid, prompt, p) in enumerate(zip(request_ids, prompts, params, strict=True)):
                 self._inbox.append(("add", rid, prompt, p, _Tracked(sub, i, arrival)))
             self._num_pending_adds += len(prompts)
@@ -165,6 +164,11 @@ class AsyncEngine:
             self._stopping = True
             self._cond.notify()
         await asyncio.to_thread(self._thread.join, timeout)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Engine requests queued or running (read while the engine thread runs)."""
+        return len(self._tracked) + self._num_pending_adds
 
     def gauges(self) -> tuple[int, int, float]:
         """(running, waiting, KV cache usage): read while the engine thread runs (len() is atomic)."""

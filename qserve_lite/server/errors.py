@@ -68,6 +68,30 @@ def _param_of(loc) -> str | None:
     return ".".join(parts) or None
 
 
+_EXPECTED = {  # pydantic's type errors, for values of the wrong JSON type (protocol.py's strict scalars)
+    "int_type": "an integer", "float_type": "a number", "bool_type": "a boolean", "string_type": "a string",
+}
+
+
+def _json_type(value) -> str:
+    """What a parsed JSON value is, in the words of a type error."""
+    for kind, name in (
+        (bool, "a boolean"), (int, "an integer"), (float, "a decimal number"), (str, "a string"),
+        (list, "an array"), (dict, "an object"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else type(value).__name__
+
+
+def _message(e: dict) -> str:
+    """pydantic's message, or for a value of the wrong JSON type: 'expected an integer, got a boolean'."""
+    expected = _EXPECTED.get(e.get("type"))
+    if expected is not None and "input" in e:
+        return f"expected {expected}, got {_json_type(e['input'])}"
+    return e.get("msg", "invalid value")
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -83,7 +107,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
     seen, parts = set(), []
     for e in errors:
         param = _param_of(e.get("loc", ()))
-        text = f"{param}: {e.get('msg', 'invalid value')}" if param else e.get("msg", "invalid value")
+        text = f"{param}: {_message(e)}" if param else _message(e)
         if text not in seen:
             seen.add(text)
             parts.append(text)

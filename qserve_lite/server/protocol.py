@@ -4,6 +4,10 @@ Requests are validated here first (types, ranges, sizes); what needs the model (
 max_model_len) is checked in serving.py. Every bound is finite so no value can overflow inside the engine
 step, which serves every request at once. Unknown fields are ignored, as OpenAI-compatible servers do;
 fields of the OpenAI API that we do not implement are accepted only at their neutral value.
+
+Scalars are strict JSON types, as OpenAI checks them: an integer field takes a JSON integer (not true, 5.0
+or "5"), a number field a JSON number (an integer too, not true or "0.5"), a boolean field true or false
+(not 1 or "true").
 """
 
 from __future__ import annotations
@@ -11,12 +15,17 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 MAX_LOGPROBS = 20  # top log-probabilities per token (OpenAI's chat limit)
 MAX_STOP = 16  # stop strings per request: each one is searched after every token
 MAX_CHOICES = 128  # prompts x n per request
 INT32 = 2**31 - 1
+
+# strict JSON scalars (module docstring): pydantic's lax mode would take true as 1 and "5" as 5
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]  # a JSON integer is a number too
+Bool = Annotated[bool, Strict()]
 
 
 class _Request(BaseModel):
@@ -24,11 +33,11 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 Stop = Annotated[str, Field(min_length=1)]
-TokenId = Annotated[int, Field(ge=0, le=INT32)]
+TokenId = Annotated[Int, Field(ge=0, le=INT32)]
 
 
 class _SamplingRequest(_Request):
@@ -36,23 +45,23 @@ class _SamplingRequest(_Request):
     repetition_penalty, stop_token_ids, ignore_eos)."""
 
     model: str | None = Field(None, description="the served model's name (default: the served model)")
-    max_tokens: int | None = Field(None, ge=1, le=INT32, description="at most max_model_len")
-    temperature: float | None = Field(None, ge=0.0, le=1e6, description="0 = greedy; default 1")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=INT32, description="0 or -1 = off")
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    max_tokens: Int | None = Field(None, ge=1, le=INT32, description="at most max_model_len")
+    temperature: Float | None = Field(None, ge=0.0, le=1e6, description="0 = greedy; default 1")
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)
+    top_k: Int | None = Field(None, ge=-1, le=INT32, description="0 or -1 = off")
+    min_p: Float | None = Field(None, ge=0.0, le=1.0)
+    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: list[TokenId] | None = Field(None, max_length=1024)
-    ignore_eos: bool = False
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
+    ignore_eos: Bool = False
+    presence_penalty: Float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: Float | None = Field(None, gt=0.0, le=100.0)
+    n: Int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: only {} or null")
+    logit_bias: dict[str, Float] | None = Field(None, description="not supported: only {} or null")
 
 
 class CompletionRequest(_SamplingRequest):
@@ -66,10 +75,10 @@ class CompletionRequest(_SamplingRequest):
             list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_CHOICES)
         ]
     )
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: Bool = False
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = Field(None, description="not supported: only null or ''")
-    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="not supported: only 1 or n")
+    best_of: Int | None = Field(None, ge=1, le=MAX_CHOICES, description="not supported: only 1 or n")
 
 
 class TextPart(_Request):
@@ -94,10 +103,10 @@ class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions: messages rendered with the model's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT32, description="alias of max_tokens")
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
+    max_completion_tokens: Int | None = Field(None, ge=1, le=INT32, description="alias of max_tokens")
+    logprobs: Bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: Bool = True
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: only [] or null")
     response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
 

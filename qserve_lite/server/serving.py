@@ -4,7 +4,9 @@ ids, log-probabilities in OpenAI's shapes, and the responses: whole bodies, or s
 data: [DONE].
 
 A handler never waits on a step: it queues the request and reads its deltas; a client that disconnects
-aborts its request (watch_disconnect), which frees its KV pages at the engine's next turn.
+aborts its request (watch_disconnect), which frees its KV pages at the engine's next turn. A request the
+engine aborts at shutdown ends like any other: a stream with a final chunk (finish_reason "abort") and
+data: [DONE]; a whole response, of which nothing was sent yet, is answered 503.
 """
 
 from __future__ import annotations
@@ -233,8 +235,13 @@ def check_completion_request(req: CompletionRequest) -> None:
         raise APIError(400, "suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported (only best_of = n)", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+    if req.echo and req.logprobs is not None:  # OpenAI's answer would hold the prompt tokens' logprobs too
+        raise APIError(
+            400,
+            "echo together with logprobs is not supported: it asks for the prompt tokens' log-probabilities, "
+            "which this server does not compute; use echo or logprobs (the generated tokens'), not both",
+            param="echo",
+        )
 
 
 def check_chat_request(req: ChatCompletionRequest) -> None:
@@ -317,6 +324,8 @@ async def collect(request: Request, sub: Submission, n_choices: int) -> list[dic
                     r["finish_reason"], r["stop_reason"] = d.finish_reason, d.stop_reason
         except EngineError as e:
             raise APIError(e.status, str(e)) from None
+    if any(r["finish_reason"] == "abort" for r in results):  # nothing is sent yet: the client may retry
+        raise APIError(503, "the request was aborted: the server is shutting down")
     for r in results:
         r["text"] = "".join(r["text"])
     return results

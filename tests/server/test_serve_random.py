@@ -101,7 +101,7 @@ def test_cli_serves_random_weights(tiny_shape, tmp_path, monkeypatch, capsys):
         uvicorn.Server, "run", lambda self, sockets=None: seen.setdefault("config", self.config)
     )
     argv = ["serve", "--random-weights", str(cfg_path), "--tokenizer", str(tok_dir), "--device", "cpu",
-            "--max-num-seqs", "4", "--precision", "w4a8kv8", "--group-size", "-1", "--port", "8124"]
+            "--max-num-seqs", "4", "--precision", "w4a8kv8", "--group-size", "-1", "--port", "0"]
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "vocab_size 1000 -> " in out
@@ -178,7 +178,7 @@ def test_cli_serve_random_weights_engine_flags(tiny_shape, monkeypatch, capsys):
     monkeypatch.setattr(launch, "build_random_engine", build)
     argv = ["serve", "--random-weights", str(cfg_path), "--tokenizer", str(tok_dir), "--device", "cpu",
             "--max-num-seqs", "4", "--max-num-batched-tokens", "200", "--gpu-memory-utilization", "0.25",
-            "--max-model-len", "128", "--seed", "3"]
+            "--max-model-len", "128", "--seed", "3", "--port", "0"]
     assert cli_main(argv) == 0
     assert seen["engine_config"] == EngineConfig(
         device="cpu", max_num_seqs=4, max_num_batched_tokens=200, max_model_len=128,

@@ -7,9 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +38,7 @@ except ImportError:
     HAVE_DEPS = False
 
 MODEL = "tiny"
+ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France is"}]
 
 
@@ -52,7 +59,7 @@ class LiveServer:
     """uvicorn serving an LLM's engine on 127.0.0.1; `delay` slows every engine step (seconds), so a test
     can catch a request in flight."""
 
-    def __init__(self, llm: LLM, api_key: str | None = None, shutdown_timeout: int = 5):
+    def __init__(self, llm: LLM, api_key: str | None = None, shutdown_timeout: float = 5):
         if not HAVE_DEPS:
             pytest.skip("needs pip install '.[server,test]'")
         self.llm = llm
@@ -75,8 +82,8 @@ class LiveServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=shutdown_timeout)
-        self.server = uvicorn.Server(config)
+        config = uvicorn.Config(app, log_config=None)
+        self.server = launch.GracefulServer(config, self.engine, shutdown_timeout)  # serve()'s server
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._threads.append(self.thread)
         self.thread.start()
@@ -402,6 +409,34 @@ BAD_INPUT = [
         400,
         "tools",
     ),
+    # echo with logprobs would need the prompt tokens' logprobs, which are not computed
+    ("/v1/completions", b'{"prompt": "x", "echo": true, "logprobs": 1}', 400, "echo"),
+    ("/v1/completions", b'{"prompt": "x", "echo": true, "logprobs": 0, "stream": true}', 400, "echo"),
+    # strict JSON types: no booleans (nor strings, nor 5.0 for an integer) where numbers go, no numbers
+    # or strings where booleans go
+    *[
+        ("/v1/completions", b'{"prompt": "x", "%s": %s}' % (field.encode(), value), 400, field)
+        for field, value in (
+            ("max_tokens", b"true"), ("max_tokens", b"false"), ("max_tokens", b'"5"'), ("max_tokens", b"5.0"),
+            ("n", b"true"), ("top_k", b"true"), ("seed", b"false"), ("logprobs", b"true"),
+            ("best_of", b"true"), ("temperature", b"true"), ("temperature", b'"0.5"'), ("top_p", b"true"),
+            ("min_p", b"false"), ("presence_penalty", b"true"), ("frequency_penalty", b"false"),
+            ("repetition_penalty", b"true"), ("stream", b"1"), ("echo", b'"true"'), ("ignore_eos", b"0"),
+            ("logit_bias", b'{"5": true}'),
+        )
+    ],
+    ("/v1/completions", b'{"prompt": "x", "stop_token_ids": [3, true]}', 400, "stop_token_ids.1"),
+    ("/v1/completions", b'{"prompt": [true, false]}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "stream": true, "stream_options": {"include_usage": 1}}', 400,
+     "stream_options.include_usage"),
+    *[
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "%s": %s}'
+         % (field.encode(), value), 400, field)
+        for field, value in (
+            ("max_completion_tokens", b"true"), ("max_tokens", b"true"), ("top_logprobs", b"true"),
+            ("logprobs", b"1"), ("temperature", b"false"), ("add_generation_prompt", b'"no"'),
+        )
+    ],
 ]
 
 
@@ -414,6 +449,46 @@ def test_bad_input_is_a_4xx_openai_error(live, path, body, status, param):
     assert error["type"] == "invalid_request_error"
     if param is not None:
         assert error["param"] == param
+
+
+def test_strict_types_say_what_was_expected(live):
+    """A value of the wrong JSON type is named with its field; integers still go where numbers do."""
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": True})
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": "max_tokens: expected an integer, got a boolean",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": None,
+    }
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "temperature": "0.5"})
+    assert r.json()["error"]["message"] == "temperature: expected a number, got a string"
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "stream": 1})
+    assert r.json()["error"]["message"] == "stream: expected a boolean, got an integer"
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2.0})
+    assert r.json()["error"]["message"] == "max_tokens: expected an integer, got a decimal number"
+    with pytest.raises(openai.BadRequestError, match="max_tokens: expected an integer, got a boolean"):
+        live.client().completions.create(model=MODEL, prompt="x", max_tokens=True)
+    ints = {"temperature": 1, "top_p": 1, "min_p": 0, "presence_penalty": 0, "frequency_penalty": -1,
+            "repetition_penalty": 2, "max_tokens": 3, "seed": 0}
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", **ints})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+
+
+def test_echo_with_logprobs_is_refused_each_alone_works(live):
+    """echo + logprobs would return the prompt tokens' logprobs, which the engine does not compute: a 400
+    that says so (README: Serving); echo alone and logprobs alone work."""
+    client = live.client()
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="prompt tokens' log-probabilities") as err:
+            client.completions.create(
+                model=MODEL, prompt="1, 2, 3,", max_tokens=3, echo=True, logprobs=2, stream=stream
+            )
+        assert err.value.body["param"] == "echo"
+    echoed = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=3, temperature=0, echo=True)
+    plain = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=3, temperature=0, logprobs=2)
+    assert echoed.choices[0].text == "1, 2, 3," + plain.choices[0].text
+    assert echoed.choices[0].logprobs is None and len(plain.choices[0].logprobs.tokens) == 3
 
 
 def test_oversized_bodies_and_unknown_routes(live):
@@ -553,6 +628,61 @@ def test_fuzz_never_5xx(live):
     live.wait_idle()
 
 
+def test_fuzz_wrong_json_types_are_400(live):
+    """Hypothesis: a valid request with some numeric fields turned to booleans or numeric strings (or some
+    boolean fields to 0 / 1 / "true") is a 400 naming one of those fields, never accepted as 1 or 0."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    numbers = {
+        "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+        "top_k": st.integers(-1, 400), "min_p": st.floats(0, 1), "seed": st.integers(0, 2**63 - 1),
+        "n": st.integers(1, 3), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+        "repetition_penalty": st.floats(0.01, 100),
+    }
+    booleans = {"stream": st.booleans(), "ignore_eos": st.booleans()}
+    completion_fields = numbers | booleans | {
+        "logprobs": st.integers(0, 5), "best_of": st.just(1), "echo": st.booleans()
+    }
+    chat_fields = numbers | booleans | {
+        "max_completion_tokens": st.integers(1, 8), "top_logprobs": st.integers(0, 5),
+        "logprobs": st.just(True), "add_generation_prompt": st.booleans(),
+    }
+    bool_fields = {"stream", "ignore_eos", "echo", "add_generation_prompt"}
+    not_a_number = st.booleans() | st.sampled_from(["1", "0.5", "true"])
+    not_a_boolean = st.sampled_from([0, 1, 1.0, "true", "false", None, [True]])  # these have no null
+
+    @st.composite
+    def case(draw):
+        chat = draw(st.booleans())
+        fields = chat_fields if chat else completion_fields
+        body = draw(st.fixed_dictionaries({}, optional=fields))
+        if chat:
+            body["messages"] = CHAT
+        else:
+            body["prompt"] = draw(st.sampled_from(["Hello", [5, 6, 7]]))
+        bad = draw(st.sets(st.sampled_from(sorted(fields)), min_size=1, max_size=3))
+        for name in bad:
+            is_bool = name in bool_fields or (chat and name == "logprobs")  # chat's logprobs: a boolean
+            body[name] = draw(not_a_boolean if is_bool else not_a_number)
+        return ("/v1/chat/completions" if chat else "/v1/completions"), body, bad
+
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+
+        @hypothesis.settings(
+            max_examples=100, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck)
+        )
+        @hypothesis.given(c=case())
+        def check(c):
+            path, body, bad = c
+            r = http.post(path, json=body)
+            assert r.status_code == 400, (body, r.text[:300])
+            error = r.json()["error"]
+            assert error["param"] in bad and "expected" in error["message"], (body, error)
+
+        check()
+    live.wait_idle()
+
+
 # ---- metrics ----
 
 
@@ -611,46 +741,111 @@ def test_api_key(tiny_model_dir):
         srv.stop()
 
 
+def _sse_lines(url: str, path: str, body: dict, results: dict, name: str) -> None:
+    """POST a streaming request; results[name]: its non-empty lines (and how it failed, if it did)."""
+    lines = results.setdefault(name, [])
+    try:
+        with httpx.stream("POST", url + path, json=body, timeout=60) as r:
+            lines.append(f"status {r.status_code}")
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+    except httpx.HTTPError as e:
+        lines.append(f"error: {type(e).__name__}: {e}")
+
+
+def _assert_ended(lines: list[str], finish_reason: str | None = None) -> dict:
+    """A whole event stream: 200, chunks, a last chunk with a finish_reason, then data: [DONE]."""
+    assert lines[0] == "status 200" and lines[-1] == "data: [DONE]", lines[:2] + lines[-3:]
+    last = json.loads(lines[-2][6:])
+    assert "error" not in last and last["choices"][0]["finish_reason"], last
+    if finish_reason is not None:
+        assert last["choices"][0]["finish_reason"] == finish_reason, last
+    return last
+
+
 def test_graceful_shutdown(tiny_model_dir):
-    """On shutdown a short in-flight stream finishes whole; a long one is cut at the grace timeout and
-    aborted; the engine thread ends with every page free."""
-    srv = LiveServer(LLM(str(tiny_model_dir), max_num_seqs=4), shutdown_timeout=1)
+    """On shutdown (serve()'s GracefulServer) a short in-flight stream finishes whole; the long ones are
+    aborted at the grace timeout and still end properly (a last chunk with finish_reason "abort", then
+    data: [DONE]); a non-streaming request in flight gets a 503; nothing is logged at ERROR (no "Exception
+    in ASGI application"); the engine thread ends with every page free."""
+    srv = LiveServer(LLM(str(tiny_model_dir), max_num_seqs=8), shutdown_timeout=1)
     srv.delay = 0.01
     results = {}
-
-    def stream(name, max_tokens):
-        body = {
-            "model": MODEL,
-            "prompt": "Quantization maps",
-            "max_tokens": max_tokens,
-            "ignore_eos": True,
-            "temperature": 0,
-            "stream": True,
-        }
-        lines = []
-        try:
-            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
-                lines.extend(line for line in r.iter_lines() if line)
-        except httpx.HTTPError as e:
-            lines.append(f"error: {type(e).__name__}")
-        results[name] = lines
-
+    base = {"model": MODEL, "ignore_eos": True, "temperature": 0, "stream": True}
+    completion = base | {"prompt": "Quantization maps"}
+    chat = base | {"messages": CHAT, "stream_options": {"include_usage": True}}
+    jobs = {
+        "short": ("/v1/completions", completion | {"max_tokens": 30}),
+        "long": ("/v1/completions", completion | {"max_tokens": 250}),
+        "long-n2": ("/v1/completions", completion | {"max_tokens": 250, "n": 2}),
+        "long-chat": ("/v1/chat/completions", chat | {"max_tokens": 200}),
+    }
     threads = [
-        threading.Thread(target=stream, args=("short", 30)),
-        threading.Thread(target=stream, args=("long", 250)),
+        threading.Thread(target=_sse_lines, args=(srv.url, path, body, results, name))
+        for name, (path, body) in jobs.items()
+    ]
+
+    def whole():
+        body = completion | {"max_tokens": 250, "stream": False}
+        results["whole"] = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+
+    threads.append(threading.Thread(target=whole))
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while srv.llm.engine.num_generated_tokens < 12 or srv.engine.num_in_flight < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t0 < 5  # the grace period (1 s) and a step or two, not uvicorn's backstop
+    for t in threads:
+        t.join(10)
+    assert _assert_ended(results["short"], "length")
+    assert _assert_ended(results["long"], "abort")
+    chunks = [json.loads(line[6:]) for line in results["long-n2"][1:-1]]
+    assert {c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"] == "abort"} == {0, 1}
+    assert _assert_ended(results["long-n2"], "abort")
+    usage = json.loads(results["long-chat"][-2][6:])  # include_usage: the usage chunk comes last
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+    chat_chunks = [json.loads(line[6:]) for line in results["long-chat"][1:-2]]
+    assert chat_chunks[-1]["choices"][0]["finish_reason"] == "abort"
+    r = results["whole"]
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    assert not srv.errors, [rec.getMessage() for rec in srv.errors]
+    assert not srv.llm.engine.seqs and srv.free_pages == srv.llm.engine.block_manager.num_pages
+
+
+def test_forced_quit_still_ends_streams(tiny_model_dir):
+    """A second Ctrl-C (uvicorn's force_exit) during the grace period: what runs is aborted at once and every
+    stream still ends with finish_reason "abort" and data: [DONE]; nothing is logged at ERROR."""
+    srv = LiveServer(LLM(str(tiny_model_dir), max_num_seqs=4), shutdown_timeout=30)
+    srv.delay = 0.01
+    results = {}
+    body = {"model": MODEL, "prompt": "Quantization maps", "max_tokens": 250, "ignore_eos": True}
+    body["stream"] = True
+    threads = [
+        threading.Thread(target=_sse_lines, args=(srv.url, "/v1/completions", body, results, name))
+        for name in ("a", "b")
     ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
-    while srv.llm.engine.num_generated_tokens < 4:
+    while srv.engine.num_in_flight < 2 or srv.llm.engine.num_generated_tokens < 4:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    t0 = time.monotonic()
+    srv.server.should_exit = True  # the first Ctrl-C ...
+    time.sleep(0.3)
+    srv.server.force_exit = True  # ... and the second
     srv.stop()
+    assert time.monotonic() - t0 < 5
     for t in threads:
         t.join(10)
-    assert results["short"][-1] == "data: [DONE]"
-    assert json.loads(results["short"][-2][6:])["choices"][0]["finish_reason"] == "length"
-    assert results["long"][-1] != "data: [DONE]"  # cut, not completed
+    for name in ("a", "b"):
+        _assert_ended(results[name], "abort")
+    assert not srv.errors, [rec.getMessage() for rec in srv.errors]
     assert not srv.llm.engine.seqs and srv.free_pages == srv.llm.engine.block_manager.num_pages
 
 
@@ -678,9 +873,10 @@ def test_async_engine_stop_aborts_in_flight_and_a_failed_step_fails_only_its_bat
 
     async def first_then_rest(sub):
         agen = sub.deltas()
-        await agen.__anext__()
-        async for _ in agen:
+        last = await agen.__anext__()
+        async for last in agen:  # noqa: B007 - the last delta is the result
             pass
+        return last
 
     async def main():
         engine = AsyncEngine(llm.engine)
@@ -697,10 +893,10 @@ def test_async_engine_stop_aborts_in_flight_and_a_failed_step_fails_only_its_bat
         long = engine.submit([ids], params)
         task = asyncio.create_task(first_then_rest(long))
         await asyncio.sleep(0.05)
-        await engine.stop()  # shutdown: what is in flight is aborted (503), the thread ends
-        with pytest.raises(EngineError) as err:
-            await task
-        assert err.value.status == 503 and not engine._thread.is_alive() and not engine.is_running
+        await engine.stop()  # shutdown: what is in flight ends with finish_reason "abort", the thread ends
+        last = await task
+        assert last.finish_reason == "abort" and last.num_output_tokens >= 1
+        assert not engine._thread.is_alive() and not engine.is_running
         with pytest.raises(EngineError):
             engine.submit([ids], params)
         assert engine.metrics.finished.get("error") == 1 and engine.metrics.finished.get("abort") == 1
@@ -725,16 +921,18 @@ def test_cli_serve_starts_uvicorn(tiny_model_dir, monkeypatch, capsys):
     import uvicorn
 
     seen = {}
-    monkeypatch.setattr(
-        uvicorn.Server, "run", lambda self, sockets=None: seen.setdefault("config", self.config)
-    )
+
+    def run(self, sockets=None):
+        seen.update(config=self.config, server=self, port=sockets[0].getsockname()[1])
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.setenv("QSERVE_LITE_API_KEY", "from-env")
     argv = [
         "serve",
         "--model",
         str(tiny_model_dir),
         "--port",
-        "8123",
+        "0",  # a free port, bound before the model is loaded; the startup line names it
         "--served-model-name",
         "tiny",
         "--max-num-seqs",
@@ -744,16 +942,14 @@ def test_cli_serve_starts_uvicorn(tiny_model_dir, monkeypatch, capsys):
         "--no-access-log",
     ]
     assert cli_main(argv) == 0
-    config = seen["config"]
-    assert (config.host, config.port, config.timeout_graceful_shutdown, config.access_log) == (
-        "127.0.0.1",
-        8123,
-        3,
-        False,
-    )
+    config, server = seen["config"], seen["server"]
+    assert (config.host, config.access_log) == ("127.0.0.1", False)
+    assert isinstance(server, launch.GracefulServer) and server.shutdown_timeout == 3
+    assert config.timeout_graceful_shutdown == 3 + launch.SHUTDOWN_BACKSTOP_S  # uvicorn's: a backstop
     guard = config.app.user_middleware[0]
     assert guard.kwargs["api_key"] == "from-env"
-    assert "serving as 'tiny'" in capsys.readouterr().out
+    assert seen["port"] > 0
+    assert f"serving as 'tiny' on http://127.0.0.1:{seen['port']}/v1" in capsys.readouterr().out
 
 
 def test_cli_serve_engine_flags_reach_the_engine(tiny_model_dir, monkeypatch, capsys):
@@ -772,7 +968,7 @@ def test_cli_serve_engine_flags_reach_the_engine(tiny_model_dir, monkeypatch, ca
         return real_llm(model, precision, config=config)
 
     monkeypatch.setattr(launch, "LLM", llm)
-    argv = ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--max-num-seqs", "3",
+    argv = ["serve", "--model", str(tiny_model_dir), "--port", "0", "--device", "cpu", "--max-num-seqs", "3",
             "--max-num-batched-tokens", "100", "--gpu-memory-utilization", "0.5", "--num-pages", "40",
             "--seed", "7", "--no-cuda-graphs"]
     assert cli_main(argv) == 0
@@ -802,3 +998,110 @@ def test_cli_serve_engine_flag_defaults_and_errors(tiny_model_dir, monkeypatch, 
         assert cli_main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", flag, value]) == 2
         assert message in capsys.readouterr().err
     assert len(seen) == 1  # a bad value fails before anything is loaded
+
+
+def test_cli_serve_busy_port_is_a_user_error(tiny_model_dir, monkeypatch, capsys):
+    """A port another server listens on: one line naming it, exit status 2, before anything is loaded or
+    announced; the same for an address that is not this machine's."""
+    if missing_server_deps():
+        pytest.skip("needs pip install '.[server]'")
+
+    def not_reached(*args, **kw):
+        raise AssertionError("the model was loaded although the port is busy")
+
+    monkeypatch.setattr(launch, "LLM", not_reached)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        argv = ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--port", str(port)]
+        assert cli_main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing announced
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"qserve-lite: error: cannot listen on 127.0.0.1:{port}: the port is already in ")
+    argv = ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--host", "192.0.2.1", "--port", "0"]
+    assert cli_main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "cannot listen on 192.0.2.1:0: " in err, err
+
+
+SLOW_SERVE = """
+import sys, time
+from qserve_lite.cli import main
+from qserve_lite.engine.model_runner import ModelRunner
+
+run = ModelRunner.run
+
+
+def slow(self, seqs, is_prefill):  # every engine step takes 20 ms more: the streams are still running
+    time.sleep(0.02)
+    return run(self, seqs, is_prefill)
+
+
+ModelRunner.run = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_ends_every_stream_and_prints_no_traceback(tiny_model_dir):
+    """`qserve-lite serve` in a process of its own, Ctrl-C (SIGINT) while streams run: each client stream
+    ends with a final chunk (finish_reason "abort" past --shutdown-timeout) and data: [DONE], the server's
+    output holds no traceback, and it exits as interrupted (130)."""
+    if not HAVE_DEPS:
+        pytest.skip("needs pip install '.[server,test]'")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    argv = ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--port", "0",
+            "--shutdown-timeout", "1", "--served-model-name", MODEL]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SERVE, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = []
+    try:
+        match = None
+        while match is None:  # the startup line, once the port is bound and the model loaded
+            line = proc.stdout.readline()
+            assert line, "".join(output)  # the server ended
+            output.append(line)
+            match = re.search(r"serving as 'tiny' on (http://127\.0\.0\.1:\d+)/v1", line)
+        url = match.group(1)
+        reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(output)
+            time.sleep(0.05)
+        results = {}
+        body = {"model": MODEL, "prompt": "A key-value cache", "max_tokens": 200, "ignore_eos": True,
+                "stream": True}
+        chat = {"model": MODEL, "messages": CHAT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+        jobs = [("/v1/completions", body, "a"), ("/v1/completions", body | {"n": 2}, "b"),
+                ("/v1/chat/completions", chat, "c")]
+        threads = [
+            threading.Thread(target=_sse_lines, args=(url, path, b, results, name)) for path, b, name in jobs
+        ]
+        for t in threads:
+            t.start()
+        while sum(len(v) for v in results.values()) < 12:  # every stream is under way
+            assert time.monotonic() < deadline, results
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        for t in threads:
+            t.join(30)
+        assert proc.wait(30) == 130
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(output)
+    for name in "abc":
+        _assert_ended(results[name], "abort")
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text
+    assert "aborting 4 generation(s) still running after the 1s shutdown timeout" in text, text
