@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 
 from qserve_lite import server as server_pkg
+from qserve_lite._version import __version__
 from qserve_lite.bench import throughput
 from qserve_lite.core.backend import resolve_device
 from qserve_lite.core.precision import PRECISION_NAMES
 from qserve_lite.engine.config import EngineConfig
-from qserve_lite.errors import DeviceError, QServeLiteError
+from qserve_lite.engine.llm_engine import check_max_tokens
+from qserve_lite.errors import DeviceError, QServeLiteError, SamplingError
 from qserve_lite.eval.corpus import python_doc_files, read_texts
 from qserve_lite.eval.perplexity import perplexity
 from qserve_lite.io.default_models import DEFAULT_MODEL
@@ -39,18 +42,32 @@ def _add_precision_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+DEFAULT_MAX_TOKENS = 256
+PREFILL_NOTICE_TOKENS = 512  # CPU prompts of at least this many tokens get a live prefill line on a terminal
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     """Sampling, engine and device options shared by generate and chat."""
     p.add_argument("--system", default=None, help="system message (chat template)")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help=f"most tokens to generate per answer (default {DEFAULT_MAX_TOKENS}); at most the max "
+                   "model len (prompt + output, --max-model-len)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample from the K most likely tokens only (0 = off, the default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample from the most likely tokens whose probabilities add up to P (1 = off, the "
+                   "default)")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P x the most likely one (0 = off, the default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
+                   help="> 1 makes tokens of the prompt and the answer so far less likely (1 = off, the "
+                   "default)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed, for repeatable answers with --temperature > 0 (default: random)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the end-of-sequence token; generate until --max-tokens")
     _add_precision_arg(p)
     EngineConfig.add_cli_arguments(p, device="auto", max_num_seqs=256)
 
@@ -69,19 +86,98 @@ def _cpu_only(requested: str, command: str) -> None:
 
 
 def _sampling_params(args: argparse.Namespace):
+    max_tokens = DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop or ()),
         repetition_penalty=args.repetition_penalty,
     )
 
 
 def _load_llm(args: argparse.Namespace):
-    """The engine on the chosen device; returns (llm, load seconds)."""
+    """The engine on the chosen device; returns (llm, load seconds). An explicit --max-tokens must fit the
+    engine's max_model_len: the server's rule (engine/llm_engine.py check_max_tokens)."""
     config = EngineConfig.from_cli(args, device=_pick_device(args.device))
     t0 = time.perf_counter()
     llm = LLM(args.model, precision=args.precision, config=config)
+    limit = llm.engine.max_model_len
+    try:
+        check_max_tokens(args.max_tokens, limit)
+    except SamplingError as e:
+        more = " (or raise --max-model-len)" if limit < llm.engine.config.max_position_embeddings else ""
+        raise SamplingError(f"{e}: give --max-tokens {limit} or less{more}") from None
     return llm, time.perf_counter() - t0
+
+
+class PrefillNotice:
+    """A live stderr line while the CPU prefills a long prompt, so a minute-long wait for the first token is
+    not a silent one: 'qserve-lite: prefilling 8000 prompt tokens on the CPU ... 12s', ending as
+    'qserve-lite: prefilled 8000 prompt tokens in 55.1s (145 tok/s)'. Only on device cpu, for prompts of at
+    least PREFILL_NOTICE_TOKENS tokens, and when stderr is a terminal (logs and pipes get the summary line
+    only). A thread watches the engine's prompt-token count; call close() before writing any output (it is
+    also called on leaving the with-block)."""
+
+    def __init__(self, llm: LLM, num_tokens: int):
+        self.out = sys.stderr
+        isatty = getattr(self.out, "isatty", None)
+        self.active = (llm.device == "cpu" and num_tokens >= PREFILL_NOTICE_TOKENS
+                       and isatty is not None and isatty())
+        self.engine, self.num_tokens = llm.engine, num_tokens
+        self._start_count = llm.engine.num_prompt_tokens
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = time.perf_counter()
+        self._width = 0
+        self._closed = False
+
+    def __enter__(self) -> PrefillNotice:
+        if self.active:
+            self._write(f"prefilling {self.num_tokens} prompt tokens on the CPU ...")
+            self._thread = threading.Thread(target=self._watch, name="prefill-notice", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _prefilled(self) -> bool:
+        return self.engine.num_prompt_tokens != self._start_count
+
+    def _watch(self) -> None:
+        shown = 0
+        while not self._stop.wait(0.1):
+            if self._prefilled():
+                self._finish()
+                return
+            elapsed = int(time.perf_counter() - self._t0)
+            if elapsed > shown:
+                shown = elapsed
+                self._write(f"prefilling {self.num_tokens} prompt tokens on the CPU ... {elapsed}s")
+
+    def _write(self, text: str, end: str = "") -> None:
+        line = f"qserve-lite: {text}"
+        self.out.write("\r" + line + " " * max(0, self._width - len(line)) + end)
+        self.out.flush()
+        self._width = 0 if end else len(line)
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        dt = time.perf_counter() - self._t0
+        if self._prefilled():
+            self._write(f"prefilled {self.num_tokens} prompt tokens in {dt:.1f}s "
+                        f"({self.num_tokens / max(dt, 1e-9):.0f} tok/s)", end="\n")
+        else:  # interrupted or failed: end the line
+            self._write(f"prefill of {self.num_tokens} prompt tokens stopped after {dt:.1f}s", end="\n")
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._finish()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -98,14 +194,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         requests = [llm.tokenizer.encode(p) for p in prompts]
     where = f"device {llm.device}, {llm.precision}"
     t1 = time.perf_counter()
-    if len(requests) == 1 and not args.no_stream:
-        stream = llm.stream(requests[0], params)
-        for piece in stream:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        outputs = [stream.output]
+    if len(requests) == 1:
+        with PrefillNotice(llm, len(requests[0])) as notice:
+            if args.no_stream:
+                outputs = llm.generate(requests, params, use_tqdm=False)
+            else:
+                outputs = [_stream_to_stdout(llm, requests[0], params, notice, [])]
     else:
-        outputs = llm.generate(requests, params, use_tqdm=len(requests) > 1)
+        outputs = llm.generate(requests, params, use_tqdm=True)
     dt = time.perf_counter() - t1
     n_gen = sum(len(o.outputs[0].token_ids) for o in outputs)
     if len(outputs) == 1:
@@ -131,16 +227,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_to_stdout(llm: LLM, prompt: list[int], params: SamplingParams, notice: PrefillNotice,
+                      shown: list[str]):
+    """Stream the answer to stdout (each piece also appended to `shown`); its final RequestOutput."""
+    stream = llm.stream(prompt, params)
+    for piece in stream:
+        notice.close()
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        shown.append(piece)
+    return stream.output
+
+
+def _chat_reply(llm: LLM, messages: list[dict], params: SamplingParams) -> tuple[str, bool]:
+    """Stream the reply to `messages`; (its text, whether Ctrl-C interrupted it). An interrupted reply's
+    request is aborted (every request, the engine's pool reset: a step may have been cut halfway) and its
+    text is what was shown."""
+    ids = llm.tokenizer.encode_chat(messages)
+    shown: list[str] = []
+    try:
+        with PrefillNotice(llm, len(ids)) as notice:
+            text, interrupted = _stream_to_stdout(llm, ids, params, notice, shown).text, False
+    except KeyboardInterrupt:
+        llm.engine.abort_all()
+        text, interrupted = "".join(shown), True
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return text, interrupted
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive chat over stdin: each line is a user turn; the history is kept. /exit quits, /reset
-    clears the history."""
+    clears the history. Ctrl-C during a reply stops it (the part shown stays in the history; a reply stopped
+    before its first word drops the turn) and the chat goes on; Ctrl-C or EOF at the prompt ends it."""
     params = _sampling_params(args)
     llm, t_load = _load_llm(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     interactive = sys.stdin.isatty()
-    print(f"[{args.model} loaded in {t_load:.1f}s, {llm.precision}; /exit to quit, /reset to forget]",
-          file=sys.stderr)
+    print(f"[{args.model} loaded in {t_load:.1f}s, {llm.precision}; /exit to quit, /reset to forget, Ctrl-C "
+          "stops a reply]", file=sys.stderr)
     while True:
         if interactive:
             sys.stderr.write("> ")
@@ -155,14 +281,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = []
             print("[history cleared]", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": user})
-        stream = llm.stream(system + history, params)
-        for piece in stream:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history.append({"role": "assistant", "content": stream.output.text})
+        text, interrupted = _chat_reply(llm, system + history + [{"role": "user", "content": user}], params)
+        if interrupted and not text:
+            print("[reply interrupted before it began; this turn is dropped]", file=sys.stderr)
+            continue
+        history += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        if interrupted:
+            print("[reply interrupted; the part shown is kept in the history (/reset to forget)]",
+                  file=sys.stderr)
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
@@ -254,6 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qserve-lite", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from one or more prompts (batched)")
@@ -275,9 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", help="text files, concatenated into one token stream")
     p.add_argument("--python-doc", action="store_true",
                    help="use Debian python3.11-doc's .rst.txt sources (apt-get install python3.11-doc)")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per evaluation chunk (default 2048)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
+    p.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto",
+                   help="ppl runs the numpy reference on the CPU: cpu or auto (default); gpu is refused")
     _add_precision_arg(p)
     p.add_argument("--python-doc-split", choices=("all", "eval", "calib"), default="all",
                    help="with --python-doc: every file, or the held-out evaluation / calibration part of "
@@ -287,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a float model with QoQ into a QServe-format checkpoint")
     _add_model_arg(q)
     q.add_argument("--out", "-o", required=True, help="output directory")
-    q.add_argument("--precision", default="w4a8kv4", choices=("w4a8kv4", "w4a8kv8", "w8a8kv4", "w8a8kv8"))
+    q.add_argument("--precision", default="w4a8kv4", choices=("w4a8kv4", "w4a8kv8", "w8a8kv4", "w8a8kv8"),
+                   help="the checkpoint's precision: weight, activation and KV cache bits (default w4a8kv4)")
     q.add_argument("--group-size", type=int, choices=(-1, 128), default=128,
                    help="W4: 128 = progressive group quantization (default), -1 = per-channel")
     q.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
@@ -325,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("import-gguf",
                        help="convert a llama-architecture GGUF into a Hugging Face model directory")
-    i.add_argument("file")
-    i.add_argument("out_dir")
-    i.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    i.add_argument("file", help="the .gguf file")
+    i.add_argument("out_dir", help="the Hugging Face model directory to write")
+    i.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the written weights (default float32)")
     i.set_defaults(func=cmd_import_gguf)
 
     b = sub.add_parser("bench",

@@ -35,3 +35,7 @@ class DeviceError(QServeLiteError):
 
 class SamplingError(QServeLiteError):
     """A sampling parameter is out of range."""
+
+
+class CacheError(QServeLiteError):
+    """The cache directory (QSERVE_LITE_CACHE, default ~/.cache/qserve-lite) cannot be created or written."""

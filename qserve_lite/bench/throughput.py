@@ -95,7 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="static",
                    help="static batch (default) or in-flight batching")
     p.add_argument("--num-requests", type=int, default=None, help="ifb: requests queued (default 4 x batch)")
-    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--prompt-len", type=int, default=1024,
+                   help="random prompt tokens per sequence (default 1024)")
     p.add_argument("--gen", type=int, default=512, help="tokens generated per sequence (ifb: the mean)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per prefill step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -103,7 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: CUDA graphs)")
     p.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto",
                    help="gpu (CuPy), cpu (the runner's numpy twin: tiny configs only) or auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the random weights, prompts and ifb generation lengths (default 0)")
     p.add_argument("--json-out", default=None, metavar="PATH",
                    help="append the JSON lines here (default: benchmarks/results/<date>-<gpu>-bench.jsonl "
                    "under the current directory)")

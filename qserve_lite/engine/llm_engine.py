@@ -34,12 +34,23 @@ from qserve_lite.engine.gpu_model_runner import GPUModelRunner
 from qserve_lite.engine.model_runner import ModelRunner, default_num_pages
 from qserve_lite.engine.sampler import Sampler, SamplerOutput
 from qserve_lite.engine.scheduler import Scheduler
-from qserve_lite.engine.sequence import Sequence
-from qserve_lite.errors import QServeLiteError
+from qserve_lite.engine.sequence import Sequence, SequenceStatus
+from qserve_lite.errors import QServeLiteError, SamplingError
 from qserve_lite.io.loader import LoadedModel
 from qserve_lite.model.tokenizer import IncrementalDetokenizer
 from qserve_lite.outputs import CompletionOutput, RequestOutput
 from qserve_lite.sampling_params import SamplingParams
+
+
+def check_max_tokens(max_tokens: int | None, max_model_len: int) -> None:
+    """The rule every front applies to a request's max_tokens (the server's 400, the CLI's error): at most
+    max_model_len, which counts prompt + output, so more could never be generated. None (not given) passes;
+    the engine itself only caps generation at max_model_len. SamplingError otherwise."""
+    if max_tokens is not None and max_tokens > max_model_len:
+        raise SamplingError(
+            f"max_tokens is {max_tokens}, but this model's maximum context length is {max_model_len} tokens "
+            "(prompt + output)"
+        )
 
 
 @dataclass
@@ -153,10 +164,7 @@ class LLMEngine:
         if not ids:
             raise QServeLiteError("the prompt is empty: give at least one token")
         if len(ids) >= self.max_model_len:
-            raise QServeLiteError(
-                f"the prompt has {len(ids)} tokens; at most {self.max_model_len - 1} fit (max_model_len "
-                f"{self.max_model_len} counts prompt + output). Shorten it or raise max_model_len/num_pages"
-            )
+            raise QServeLiteError(self._prompt_too_long(len(ids)))
         request_id = str(self._next_seq_id) if request_id is None else str(request_id)
         if request_id in self.seqs:
             raise QServeLiteError(f"request id {request_id!r} is already in use")
@@ -181,6 +189,17 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
+    def _prompt_too_long(self, n: int) -> str:
+        """What to do about a prompt of n >= max_model_len tokens (names the settings and their CLI flags)."""
+        context = self.config.max_position_embeddings
+        if self.max_model_len >= context:
+            return (f"the prompt has {n} tokens; at most {self.max_model_len - 1} fit (max_model_len "
+                    f"{self.max_model_len}, the model's context, counts prompt + output). Shorten it")
+        return (f"the prompt has {n} tokens; at most {self.max_model_len - 1} fit (max_model_len "
+                f"{self.max_model_len} counts prompt + output). Shorten it, or raise max_model_len "
+                f"(--max-model-len, up to the model's context of {context} tokens) and, if the KV cache "
+                "cannot hold that, num_pages (--num-pages)")
+
     def abort(self, request_id: str) -> bool:
         """Stop a request now (waiting or running) and free its pages; False if it is not in flight."""
         seq = self.seqs.pop(str(request_id), None)
@@ -188,6 +207,21 @@ class LLMEngine:
             return False
         self.scheduler.finish(seq, "abort")
         return True
+
+    def abort_all(self) -> None:
+        """Abort every request and start again from an empty page pool with every slot free. Unlike abort(),
+        this is safe after a step() that was interrupted (KeyboardInterrupt) halfway through its bookkeeping:
+        nothing of the old pool's or scheduler's state is reused."""
+        for seq in self.seqs.values():
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            seq.block_table, seq.slot, seq.num_pending, seq.num_cached_tokens = [], None, 0, 0
+        self.seqs.clear()
+        self._in_flight = None
+        config, preemptions = self.engine_config, self.scheduler.num_preemptions
+        self.block_manager = BlockManager(self.block_manager.num_pages, PAGE_SIZE, config.watermark)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
+        self.scheduler.num_preemptions = preemptions
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None

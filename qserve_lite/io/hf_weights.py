@@ -29,7 +29,9 @@ class TensorIndex:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                if not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError, TypeError, AttributeError):
                 raise WeightsError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
             for shard in sorted(set(weight_map.values())):
                 if not (self.model_dir / shard).is_file():

@@ -15,7 +15,7 @@ from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.precision import Precision
 from qserve_lite.errors import DownloadError, GGUFImportError, ModelNotFoundError, QServeLiteError
 from qserve_lite.io.checkpoint import is_quantized_checkpoint, read_quant_config, read_quantized_weights
-from qserve_lite.io.default_models import ALIASES, cache_dir, ensure_default_model
+from qserve_lite.io.default_models import ALIASES, cache_dir, ensure_default_model, writable_cache_dir
 from qserve_lite.io.gguf import import_gguf
 from qserve_lite.io.hf_weights import load_llama_weights
 from qserve_lite.kernels.kv_quant import KVFakeQuantizer
@@ -42,7 +42,7 @@ def _import_gguf_cached(path: Path) -> Path:
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if not (out / "config.json").is_file():
         require_gguf()
-        out.parent.mkdir(parents=True, exist_ok=True)
+        writable_cache_dir("gguf")
         import_gguf(path, out)
     return out
 

@@ -7,23 +7,30 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from qserve_lite.core.model_config import json_kind
 from qserve_lite.errors import TokenizerError
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in path ({} when there is no such file)."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {json_kind(data)}")
+    return data
 
 
 def _token_str(value) -> str | None:
     """tokenizer_config stores special tokens as strings or as {"content": ...} objects."""
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 class Tokenizer:
@@ -46,7 +53,7 @@ class Tokenizer:
         mcfg = _read_json(model_dir / "config.json")
         self.chat_template = tcfg.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take "default"
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
             self.chat_template = named.get("default") or next(iter(named.values()), None)
         self.bos_token = _token_str(tcfg.get("bos_token"))
         self.eos_token = _token_str(tcfg.get("eos_token"))

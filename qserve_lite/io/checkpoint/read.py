@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
-from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.core.model_config import ModelConfig, json_kind
 from qserve_lite.core.pack import TILE, from_qserve_group_params, unpack_w4
 from qserve_lite.errors import ConfigError, WeightsError
 from qserve_lite.io.checkpoint.layout import (
@@ -76,8 +76,9 @@ def _config_quant(model_dir: Path) -> dict | None:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    return qc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {json_kind(cfg)}")
+    return cfg.get("quantization_config")
 
 
 def _resolve_quant_config(qc_raw, idx, model_dir: Path, source: str) -> dict:

@@ -47,7 +47,7 @@ def open_torch_index(model_dir: Path) -> TorchIndex | None:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError, AttributeError):
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError, AttributeError, TypeError):
             raise WeightsError(f"{index}: not a valid checkpoint index (needs a 'weight_map')") from None
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
