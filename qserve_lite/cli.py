@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_model_arg(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free one; default 8000)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $QSERVE_LITE_API_KEY)")
     s.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
@@ -477,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests get to finish on Ctrl-C before they are aborted")
     s.add_argument("--seed", type=int, default=0, help="seeds requests that have no seed of their own")
     s.add_argument("--no-access-log", action="store_true", help="do not log every request")
-    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level (default: info)")
     EngineConfig.add_cli_arguments(s, device="auto", max_num_seqs=256)
     _add_precision_arg(s)
     s.add_argument(

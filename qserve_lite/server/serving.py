@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from qserve_lite.engine.llm_engine import check_max_tokens
 from qserve_lite.errors import QServeLiteError, SamplingError
 from qserve_lite.sampling_params import SamplingParams
 from qserve_lite.server.async_engine import AsyncEngine, Delta, EngineError, Submission
@@ -99,13 +100,10 @@ class Serving:
         self, req, max_tokens: int | None, logprobs: int | None, n_prompts: int
     ) -> list[SamplingParams]:
         """One SamplingParams per choice (prompts x n); a seeded request gives choice i the seed + i."""
-        if max_tokens is not None and max_tokens > self.max_model_len:
-            raise APIError(
-                400,
-                f"max_tokens is {max_tokens}, but this model's maximum context length is "
-                f"{self.max_model_len} tokens (prompt + output)",
-                param="max_tokens",
-            )
+        try:
+            check_max_tokens(max_tokens, self.max_model_len)
+        except SamplingError as e:
+            raise APIError(400, str(e), param="max_tokens") from None
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if req.stream_options is not None and not req.stream:
