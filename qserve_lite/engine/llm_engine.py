@@ -28,6 +28,7 @@ import numpy as np
 
 from qserve_lite.core.backend import HostCopy
 from qserve_lite.core.kv_layout import PAGE_SIZE
+from qserve_lite.core.threads import BlasThreads
 from qserve_lite.engine.block_manager import BlockManager
 from qserve_lite.engine.config import EngineConfig
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner
@@ -117,6 +118,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.runner = runner
+        on_cpu = getattr(runner, "xp", np) is np
+        # numpy's BLAS threads on the CPU: the cores other processes leave free, unless the user set them
+        self.blas_threads = BlasThreads.for_cpu_engine() if on_cpu else BlasThreads.off()
         self.sampler = Sampler(getattr(self.runner, "xp", np))
         self.rng = np.random.default_rng(config.seed)  # seeds the generators of requests without a seed
         self.seqs: dict[str, Sequence] = {}  # unfinished requests by id
@@ -274,6 +278,7 @@ class LLMEngine:
         seqs = [s for s in batch.seqs if not s.is_finished]  # a token just collected may have ended one
         if not seqs:
             return None
+        self.blas_threads.before_step()
         logits = self.runner.run(seqs, batch.is_prefill)
         self.num_steps += 1
         self.last_batch_size = len(seqs)
