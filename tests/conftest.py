@@ -185,3 +185,33 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's real cache from tests (the slow real-model test opts back in)."""
     monkeypatch.setenv("QSERVE_LITE_CACHE", str(tmp_path / "qserve-lite-cache"))
+
+
+def random_traffic(engine, num_pages: int, num_requests: int = 1000, seed: int = 0) -> dict:
+    """Drive `engine` with num_requests random requests (random lengths, greedy or sampled, some with a stop
+    string) arriving a few per step, aborting a random live one on ~15% of steps, until all are done; after
+    every step no page is held twice and held + free pages add up. Returns the counts (finished, aborted,
+    steps with a batch in flight)."""
+    from qserve_lite.sampling_params import SamplingParams
+
+    rng = np.random.default_rng(seed)
+    added = finished = aborted = in_flight_steps = 0
+    live: list[str] = []
+    while added < num_requests or engine.has_unfinished():
+        for _ in range(min(int(rng.integers(0, 4)), num_requests - added)):
+            params = SamplingParams(max_tokens=int(rng.integers(1, 80)),
+                                    temperature=float(rng.choice([0, 1])), ignore_eos=bool(rng.integers(2)),
+                                    stop=("ab",) if rng.random() < 0.2 else ())
+            live.append(engine.add_request(rng.integers(0, 320, int(rng.integers(1, 150))).tolist(), params))
+            added += 1
+        if live and rng.random() < 0.15:
+            aborted += engine.abort(live.pop(int(rng.integers(len(live)))))
+        for out in engine.step():
+            if out.finished:
+                finished += 1
+                live.remove(out.request_id)
+                assert len(out.outputs[0].token_ids) <= 80
+        in_flight_steps += getattr(engine, "_in_flight", None) is not None
+        held = [p for s in engine.scheduler.running for p in s.block_table]
+        assert len(held) == len(set(held)) and len(held) + engine.block_manager.num_free == num_pages
+    return {"finished": finished, "aborted": aborted, "in_flight_steps": in_flight_steps}

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qserve_lite.core.backend import import_cupy
 from qserve_lite.core.kv_layout import PAGE_SIZE, KVPageLayout
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.engine.batch import PackedBatch, prepare, to_device
@@ -173,7 +174,7 @@ class GPUModelRunner:
         if config.max_num_batched_tokens is None or config.max_model_len is None:
             raise QServeLiteError("GPUModelRunner needs max_num_batched_tokens and max_model_len")
         self.engine_config = config
-        cp = self.xp = xp if xp is not None else _cupy()
+        cp = self.xp = xp if xp is not None else import_cupy()
         cfg = self.cfg = model.config
         check_head_dim(cfg)
         if isinstance(model, DeviceWeights):
@@ -268,9 +269,3 @@ class GPUModelRunner:
         benchmark building several runners in one process)."""
         if self.decode_graphs is not None:
             self.decode_graphs.release()
-
-
-def _cupy():
-    import cupy
-
-    return cupy

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from conftest import random_traffic
 
 from qserve_lite import LLM, RequestOutput, SamplingParams
 from qserve_lite.engine.batch import PackedBatch
@@ -443,29 +444,8 @@ def test_no_page_leak_with_random_requests_and_aborts(tiny):
         max_model_len=256,
         runner=FakeRunner(tiny.config.vocab_size),
     )
-    rng = np.random.default_rng(0)
-    added = finished = aborted = 0
-    live: list[str] = []
-    while added < 1000 or engine.has_unfinished():
-        for _ in range(min(int(rng.integers(0, 4)), 1000 - added)):
-            n = int(rng.integers(1, 150))
-            params = SamplingParams(
-                max_tokens=int(rng.integers(1, 80)),
-                temperature=float(rng.choice([0, 1])),
-                ignore_eos=bool(rng.integers(2)),
-                stop=("ab",) if rng.random() < 0.2 else (),
-            )
-            live.append(engine.add_request(rng.integers(0, 320, n).tolist(), params))
-            added += 1
-        if live and rng.random() < 0.15:
-            aborted += engine.abort(live.pop(int(rng.integers(len(live)))))
-        for out in engine.step():
-            if out.finished:
-                finished += 1
-                live.remove(out.request_id)
-        held = [p for s in engine.scheduler.running for p in s.block_table]
-        assert len(held) == len(set(held)) and len(held) + engine.block_manager.num_free == num_pages
-    assert finished + aborted == 1000 and aborted > 50
+    counts = random_traffic(engine, num_pages)
+    assert counts["finished"] + counts["aborted"] == 1000 and counts["aborted"] > 50
     assert engine.block_manager.num_free == num_pages and not engine.seqs
     assert sorted(engine.block_manager.free_pages) == list(range(num_pages))
     assert engine.scheduler.num_preemptions > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_weights, tiny_config, write_model
+from conftest import random_traffic, random_weights, tiny_config, write_model
 
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner
 from qserve_lite.engine.llm_engine import LLMEngine
@@ -139,27 +139,9 @@ def test_no_page_or_slot_leak_with_overlap_aborts_and_preemption(twin_model):
     runner = FakeDeviceRunner(twin_model.config.vocab_size, num_pages, max_num_seqs)
     engine = LLMEngine(twin_model, runner=runner, num_pages=num_pages, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=400, max_model_len=256)
-    rng = np.random.default_rng(0)
-    added = finished = aborted = in_flight_steps = 0
-    live: list[str] = []
-    while added < 1000 or engine.has_unfinished():
-        for _ in range(min(int(rng.integers(0, 4)), 1000 - added)):
-            params = SamplingParams(max_tokens=int(rng.integers(1, 80)),
-                                    temperature=float(rng.choice([0, 1])), ignore_eos=bool(rng.integers(2)),
-                                    stop=("ab",) if rng.random() < 0.2 else ())
-            live.append(engine.add_request(rng.integers(0, 320, int(rng.integers(1, 150))).tolist(), params))
-            added += 1
-        if live and rng.random() < 0.15:
-            aborted += engine.abort(live.pop(int(rng.integers(len(live)))))
-        for out in engine.step():
-            if out.finished:
-                finished += 1
-                live.remove(out.request_id)
-                assert len(out.outputs[0].token_ids) <= 80
-        in_flight_steps += engine._in_flight is not None
-        held = [p for s in engine.scheduler.running for p in s.block_table]
-        assert len(held) == len(set(held)) and len(held) + engine.block_manager.num_free == num_pages
-    assert finished + aborted == 1000 and aborted > 50 and in_flight_steps > 100
+    counts = random_traffic(engine, num_pages)
+    assert counts["finished"] + counts["aborted"] == 1000 and counts["aborted"] > 50
+    assert counts["in_flight_steps"] > 100
     assert engine.scheduler.num_preemptions > 0
     assert engine.block_manager.num_free == num_pages and not engine.seqs
     assert sorted(engine.block_manager.free_pages) == list(range(num_pages))
