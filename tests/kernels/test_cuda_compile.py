@@ -29,6 +29,8 @@ CONFIGS = [
                  "QS_STAGES": 3, "QS_SPLITK": 0, "QS_ALIGNED": 0, "QS_OUT_F32": 1}),
     ("gemm.cu", {"QS_MODE": 0, "QS_BN": 256, "QS_BM": 128, "QS_BK": 128, "QS_WN": 8, "QS_WM": 1, "QS_WK": 1,
                  "QS_STAGES": 4, "QS_SPLITK": 1, "QS_WGMMA": 1}),  # Hopper only (see SM90_ONLY)
+    ("gemm_sm90.cu", {"QS_MODE": 1, "QS_BM": 128, "QS_NWG": 2, "QS_STAGES": 4, "QS_SM90": 1}),  # Hopper only
+    ("gemm_sm90.cu", {"QS_MODE": 2, "QS_BM": 64, "QS_NWG": 1, "QS_STAGES": 6, "QS_SM90": 1}),
     ("cublas.cu", {}),  # W4 -> int8 and the int32 epilogue of the cuBLAS route: no configuration macros
     ("gemm_skinny.cu", {"QS_MODE": 1, "QS_SK_NJ": 2, "QS_SK_CB": 2, "QS_SK_KW": 4, "QS_SK_DEPTH": 2}),
     ("gemm_skinny.cu", {"QS_MODE": 0, "QS_SK_NJ": 1, "QS_SK_CB": 1, "QS_SK_KW": 8, "QS_SK_DEPTH": 1,
@@ -48,7 +50,7 @@ CONFIGS = [
 ]
 
 
-SM90_ONLY = {i for i, (_, d) in enumerate(CONFIGS) if d.get("QS_WGMMA")}
+SM90_ONLY = {i for i, (_, d) in enumerate(CONFIGS) if d.get("QS_WGMMA") or d.get("QS_SM90")}
 
 
 def test_every_source_is_covered():

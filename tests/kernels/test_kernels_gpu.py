@@ -17,6 +17,7 @@ from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul, silu_mul
 from qserve_lite.kernels.cuda.device import sm90a_active, wgmma_available
 from qserve_lite.kernels.cuda.gemm import NAMED_CONFIGS, gemm
 from qserve_lite.kernels.cuda.gemm_skinny import SkinnyConfig
+from qserve_lite.kernels.cuda.gemm_sm90 import SM90_CONFIGS
 from qserve_lite.kernels.cuda.workspace import pin_workspaces, release_workspaces
 from qserve_lite.kernels.fp16_gemm import fp16_gemm
 from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
@@ -291,6 +292,77 @@ def test_every_config(name, mode):
         poison_pool()
         out = gemm(mode, cp.asarray(q), cp.asarray(w), n, k, **args)
         same(out, ref, f"{mode} {name} splits={splits}")
+
+
+# ---- the Hopper TMA + wgmma kernel: every tile, split-K on and off, odd shapes ----
+
+def _int8_case(r, mode: str, m: int, n: int, k: int, b):
+    """(activations, weight, kwargs, numpy twin's output) of one int8-mode GEMM with valid random operands."""
+    q, sx, xs = quant_acts(r, m, k)
+    args = dict(x_scales=cp.asarray(sx), bias=None if b is None else cp.asarray(b))
+    if mode == "w4_per_channel":
+        w, s1, sz = w4_per_channel(r, n, k)
+        ref = w4a8_per_channel_gemm_packed(q, sx, xs, w, s1, sz, b)
+        args.update(x_sums=cp.asarray(xs), w_scales=cp.asarray(s1), w_szeros=cp.asarray(sz))
+    elif mode == "w4_g128":
+        w, s1, s2s, s2z = w4_group(r, n, k)
+        ref = w4a8_group_gemm_packed(q, sx, w, s1, s2s, s2z, b)
+        args.update(w_scales=cp.asarray(s1), s2_scales=cp.asarray(s2s), s2_zeros=cp.asarray(s2z))
+    else:
+        w = r.integers(-128, 128, (n, k)).astype(np.int8)
+        ws = r.uniform(1e-3, 1e-2, n).astype(np.float16)
+        ref = w8a8_gemm(q, sx, w, ws, b)
+        args.update(w_scales=cp.asarray(ws))
+    return q, w, args, ref
+
+
+@pytest.mark.parametrize("name", sorted(SM90_CONFIGS))
+@pytest.mark.parametrize("mode", ["w4_per_channel", "w4_g128", "w8"])
+def test_sm90_configs(name, mode):
+    if not wgmma_available():
+        pytest.skip("the sm90 kernel needs a Hopper GPU")
+    r = rng()
+    # M = 1, 7, 300, 4099 (partial token tiles), N not a multiple of the tile, K not a multiple of 128
+    # (per-channel, W8: 608) and several K splits
+    k_odd = 1024 if mode == "w4_g128" else 608
+    for m, n, k in [(1, 384, 1024), (7, 384, k_odd), (300, 640, k_odd), (4099, 256, 256)]:
+        for splits in (1, 3):
+            b = r.standard_normal(n).astype(np.float16) if splits == 3 else None
+            q, w, args, ref = _int8_case(r, mode, m, n, k, b)
+            poison_pool()
+            out = gemm(mode, cp.asarray(q), cp.asarray(w), n, k, config=SM90_CONFIGS[name], splits=splits,
+                       **args)
+            same(out, ref, f"sm90 {mode} {name} m={m} n={n} k={k} splits={splits}")
+
+
+@pytest.mark.parametrize("m", [64, 300])
+def test_sm90_graph_capture(m):
+    """The sm90 kernel (launched through the driver with TMA descriptors) replays in a CUDA graph with new
+    activations, split-K workspace included."""
+    if not wgmma_available():
+        pytest.skip("the sm90 kernel needs a Hopper GPU")
+    r = rng()
+    n, k = 1024, 4096
+    q, w, args, _ = _int8_case(r, "w4_g128", m, n, k, None)
+    x = cp.asarray(q)
+    wd = cp.asarray(w)
+    gemm("w4_g128", x, wd, n, k, splits=3, **args)  # compile, allocate the workspace
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            y = gemm("w4_g128", x, wd, n, k, splits=3, **args)
+        finally:
+            graph = stream.end_capture()
+    for _ in range(2):
+        q2 = r.integers(-127, 128, (m, k)).astype(np.int8)
+        x[...] = cp.asarray(q2)
+        cp.cuda.Device().synchronize()
+        graph.launch(stream)
+        stream.synchronize()
+        ref = w4a8_group_gemm_packed(q2, cp.asnumpy(args["x_scales"]), w, cp.asnumpy(args["w_scales"]),
+                                     cp.asnumpy(args["s2_scales"]), cp.asnumpy(args["s2_zeros"]))
+        same(y, ref, f"graph sm90 gemm m={m}")
 
 
 # ---- the skinny decode kernel: every warp count, split-K, odd K ----

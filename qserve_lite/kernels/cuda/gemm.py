@@ -1,7 +1,8 @@
 """Launcher of cuda/gemm.cu, the tensor-core GEMM of every device linear (W4A8 per-channel and g128, W8A8,
 fp16), with its tile and split-K heuristics: `gemm()` checks the arguments, picks a GemmConfig
 (`choose_config`, `choose_splits`) and launches; W4 with M <= 16 tokens goes to the skinny kernel
-(gemm_skinny.py, cuda/gemm_skinny.cu) unless `config` names a GemmConfig.
+(gemm_skinny.py, cuda/gemm_skinny.cu) and, on Hopper, the other int8 GEMMs to the TMA + wgmma kernel
+(gemm_sm90.py, cuda/gemm_sm90.cu), unless `config` names a GemmConfig.
 
 Public entry points over CuPy arrays: kernels/linear.py (one device linear), kernels/w4a8_gemm.py,
 kernels/w8a8_gemm.py and kernels/fp16_gemm.py, which dispatch here when given CuPy arrays.
@@ -9,6 +10,7 @@ kernels/w8a8_gemm.py and kernels/fp16_gemm.py, which dispatch here when given Cu
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +19,14 @@ from qserve_lite.core.backend import import_cupy
 from qserve_lite.kernels.cuda.args import aligned16, c_rows, ptr_or_null, vector
 from qserve_lite.kernels.cuda.device import sm_count, wgmma_available
 from qserve_lite.kernels.cuda.gemm_skinny import SKINNY_MAX_M, SkinnyConfig, choose_skinny, gemm_skinny
+from qserve_lite.kernels.cuda.gemm_sm90 import Sm90Config, choose_sm90, gemm_sm90, sm90_supported
 from qserve_lite.kernels.cuda.jit import get_kernel, read_global_int
 from qserve_lite.kernels.cuda.workspace import gemm_workspace
 
 MODES = {"w4_per_channel": 0, "w4_g128": 1, "w8": 2, "f16": 3}
+# The Hopper kernel (cuda/gemm_sm90.cu) serves the int8 modes on sm_90 unless QSERVE_LITE_SM90_GEMM=0 (a
+# measuring switch: before/after comparisons in one process tree).
+USE_SM90 = os.environ.get("QSERVE_LITE_SM90_GEMM", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -238,6 +244,13 @@ def gemm(mode: str, q_x, w, n: int, kw: int, *, x_scales=None, x_sums=None, w_sc
     if mode_id in (0, 1) and (isinstance(config, SkinnyConfig) or (config is None and m <= SKINNY_MAX_M)):
         return gemm_skinny(mode_id, q_x, w, n, kw, lda, out, config or choose_skinny(m, n, kw), splits,
                            s2_scales, s2_zeros, w_scales, w_szeros, x_scales, x_sums, bias)
+    sm90_ok = wgmma_available() and sm90_supported(mode_id, m, n, lda, q_x.data.ptr, w.data.ptr, ldw)
+    if isinstance(config, Sm90Config) or (config is None and USE_SM90 and sm90_ok):
+        if not sm90_ok:
+            raise ValueError(f"{config} needs a Hopper GPU, an int8 mode and 16-byte aligned operands")
+        cfg90 = config or choose_sm90(mode_id, m, n, kw)
+        return gemm_sm90(mode_id, q_x, lda, w, ldw, n, kw, kx_bytes, out, cfg90, splits, s2_scales, s2_zeros,
+                         w_scales, w_szeros, x_scales, x_sums, bias)
     cfg = config or choose_config(mode_id, m, n, kw_bytes)
     if cfg.wgmma and (mode_id == 3 or not wgmma_available()):
         raise ValueError(f"{cfg} needs a Hopper GPU and an int8 mode")

@@ -1,0 +1,365 @@
+// Hopper (sm_90a) W4A8 / W8A8 GEMM: TMA-fed, warp-specialized, persistent, int8 wgmma with the weights as
+// the register-sourced A operand. Same integer semantics and epilogues as cuda/gemm.cu (the numpy twins in
+// qserve_lite/kernels/w4a8_gemm.py and w8a8_gemm.py are the spec): Y[M tokens, N channels] =
+// epilogue(sum_k W[n, k] * X[m, k]), computed as Y^T = W X^T so that the token count is wgmma's N.
+//
+// Block: one producer warpgroup (one thread issues the bulk tensor copies, registers given back with
+// setmaxnreg) and NWG consumer warpgroups, each owning 128 output channels of the block's BN = 128 * NWG
+// channels x BM tokens tile. A STAGES-deep ring of shared-memory stages, each one K step of 128 bytes (one g128
+// group): the activation tile [BM][128] (TMA, 128-byte swizzle, read by wgmma through a descriptor), the weight
+// tile (W4: the packed [BN/32][4][512] bytes of QServe's layout; W8: [BN][128] swizzled, read with ldmatrix)
+// and, for g128, the stage's s2 scales and -z bytes. `full` mbarriers carry the copies' byte counts; each
+// consumer warp arrives on `empty` once the wgmmas that read a stage have retired.
+//
+// Consumer main loop, per stage: the two halves (2 k32 steps each) are dequantized into two register sets, so
+// the dequantization of one half runs while the wgmmas of the other are in flight (wait_group 1).
+// Warp w of a consumer warpgroup holds channels 32w..32w+31 of its 128: the low nibbles of a lane's 16 packed
+// bytes are the A fragment of channels 0-15, the high nibbles of 16-31 (two m64 wgmmas per k32 step).
+//
+// Persistent: the grid is at most one block per SM; work units (tile, K split) are dealt round-robin, tiles
+// in groups of GROUP_M token tiles for L2 reuse. Split-K: each unit writes its int32 partials to a
+// workspace; the last unit of a tile to arrive (a counter per tile, reset by that unit) sums them and runs the
+// epilogue. Integer sums are exact, so the result does not depend on the split or the arrival order.
+//
+// Macros: QS_MODE 0 W4 per-channel, 1 W4 g128, 2 W8; QS_BM 16, 32, 64 or 128 tokens; QS_NWG 1 or 2 consumer
+// warpgroups; QS_STAGES pipeline depth.
+// Epilogues (every step rounded to nearest even, no FMA):
+//   W4 per-channel: fp16((fp32(acc) * s1[n]) * sx[m] - szeros[n] * xsum[m])
+//   W4 g128, W8:    fp16((fp32(acc) * s[n]) * sx[m])
+//   bias (fp16):    fp16(fp32(out16) + fp32(bias[n]))
+#include "common.cuh"
+#include "w4.cuh"
+#include "sm90.cuh"
+
+#ifndef QS_MODE
+#define QS_MODE 1
+#endif
+#ifndef QS_BM
+#define QS_BM 128
+#endif
+#ifndef QS_NWG
+#define QS_NWG 2
+#endif
+#ifndef QS_STAGES
+#define QS_STAGES 4
+#endif
+
+namespace {
+
+constexpr int MODE = QS_MODE;
+constexpr bool IS_W4 = MODE == 0 || MODE == 1;
+constexpr bool IS_G128 = MODE == 1;
+constexpr int BM = QS_BM, NWG = QS_NWG, STAGES = QS_STAGES;
+constexpr int BN = 128 * NWG;
+constexpr int BK = 128;  // bytes of K per stage
+constexpr int NCT = 128 * NWG;  // consumer threads
+constexpr int NTHREADS = NCT + 128;
+constexpr int HALF_ACC = BM / 2;  // accumulators per thread of one m64 x BM wgmma tile
+constexpr int ACC = 2 * HALF_ACC;
+constexpr int GROUP_M = 8;
+static_assert(BM == 16 || BM == 32 || BM == 64 || BM == 128, "BM is 16, 32, 64 or 128 tokens");
+static_assert(NWG == 1 || NWG == 2, "one or two consumer warpgroups");
+static_assert(MODE >= 0 && MODE <= 2, "int8 modes only");
+
+constexpr int X_BYTES = BM * BK;
+constexpr int W_BYTES = IS_W4 ? BN * BK / 2 : BN * BK;
+constexpr int G_BYTES = IS_G128 ? 2 * BN : 0;
+constexpr u32 TX_BYTES = X_BYTES + W_BYTES + G_BYTES;
+constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + G_BYTES + 1023) / 1024 * 1024;
+constexpr int OUT_PITCH = 128 + 8;  // fp16 elements per staged output row of one warpgroup
+constexpr int EPI_BYTES = NWG * BM * OUT_PITCH * 2;
+constexpr int BAR_OFFSET = STAGES * STAGE_BYTES + EPI_BYTES;
+constexpr int SMEM_BYTES = 1024 + BAR_OFFSET + 2 * STAGES * 8 + 16;
+constexpr int CONSUMER_REGS = NWG == 2 ? 232 : 240;
+constexpr int PRODUCER_REGS = 40;
+
+__device__ __forceinline__ u32 lds32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
+
+// Work unit u -> (token tile, channel tile, split): splits of a tile are adjacent; tiles go in groups of
+// GROUP_M token tiles, token tile fastest inside a group.
+__device__ __forceinline__ void unit_coords(int u, int m_tiles, int n_tiles, int nsplit, int& mt, int& nt,
+                                            int& split, int& tile) {
+    split = u % nsplit;
+    tile = u / nsplit;
+    const int per_group = GROUP_M * n_tiles;
+    const int first = tile / per_group * GROUP_M;
+    const int gm = min(GROUP_M, m_tiles - first);
+    const int local = tile % per_group;
+    mt = first + local % gm;
+    nt = local / gm;
+}
+
+// A fragments (two m16 tiles: channels 0-15 and 16-31 of the warp's block cb) of k32 step s of a stage.
+__device__ __forceinline__ void load_a(const u8* sw, int cb, int s, int lane, const u32 (&mul)[4],
+                                       const u32 (&add)[4], u32 (&a)[2][4]) {
+    if constexpr (IS_W4) {
+        const uint4 q = *reinterpret_cast<const uint4*>(sw + cb * (BK * 16) + s * 512 + lane * 16);
+        u32 lo[4], hi[4];
+        unpack_w4(q, lo, hi);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if constexpr (IS_G128) {
+                a[0][i] = g128_level1(lo[i], mul[i & 1], add[i & 1]);
+                a[1][i] = g128_level1(hi[i], mul[2 + (i & 1)], add[2 + (i & 1)]);
+            } else {
+                a[0][i] = lo[i];
+                a[1][i] = hi[i];
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int row = cb * 32 + 16 * i + (lane & 15);
+            const int chunk = 2 * s + (lane >> 4);
+            ldmatrix_x4(a[i][0], a[i][1], a[i][2], a[i][3], smem_addr(sw + row * BK + ((chunk ^ (row & 7)) << 4)));
+        }
+    }
+}
+
+__device__ __forceinline__ void issue_half(int (&acc)[2][HALF_ACC], const u32 (&a)[2][2][4], const u8* sx,
+                                           int s0) {
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        const u64 desc = desc_sw128(sx + (s0 + s) * 32);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) wgmma_s8<BM>(acc[i], a[s][i], desc);
+    }
+    wgmma_commit();
+}
+
+__device__ __forceinline__ void keep_regs(u32 (&a)[2][2][4]) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) keep(a[s][i][r]);
+}
+
+// fp16 output value of one accumulator (the numpy twins' rounding, step by step).
+__device__ __forceinline__ u16 out_value(int acc, float ws, float wsz, int m, const u16* xscale,
+                                         const float* xsum, float b, bool has_bias) {
+    float v = fmul_rn(fmul_rn(i2f_rn(acc), ws), h2f(xscale[m]));
+    if (MODE == 0) v = fsub_rn(v, fmul_rn(wsz, xsum[m]));
+    u16 o = f2h(v);
+    if (has_bias) o = f2h(fadd_rn(h2f(o), b));
+    return o;
+}
+
+}  // namespace
+
+// Read by the loader to check its own copy of the launch geometry.
+extern "C" __device__ const int qs_gemm_sm90_smem_bytes = SMEM_BYTES;
+extern "C" __device__ const int qs_gemm_sm90_threads = NTHREADS;
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, box [BM][128], 128 B swizzle
+             const __grid_constant__ TmaDesc tw,   // W4: [N/32][KW/32 * 64] u64, box [BN/32][256]; W8: [N][KW]
+             const __grid_constant__ TmaDesc ts,   // g128 s2 scales [KW/128][N] u8, box [1][BN]
+             const __grid_constant__ TmaDesc tz,   // g128 -z bytes, same
+             const u16* __restrict__ wscale,       // s1 (W4) / per-channel scale (W8), fp16 [N]
+             const u16* __restrict__ wszero,       // s1 * z (W4 per-channel), fp16 [N]
+             const u16* __restrict__ xscale,       // per-token scale, fp16 [M]
+             const float* __restrict__ xsum,       // per-token sum (W4 per-channel), fp32 [M]
+             const u16* __restrict__ bias,         // fp16 [N] or null
+             u16* __restrict__ Y, long long ldy,   // output [M][N] fp16, row stride in elements
+             int M, int N, int total_stages, int stages_per_split, int m_tiles, int n_tiles, int nsplit,
+             int* __restrict__ ws, int* __restrict__ counters) {
+    extern __shared__ __align__(1024) u8 smem_raw[];
+    u8* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    u64* full = reinterpret_cast<u64*>(smem + BAR_OFFSET);
+    u64* empty = full + STAGES;
+    int* last_flag = reinterpret_cast<int*>(empty + STAGES);
+    const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
+    const int units = m_tiles * n_tiles * nsplit;
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], NWG * 4);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---- producer: one thread issues every copy ----
+        regs_dealloc<PRODUCER_REGS>();
+        if (tid != 0) return;
+        tma_prefetch_desc(&tx);
+        tma_prefetch_desc(&tw);
+        if (IS_G128) {
+            tma_prefetch_desc(&ts);
+            tma_prefetch_desc(&tz);
+        }
+        int slot = 0;
+        u32 phase = 0;
+        for (int u = blockIdx.x; u < units; u += gridDim.x) {
+            int mt, nt, split, tile;
+            unit_coords(u, m_tiles, n_tiles, nsplit, mt, nt, split, tile);
+            const int st0 = split * stages_per_split;
+            const int nst = min(total_stages, st0 + stages_per_split) - st0;
+            for (int st = 0; st < nst; ++st) {
+                mbar_wait(&empty[slot], phase ^ 1);
+                u8* base = smem + slot * STAGE_BYTES;
+                const int kst = st0 + st;
+                mbar_arrive_expect_tx(&full[slot], TX_BYTES);
+                tma_load_2d(base, &tx, kst * BK, mt * BM, &full[slot]);
+                if (IS_W4) {
+                    tma_load_2d(base + X_BYTES, &tw, kst * (BK / 32) * 64, nt * (BN / 32), &full[slot]);
+                } else {
+                    tma_load_2d(base + X_BYTES, &tw, kst * BK, nt * BN, &full[slot]);
+                }
+                if (IS_G128) {
+                    tma_load_2d(base + X_BYTES + W_BYTES, &ts, nt * BN, kst, &full[slot]);
+                    tma_load_2d(base + X_BYTES + W_BYTES + BN, &tz, nt * BN, kst, &full[slot]);
+                }
+                if (++slot == STAGES) {
+                    slot = 0;
+                    phase ^= 1;
+                }
+            }
+        }
+        return;
+    }
+
+    // ---- consumers ----
+    regs_alloc<CONSUMER_REGS>();
+    const int cwg = wg - 1;
+    const int cb = cwg * 4 + warp;  // the warp's 32-channel block inside the tile
+    const int ctid = threadIdx.x - 128;
+    const int g = lane >> 2, t = lane & 3;
+    u16* staged = reinterpret_cast<u16*>(smem + STAGES * STAGE_BYTES) + cwg * BM * OUT_PITCH;
+    const bool vec_ok = (ldy % 8 == 0) && ((reinterpret_cast<u64>(Y) & 15) == 0);
+    int slot = 0;
+    u32 phase = 0;
+    u32 a1[2][2][4];
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a1[s][i][r] = 0;
+
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        int mt, nt, split, tile;
+        unit_coords(u, m_tiles, n_tiles, nsplit, mt, nt, split, tile);
+        const int st0 = split * stages_per_split;
+        const int nst = min(total_stages, st0 + stages_per_split) - st0;
+        int acc[2][HALF_ACC];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < HALF_ACC; ++e) acc[i][e] = 0;
+
+        int prev_slot = 0;
+        for (int st = 0; st < nst; ++st) {
+            mbar_wait(&full[slot], phase);
+            const u8* base = smem + slot * STAGE_BYTES;
+            const u8* sw = base + X_BYTES;
+            u32 mul[4] = {0, 0, 0, 0}, add[4] = {0, 0, 0, 0};
+            if (IS_G128) {
+                const int off = cb * 32 + 4 * g;
+                g128_params(lds32(sw + W_BYTES + off), lds32(sw + W_BYTES + BN + off), mul, add);
+            }
+            u32 a0[2][2][4];
+            load_a(sw, cb, 0, lane, mul, add, a0[0]);
+            load_a(sw, cb, 1, lane, mul, add, a0[1]);
+            issue_half(acc, a0, base, 0);
+            wgmma_wait<1>();  // the previous stage's second half has retired: its slot and a1 are free
+            keep_regs(a1);
+            if (st > 0 && lane == 0) mbar_arrive(&empty[prev_slot]);
+            load_a(sw, cb, 2, lane, mul, add, a1[0]);
+            load_a(sw, cb, 3, lane, mul, add, a1[1]);
+            issue_half(acc, a1, base, 2);
+            wgmma_wait<1>();  // this stage's first half has retired: a0 is free
+            keep_regs(a0);
+            prev_slot = slot;
+            if (++slot == STAGES) {
+                slot = 0;
+                phase ^= 1;
+            }
+        }
+        wgmma_wait<0>();
+        keep_regs(a1);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < HALF_ACC; ++e) keep(acc[i][e]);
+        if (nst > 0 && lane == 0) mbar_arrive(&empty[prev_slot]);
+
+        // ---- split-K: partials out; the tile's last unit sums them ----
+        if (nsplit > 1) {
+            int* mine = ws + (long long)u * ACC * NCT + ctid;
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int e = 0; e < HALF_ACC; ++e) mine[(i * HALF_ACC + e) * NCT] = acc[i][e];
+            __threadfence();
+            named_bar(1, NCT);
+            if (ctid == 0) {
+                const int prev = atomicAdd(counters + tile, 1);
+                const int last = prev == nsplit - 1;
+                if (last) counters[tile] = 0;  // every other unit of the tile has arrived: reset for reuse
+                *last_flag = last;
+            }
+            named_bar(1, NCT);
+            if (!*reinterpret_cast<volatile int*>(last_flag)) continue;
+            __threadfence();
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int e = 0; e < HALF_ACC; ++e) acc[i][e] = 0;
+            const int* parts = ws + (long long)tile * nsplit * ACC * NCT + ctid;
+            for (int sp = 0; sp < nsplit; ++sp) {
+                const int* p = parts + (long long)sp * ACC * NCT;
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+#pragma unroll
+                    for (int e = 0; e < HALF_ACC; ++e) acc[i][e] += ld_cg(p + (i * HALF_ACC + e) * NCT);
+            }
+        }
+
+        // ---- epilogue: scales (+ bias) into this warpgroup's [BM][128] staging tile, then 16-byte stores ----
+        const int n_wg = nt * BN + cwg * 128;
+        const int m0 = mt * BM;
+        named_bar(2 + cwg, 128);  // the warpgroup's previous tile has left the staging tile
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int nl = warp * 32 + 16 * i + g + 8 * h;
+                const int n = min(n_wg + nl, N - 1);
+                const float wsv = h2f(wscale[n]);
+                const float wszv = MODE == 0 ? h2f(wszero[n]) : 0.f;
+                const float bv = bias ? h2f(bias[n]) : 0.f;
+#pragma unroll
+                for (int j = 0; j < BM / 8; ++j) {
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int ml = 8 * j + 2 * t + c;
+                        const int m = min(m0 + ml, M - 1);
+                        staged[ml * OUT_PITCH + nl] =
+                            out_value(acc[i][4 * j + 2 * h + c], wsv, wszv, m, xscale, xsum, bv, bias != nullptr);
+                    }
+                }
+            }
+        }
+        named_bar(2 + cwg, 128);
+#pragma unroll 4
+        for (int c = tid; c < BM * 16; c += 128) {
+            const int ml = c >> 4, nl = (c & 15) * 8;
+            const int m = m0 + ml, n = n_wg + nl;
+            if (m >= M || n >= N) continue;
+            u16* dst = Y + (long long)m * ldy + n;
+            const u16* src = staged + ml * OUT_PITCH + nl;
+            if (vec_ok) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+            } else {
+                for (int e = 0; e < 8 && n + e < N; ++e) dst[e] = src[e];
+            }
+        }
+    }
+}

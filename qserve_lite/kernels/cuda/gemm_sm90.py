@@ -1,0 +1,169 @@
+"""Launcher of cuda/gemm_sm90.cu, the Hopper W4A8 / W8A8 GEMM (TMA + warp-specialized int8 wgmma,
+persistent), with its tile and split-K heuristics. Reached through gemm.gemm, which checks the arguments and
+routes int8 modes here on sm_90 when `sm90_supported` holds (16-byte aligned rows and operands).
+
+The TMA descriptors are built with the driver (driver.tensor_map_2d) and passed by value; the launch goes
+through driver.launch on CuPy's current stream (graph capture included).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from qserve_lite.kernels.cuda.device import sm_count
+from qserve_lite.kernels.cuda.driver import SWIZZLE_128B, SWIZZLE_NONE, TMA_U8, TMA_U64, launch, tensor_map_2d
+from qserve_lite.kernels.cuda.jit import get_kernel, read_global_int
+from qserve_lite.kernels.cuda.workspace import gemm_workspace
+
+BK = 128  # bytes of K per pipeline stage (one g128 group)
+
+
+SMEM_MAX = 227 * 1024  # dynamic shared memory a Hopper block may opt into
+
+
+@dataclass(frozen=True)
+class Sm90Config:
+    """One configuration of cuda/gemm_sm90.cu: bm tokens x 128 * nwg channels per tile, up to `stages` deep
+    (fewer where a mode's stages would not fit in shared memory)."""
+
+    bm: int = 128
+    nwg: int = 2
+    stages: int = 4
+
+    @property
+    def bn(self) -> int:
+        return 128 * self.nwg
+
+    @property
+    def threads(self) -> int:
+        return 128 * (self.nwg + 1)
+
+    def smem_bytes(self, mode: int, stages: int) -> int:
+        """The kernel's SMEM_BYTES: 1024-aligned stages, the epilogue staging tiles, the barriers."""
+        w = self.bn * BK // 2 if mode in (0, 1) else self.bn * BK
+        stage = -(-(self.bm * BK + w + (2 * self.bn if mode == 1 else 0)) // 1024) * 1024
+        return 1024 + stages * stage + self.nwg * self.bm * 136 * 2 + 16 * stages + 16
+
+    def stages_for(self, mode: int) -> int:
+        stages = self.stages
+        while stages > 2 and self.smem_bytes(mode, stages) > SMEM_MAX:
+            stages -= 1
+        return stages
+
+    def defines(self, mode: int) -> dict[str, int]:
+        return {"QS_MODE": mode, "QS_BM": self.bm, "QS_NWG": self.nwg, "QS_STAGES": self.stages_for(mode)}
+
+
+SM90_CONFIGS = {
+    "h128x256": Sm90Config(128, 2, 4),
+    "h128x128": Sm90Config(128, 1, 6),
+    "h64x256": Sm90Config(64, 2, 6),
+    "h64x128": Sm90Config(64, 1, 8),
+    "h32x256": Sm90Config(32, 2, 8),
+    "h32x128": Sm90Config(32, 1, 10),
+    "h16x256": Sm90Config(16, 2, 10),
+    "h16x128": Sm90Config(16, 1, 12),
+}
+
+
+def sm90_supported(mode_id: int, m: int, n: int, lda: int, x_ptr: int, w_ptr: int, ldw: int) -> bool:
+    """The Hopper kernel's layout needs: an int8 mode, 16-byte aligned operands and row strides (TMA), and
+    N a multiple of 32."""
+    if mode_id not in (0, 1, 2) or n % 32:
+        return False
+    if x_ptr % 16 or w_ptr % 16 or (m > 1 and lda % 16):
+        return False
+    return mode_id != 2 or (ldw % 16 == 0 and n > 0)
+
+
+def choose_sm90(mode_id: int, m: int, n: int, kw_bytes: int) -> Sm90Config:
+    """Tile by token count and width (initial heuristic; benchmarks/kernels.py --tune measures the rest)."""
+    del mode_id, kw_bytes
+    if m <= 64:
+        return SM90_CONFIGS["h64x256" if n >= 8192 else "h64x128"]
+    return SM90_CONFIGS["h128x256"]
+
+
+def sm90_splits(cfg: Sm90Config, m: int, n: int, kw_bytes: int) -> int:
+    """Split K so that the work units fill the SMs in whole rounds: minimise rounds x (stages per unit + 2),
+    the 2 standing for a unit's fixed cost (prologue, epilogue, partial sums)."""
+    sms = sm_count()
+    tiles = -(-n // cfg.bn) * -(-m // cfg.bm)
+    stages = -(-kw_bytes // BK)
+    best, best_cost = 1, None
+    for ns in range(1, min(16, stages) + 1):
+        per = -(-stages // ns)
+        ns_eff = -(-stages // per)
+        rounds = -(-tiles * ns_eff // sms)
+        cost = rounds * (per + 2) + (0.25 * per if ns_eff > 1 else 0)
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = ns_eff, cost
+    return best
+
+
+_smem_of: dict[tuple, int] = {}
+
+
+def _kernel(mode_id: int, cfg: Sm90Config):
+    """(kernel, dynamic shared memory bytes) of one configuration; the module states its own smem size."""
+    defines = cfg.defines(mode_id)
+    key = tuple(sorted(defines.items()))
+    smem = _smem_of.get(key)
+    if smem is None:
+        smem = read_global_int("gemm_sm90.cu", "qs_gemm_sm90_smem_bytes", defines)
+        threads = read_global_int("gemm_sm90.cu", "qs_gemm_sm90_threads", defines)
+        assert threads == cfg.threads, (cfg, threads)
+        _smem_of[key] = smem
+    return get_kernel("gemm_sm90.cu", "qs_gemm_sm90", defines, dynamic_smem=smem), smem
+
+
+def _maps(mode_id: int, cfg: Sm90Config, q_x, lda: int, w, ldw: int, m: int, n: int, kx_bytes: int, kw: int,
+          s2_scales, s2_zeros):
+    """(tx, tw, ts, tz): the activation, weight and g128 parameter descriptors (unused ones repeat tx)."""
+    tx = tensor_map_2d(TMA_U8, q_x.data.ptr, (kx_bytes, m), lda if m > 1 else -(-kx_bytes // 16) * 16,
+                       (BK, cfg.bm), SWIZZLE_128B)
+    if mode_id in (0, 1):
+        tiles_k = kw // 32
+        tw = tensor_map_2d(TMA_U64, w.data.ptr, (tiles_k * 64, n // 32), tiles_k * 512,
+                           (BK // 32 * 64, cfg.bn // 32), SWIZZLE_NONE)
+    else:
+        tw = tensor_map_2d(TMA_U8, w.data.ptr, (kw, n), ldw, (BK, cfg.bn), SWIZZLE_128B)
+    if mode_id == 1:
+        groups = kw // 128
+        ts = tensor_map_2d(TMA_U8, s2_scales.data.ptr, (n, groups), n, (cfg.bn, 1), SWIZZLE_NONE)
+        tz = tensor_map_2d(TMA_U8, s2_zeros.data.ptr, (n, groups), n, (cfg.bn, 1), SWIZZLE_NONE)
+    else:
+        ts = tz = tx
+    return tx, tw, ts, tz
+
+
+def _ptr(a) -> ctypes.c_uint64:
+    return ctypes.c_uint64(0 if a is None else a.data.ptr)
+
+
+def gemm_sm90(mode_id: int, q_x, lda: int, w, ldw: int, n: int, kw: int, kx_bytes: int, out, cfg: Sm90Config,
+              splits: int | None, s2_scales, s2_zeros, w_scales, w_szeros, x_scales, x_sums, bias):
+    """Y = epilogue(q_x . W^T) into `out` [M, n] fp16 (arguments already checked by gemm.gemm)."""
+    m = q_x.shape[0]
+    kw_bytes = kw  # int8 modes: one byte per K element (W4: K_pad)
+    total_stages = -(-kw_bytes // BK)
+    nsplit = splits if splits is not None else sm90_splits(cfg, m, n, kw_bytes)
+    per_split = -(-total_stages // max(1, nsplit))
+    nsplit = -(-total_stages // per_split)
+    m_tiles, n_tiles = -(-m // cfg.bm), -(-n // cfg.bn)
+    units = m_tiles * n_tiles * nsplit
+    kern, smem = _kernel(mode_id, cfg)
+    if nsplit > 1:
+        ws, counters = gemm_workspace.get(units * cfg.bm * cfg.bn, m_tiles * n_tiles)
+    else:
+        ws, counters = None, None
+    tx, tw, ts, tz = _maps(mode_id, cfg, q_x, lda, w, ldw, m, n, kx_bytes, kw, s2_scales, s2_zeros)
+    ldy = out.strides[0] // out.itemsize if m > 1 else n
+    i32 = ctypes.c_int32
+    params = [tx, tw, ts, tz, _ptr(w_scales), _ptr(w_szeros), _ptr(x_scales), _ptr(x_sums), _ptr(bias),
+              _ptr(out), ctypes.c_int64(ldy), i32(m), i32(n), i32(total_stages), i32(per_split), i32(m_tiles),
+              i32(n_tiles), i32(nsplit), _ptr(ws), _ptr(counters)]
+    grid = (min(units, sm_count()), 1, 1)
+    launch(kern, grid, cfg.threads, smem, params)
+    return out

@@ -1,0 +1,132 @@
+// Hopper (sm_90a) PTX helpers: warpgroup MMA (wgmma) on int8, shared-memory matrix descriptors, mbarriers,
+// bulk tensor copies (TMA) and warpgroup register reallocation. Inline PTX only (no CUDA headers), like
+// common.cuh, which must be included first.
+#pragma once
+
+// ---- wgmma ----
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps a register live (and unmoved) up to this point: wgmma reads its operands asynchronously.
+__device__ __forceinline__ void keep(u32& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void keep(int& r) { asm volatile("" : "+r"(r)::"memory"); }
+// Shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups 1024 B apart
+// (the layout TMA writes with CU_TENSOR_MAP_SWIZZLE_128B into a 1024-byte aligned tile).
+__device__ __forceinline__ u64 desc_sw128(const void* p) {
+    const u64 addr = smem_addr(p);
+    return ((addr & 0x3FFFFull) >> 4) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+#define QS_D16(a) "+r"(d[a]), "+r"(d[a + 1]), "+r"(d[a + 2]), "+r"(d[a + 3]), "+r"(d[a + 4]), "+r"(d[a + 5]), \
+    "+r"(d[a + 6]), "+r"(d[a + 7]), "+r"(d[a + 8]), "+r"(d[a + 9]), "+r"(d[a + 10]), "+r"(d[a + 11]),       \
+    "+r"(d[a + 12]), "+r"(d[a + 13]), "+r"(d[a + 14]), "+r"(d[a + 15])
+
+// D[64 x N] (s32) += A[64 x 32] (s8, registers: this warp's 16 rows as the mma.m16n8k32 A fragment)
+//                  * B[32 x N] (s8, shared memory, K-major, descriptor `desc`).
+__device__ __forceinline__ void wgmma_s8_n64(int* d, const u32* a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p;\n}\n"
+        : QS_D16(0), QS_D16(16)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+__device__ __forceinline__ void wgmma_s8_n128(int* d, const u32* a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p;\n}\n"
+        : QS_D16(0), QS_D16(16), QS_D16(32), QS_D16(48)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+__device__ __forceinline__ void wgmma_s8_n16(int* d, const u32* a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+__device__ __forceinline__ void wgmma_s8_n32(int* d, const u32* a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p;\n}\n"
+        : QS_D16(0)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <int N>
+__device__ __forceinline__ void wgmma_s8(int* d, const u32* a, u64 desc) {
+    static_assert(N == 16 || N == 32 || N == 64 || N == 128, "wgmma_s8: N is 16, 32, 64 or 128");
+    if constexpr (N == 16) {
+        wgmma_s8_n16(d, a, desc);
+    } else if constexpr (N == 32) {
+        wgmma_s8_n32(d, a, desc);
+    } else if constexpr (N == 64) {
+        wgmma_s8_n64(d, a, desc);
+    } else {
+        wgmma_s8_n128(d, a, desc);
+    }
+}
+#undef QS_D16
+
+// ---- mbarriers (CTA scope) ----
+__device__ __forceinline__ void mbar_init(u64* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// Makes the barrier initialisations visible to the async proxy (TMA) before anyone uses them.
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Blocks until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "QS_MBAR_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra QS_MBAR_WAIT;\n}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+// ---- bulk tensor copies (TMA) ----
+// The driver's CUtensorMap: 128 opaque bytes, 128-byte aligned (passed as a __grid_constant__ parameter).
+struct __align__(128) TmaDesc {
+    u64 opaque[16];
+};
+__device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* desc) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(desc)) : "memory");
+}
+// 2-D tile at element coordinates (c0 innermost, c1) into shared memory; completes `bytes` on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* desc, int c0, int c1, u64* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<u64>(desc)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+        : "memory");
+}
+
+// ---- warpgroup register reallocation and named barriers ----
+template <int REGS>
+__device__ __forceinline__ void regs_dealloc() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+template <int REGS>
+__device__ __forceinline__ void regs_alloc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+__device__ __forceinline__ void named_bar(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
