@@ -41,8 +41,8 @@ def _libcuda():
                 raise DriverError(f"cannot load the CUDA driver library libcuda.so.1: {e}") from e
             u64p, u32p = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
             ptr, i32 = ctypes.c_void_p, ctypes.c_int
-            lib.cuTensorMapEncodeTiled.argtypes = [ptr, i32, ctypes.c_uint32, ptr, u64p, u64p, u32p, u32p, i32,
-                                                   i32, i32, i32]
+            lib.cuTensorMapEncodeTiled.argtypes = [ptr, i32, ctypes.c_uint32, ptr, u64p, u64p, u32p, u32p,
+                                                   i32, i32, i32, i32]
             lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
             lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
                 ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
