@@ -41,6 +41,7 @@ from qserve_lite.kernels.cuda.gemm import (  # noqa: E402
     choose_splits,
     gemm,
 )
+from qserve_lite.kernels.cuda.gemm_sm90 import SM90_CONFIGS, choose_sm90, sm90_splits  # noqa: E402
 
 SHAPES = {  # name: (N out features, K in features), Llama-3-8B
     "qkv": (6144, 4096),
@@ -51,6 +52,17 @@ SHAPES = {  # name: (N out features, K in features), Llama-3-8B
 MS = [1, 16, 64, 128, 256, 1024, 4096, 16384]
 SKINNY_TUNE = [(1, 8, 2), (1, 16, 1), (2, 4, 2), (2, 8, 2), (4, 4, 2), (1, 8, 1), (1, 4, 1), (4, 2, 1)]
 ROW_MS = [1, 16, 64, 256, 1024, 4096, 16384]
+
+
+def model_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of the four linears of a shipped config, named like SHAPES with the model as prefix."""
+    from qserve_lite.io.shipped_configs import load_config
+
+    c = load_config(name)
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    return {f"{name}:qkv": (qkv, c.hidden_size), f"{name}:o": (c.hidden_size, c.num_heads * c.head_dim),
+            f"{name}:gate_up": (2 * c.intermediate_size, c.hidden_size),
+            f"{name}:down": (c.hidden_size, c.intermediate_size)}
 
 
 # ---- precompiling every module a run may use, in parallel (fills CuPy's on-disk cache) ----
@@ -80,6 +92,8 @@ def _gemm_modules(hopper: bool) -> list[tuple[str, dict]]:
                     jobs.append(("gemm.cu", cfg.defines(mode, aligned, out_f32)))
     for cfg in TUNE_CONFIGS.values():
         jobs.append(("gemm.cu", cfg.defines(1, True, False)))
+    if hopper:
+        jobs += [("gemm_sm90.cu", cfg.defines(mode)) for cfg in SM90_CONFIGS.values() for mode in (0, 1, 2)]
     return jobs
 
 
@@ -207,10 +221,28 @@ def tune_candidates(m, n, k):
         cands.update(PREFILL_CONFIGS)
         if wgmma_available():
             cands.update(WGMMA_CONFIGS)
+    if wgmma_available():
+        out += _sm90_candidates(m, n, k)
     for name, c in cands.items():
         base = choose_splits(c, 1, m, n, k)
         for sp in (sorted({1, base, 2 * base}) if c.splitk else [1]):
             out.append((f"tune:{name}:s{sp}", c, sp))
+    return out
+
+
+def _sm90_candidates(m, n, k):
+    """(label, config, splits) of the Hopper kernel: the tiles whose token height suits M, each with the
+    heuristic split and, when the tiles leave SMs idle, the usual alternatives."""
+    from qserve_lite.kernels.cuda.device import sm_count
+
+    out = []
+    for name, c in SM90_CONFIGS.items():
+        if not (c.bm <= max(32, 2 * m) and (c.bm >= min(m, 64) or m <= 16)):
+            continue
+        tiles = -(-n // c.bn) * -(-m // c.bm)
+        base = sm90_splits(c, m, n, k)
+        cands = {1, base} | ({2, 3, 4, 6, 8} if tiles < sm_count() else set())
+        out += [(f"tune:{name}:s{sp}", c, sp) for sp in sorted(cands)]
     return out
 
 
@@ -256,6 +288,9 @@ def _g128_heuristic_label(m: int, n: int, k: int) -> str:
     if m <= gemm_skinny.SKINNY_MAX_M:
         c = gemm_skinny.choose_skinny(m, n, k)
         return f"skinny {c.cb}x{c.kw}x{c.depth} splits {gemm_skinny.skinny_splits(c, m, n, k)}"
+    if wgmma_available():
+        c = choose_sm90(1, m, n, k)
+        return f"sm90 {c.bn}x{c.bm} stages {c.stages_for(1)} splits {sm90_splits(c, m, n, k)}"
     c = choose_config(1, m, n, k)
     kind = "wgmma" if c.wgmma else "mma.sync"
     return f"{kind} {c.bn}x{c.bm}x{c.bk} splits {choose_splits(c, 1, m, n, k)}"
@@ -301,6 +336,8 @@ def bench_point(cp, timer, w: GemmWeights, m: int, tune: bool, rng) -> tuple[dic
 
     t = {"w4a8_g128": timer(g128), "w4a8_pc": timer(pc), "w8a8": timer(w8a8), "fp16_ours": timer(f16_ours),
          "cublas_fp16": timer(cublas_fp16), "cublas_int8": timer(cublas_int8)}
+    if wgmma_available() and m > gemm_skinny.SKINNY_MAX_M:  # the pre-sm90 kernel, for comparison
+        t["w4a8_g128_mma_kernel"] = timer(lambda i: g128(i, choose_config(1, m, n, k)))
     if m >= 256:
         t["g128_int8cached_cublas"] = timer(int8cached)
         t["g128_dequant_cublas"] = timer(dequant_cublas)
@@ -450,6 +487,8 @@ def main() -> None:
     ap.add_argument("--skip-gemm", action="store_true")
     ap.add_argument("--skip-rows", action="store_true")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--model", default=None,
+                    help="time the linears of this shipped config (e.g. llama-2-70b) instead of Llama-3-8B's")
     ap.add_argument("--ms", default=None, help="comma-separated M values")
     ap.add_argument("--out", default=None, help="also copy the JSON lines into this folder")
     ap.add_argument("--profile", default=None, metavar="SHAPE:M:KERNEL[:CONFIG:SPLITS]",
@@ -486,7 +525,7 @@ def main() -> None:
           f"git {sha}, {date}", flush=True)
     timer = Timer(cp)
     ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 64, 256, 4096] if args.quick else MS)
-    shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
+    shapes = model_shapes(args.model) if args.model else {s: SHAPES[s] for s in args.shapes.split(",")}
     gemm_rows = [] if args.skip_gemm else bench_gemms(cp, timer, ms, shapes, args.tune, l2, log)
     row_ms = [m for m in ROW_MS if m in ms or not args.ms]
     row_rows = [] if args.skip_rows else bench_rows(cp, timer, row_ms, log)
