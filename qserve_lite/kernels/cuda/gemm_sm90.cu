@@ -138,10 +138,10 @@ __device__ __forceinline__ void keep_regs(u32 (&a)[2][2][4]) {
 }
 
 // fp16 output value of one accumulator (the numpy twins' rounding, step by step).
-__device__ __forceinline__ u16 out_value(int acc, float ws, float wsz, int m, const u16* xscale,
-                                         const float* xsum, float b, bool has_bias) {
-    float v = fmul_rn(fmul_rn(i2f_rn(acc), ws), h2f(xscale[m]));
-    if (MODE == 0) v = fsub_rn(v, fmul_rn(wsz, xsum[m]));
+__device__ __forceinline__ u16 out_value(int acc, float ws, float wsz, float xs, float xsm, float b,
+                                         bool has_bias) {
+    float v = fmul_rn(fmul_rn(i2f_rn(acc), ws), xs);
+    if (MODE == 0) v = fsub_rn(v, fmul_rn(wsz, xsm));
     u16 o = f2h(v);
     if (has_bias) o = f2h(fadd_rn(h2f(o), b));
     return o;
@@ -326,25 +326,31 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
         const int n_wg = nt * BN + cwg * 128;
         const int m0 = mt * BM;
         named_bar(2 + cwg, 128);  // the warpgroup's previous tile has left the staging tile
+        float wsv[2][2], wszv[2][2], bv[2][2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int nl = warp * 32 + 16 * i + g + 8 * h;
-                const int n = min(n_wg + nl, N - 1);
-                const float wsv = h2f(wscale[n]);
-                const float wszv = MODE == 0 ? h2f(wszero[n]) : 0.f;
-                const float bv = bias ? h2f(bias[n]) : 0.f;
+                const int n = min(n_wg + warp * 32 + 16 * i + g + 8 * h, N - 1);
+                wsv[i][h] = h2f(wscale[n]);
+                wszv[i][h] = MODE == 0 ? h2f(wszero[n]) : 0.f;
+                bv[i][h] = bias ? h2f(bias[n]) : 0.f;
+            }
 #pragma unroll
-                for (int j = 0; j < BM / 8; ++j) {
+        for (int j = 0; j < BM / 8; ++j) {
 #pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int ml = 8 * j + 2 * t + c;
-                        const int m = min(m0 + ml, M - 1);
-                        staged[ml * OUT_PITCH + nl] =
-                            out_value(acc[i][4 * j + 2 * h + c], wsv, wszv, m, xscale, xsum, bv, bias != nullptr);
-                    }
-                }
+            for (int c = 0; c < 2; ++c) {
+                const int ml = 8 * j + 2 * t + c;
+                const int m = min(m0 + ml, M - 1);
+                const float xs = h2f(xscale[m]);
+                const float xsm = MODE == 0 ? xsum[m] : 0.f;
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        staged[ml * OUT_PITCH + warp * 32 + 16 * i + g + 8 * h] =
+                            out_value(acc[i][4 * j + 2 * h + c], wsv[i][h], wszv[i][h], xs, xsm, bv[i][h],
+                                      bias != nullptr);
             }
         }
         named_bar(2 + cwg, 128);
