@@ -320,7 +320,12 @@ class TPGroup:
             replies.append(value)
         return replies
 
-    def raise_if_failed(self) -> None:
+    def raise_if_failed(self, wait_s: float = 0.0) -> None:
+        """DeviceError if a worker died (waiting up to wait_s for a dying one to be seen)."""
+        for rank, proc in enumerate(self.procs, start=1):
+            proc.join(wait_s)
+            if self.failure is None and proc.exitcode is not None:
+                self.failure = f"tensor-parallel rank {rank} exited (code {proc.exitcode})"
         if self.failure is not None:
             raise DeviceError(self.failure)
 
@@ -390,7 +395,7 @@ class TPModelRunner:
             self.group.send(method, *args)
             return here()
         except Exception:
-            self.group.raise_if_failed()
+            self.group.raise_if_failed(wait_s=1.0)
             raise
 
     def run(self, seqs: list[Sequence], is_prefill: bool):

@@ -20,8 +20,10 @@ KV cache), intermediate_size / tp. `check_splits` raises one ConfigError line fo
 Numerics (what changes against tp = 1): column-split outputs are bit-identical to the tp = 1 columns (same
 input, same rows). A row-split linear's integer accumulators sum exactly to the tp = 1 accumulator *when the
 input codes are the same*, but its input is quantized per token on the rank's own K slice (its own scale, no
-extra collective), and each rank rounds its partial output to fp16 before the fp16 all-reduce. See
-tests/model/test_tp_split.py for the measured tolerances.
+extra collective), and each rank rounds its partial output to fp16 before the fp16 all-reduce. So a
+quantized model at tp > 1 differs from tp = 1 by about one int8 re-quantization per row-split linear (~1% of
+its output's RMS): on a small random model, 3-8% of the largest logit and 94-98% argmax agreement; a float
+model only by fp16 roundings. Measured in tests/model/test_tp_split.py.
 """
 
 from __future__ import annotations
