@@ -1,5 +1,5 @@
-"""Megatron splits (model/tp_split.py) checked by a numpy "virtual TP": shard the weights, run every rank's part
-with the numpy reference (the emulation's integer semantics), sum the partials as the all-reduce does, and
+"""Megatron splits (model/tp_split.py) checked by a numpy "virtual TP": shard the weights, run every rank's
+part with the numpy reference (the emulation's integer semantics), sum the partials as the all-reduce does, and
 compare with tp = 1.
 
 Measured tolerances (documented in model/tp_split.py; the bounds below leave about 2x margin):
@@ -67,8 +67,8 @@ def model(request, cfg):
     (dict(num_attention_heads=12, num_key_value_heads=3, head_dim=32, hidden_size=384), 2, 16, None,
      "3 KV heads neither divide by 2"),
     (dict(intermediate_size=502), 4, 16, None, "intermediate_size 502 does not divide by 4"),
-    (dict(num_attention_heads=8, hidden_size=512, intermediate_size=768), 4, 4, 128, "down_proj gets 192 input channels per rank, not a multiple of the "
-     "W4 group size 128"),
+    (dict(num_attention_heads=8, hidden_size=512, intermediate_size=768), 4, 4, 128,
+     "down_proj gets 192 input channels per rank, not a multiple of the W4 group size 128"),
     (dict(), 4, 4, 128, "o_proj gets 64 input channels per rank"),
     (dict(intermediate_size=192), 4, 4, -1,
      "down_proj gets 48 input channels per rank, not a multiple of 32"),
