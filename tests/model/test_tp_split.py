@@ -1,6 +1,6 @@
 """Megatron splits (model/tp_split.py) checked by a numpy "virtual TP": shard the weights, run every rank's
-part with the numpy reference (the emulation's integer semantics), sum the partials as the all-reduce does, and
-compare with tp = 1.
+part with the numpy reference (the emulation's integer semantics), sum the partials as the all-reduce
+does, and compare with tp = 1.
 
 Measured tolerances (documented in model/tp_split.py; the bounds below leave about 2x margin):
 - column splits (q/k/v, gate/up): bit-identical to the tp = 1 columns, every format;
