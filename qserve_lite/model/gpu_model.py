@@ -14,6 +14,8 @@ The forward (`GPULlama`), one decoder layer on a packed batch of T tokens (kerne
     Hadamard on q and k when the model has k_hadamard; K/V into the pages)
     -> prefill_attention (varlen, cu_seqlens) | decode_attention (block tables) -> quantize_per_token
     -> o_proj GEMM -> rms_norm_quant(o + residual) -> gate_up GEMM -> silu_mul_quant -> down GEMM
+(with tensor parallelism, the weights are one rank's shard and o_proj's and down's outputs are all-reduced
+over the ranks: model/tp_split.py, engine/tensor_parallel.py).
 Then the final RMSNorm and the fp16 lm_head GEMM run on each sequence's last token only. Float models
 (w16a16, w16a16kv4/kv8) take the same path with fp16 GEMMs and no activation quantization. GEMM and
 attention outputs go to buffers preallocated for `max_tokens` tokens; the row kernels (norm, quantization)
