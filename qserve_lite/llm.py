@@ -18,6 +18,7 @@ import numpy as np
 from qserve_lite.core.backend import resolve_device
 from qserve_lite.engine.config import EngineConfig
 from qserve_lite.engine.llm_engine import LLMEngine
+from qserve_lite.engine.tensor_parallel import check_model_splits
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.io.default_models import DEFAULT_MODEL
 from qserve_lite.io.loader import load_model
@@ -68,7 +69,9 @@ class LLM:
     keywords, which override it: max_num_seqs (sequences in flight at once), max_num_batched_tokens (tokens
     per prefill step), num_pages (64-token KV pages; default: what 2 GiB holds on the CPU), max_model_len
     (prompt + output tokens per sequence; default: the model's context, capped to what fits), seed (seeds
-    requests that have no seed of their own), gpu_memory_utilization, cuda_graphs, and device: 'cpu'
+    requests that have no seed of their own), gpu_memory_utilization, cuda_graphs, tensor_parallel_size (GPUs
+    the model is split over, one process each: a script must guard its entry point with
+    `if __name__ == "__main__":`), and device: 'cpu'
     (numpy), 'gpu' (CuPy; the KV pool takes gpu_memory_utilization of the device's memory unless num_pages
     or NUM_GPU_PAGE_BLOCKS is set) or 'auto' (the GPU when cupy sees one and its kernels can run the model,
     else the CPU).
@@ -78,13 +81,14 @@ class LLM:
                  config: EngineConfig | None = None, **engine_options):
         config = (config or EngineConfig()).replace(**engine_options)
         self.device = resolve_device(config.device)  # before loading: a missing GPU fails fast
+        check_model_splits(model, config.tensor_parallel_size, self.device)  # shapes that cannot split, too
         self.loaded = load_model(model, precision=precision)
         self.tokenizer = self.loaded.tokenizer
         self.precision = self.loaded.precision
         try:
             self.engine = LLMEngine(self.loaded, config.replace(device=self.device))
         except QServeLiteError as e:
-            if config.device != "auto" or self.device != "gpu":
+            if config.device != "auto" or self.device != "gpu" or config.tensor_parallel_size > 1:
                 raise
             # auto: a model the GPU kernels cannot run (head_dim, channel counts) runs on the CPU instead
             log.warning("device auto: the GPU runner cannot take this model (%s); running on the CPU", e)

@@ -27,8 +27,9 @@ from qserve_lite.bench.protocol import (
 from qserve_lite.core.kv_layout import KVPageLayout
 from qserve_lite.engine.block_manager import pages_for
 from qserve_lite.engine.config import EngineConfig
-from qserve_lite.engine.gpu_model_runner import RESERVED_BYTES, GPUModelRunner, env_num_pages
+from qserve_lite.engine.gpu_model_runner import RESERVED_BYTES, env_num_pages
 from qserve_lite.engine.llm_engine import LLMEngine
+from qserve_lite.engine.tensor_parallel import make_runner
 from qserve_lite.errors import DeviceError, QServeLiteError
 
 WARMUP_GEN = 2  # warm-up tokens per sequence: one prefill of every prompt and one decode step
@@ -146,7 +147,7 @@ def measure(
                               max_model_len=max_len, num_pages=pages, watermark=0.0, seed=seed)
         if cuda_graphs is not None:
             config = config.replace(cuda_graphs=cuda_graphs)
-        runner = GPUModelRunner(weights, config, xp=xp)
+        runner = make_runner(weights, config, xp)  # a TPGroup gets a TPModelRunner
         engine = LLMEngine(None, config.replace(num_pages=None), runner=runner)
         sync = synchronizer(xp)
         phase = "in the warm-up (first prefill and decode steps" + (
@@ -193,9 +194,9 @@ def budget_bytes(xp, utilization: float) -> int:
     return int(total * utilization) - (total - free) - RESERVED_BYTES
 
 
-def measure_largest_batch(weights, xp, utilization: float, **kw) -> dict:
-    """--max-batch: the largest batch the memory left after the weights holds (max_batch.max_batch),
-    confirmed by running it; after an out-of-memory error, 10% smaller, until one runs."""
+def measure_largest_batch(weights, xp, utilization: float, batch_cap: int | None = None, **kw) -> dict:
+    """--max-batch: the largest batch the memory left after the weights holds (max_batch.max_batch; at most
+    batch_cap), confirmed by running it; after an out-of-memory error, 10% smaller, until one runs."""
     if xp is np:
         raise QServeLiteError("--max-batch sizes the batch from free GPU memory: run it with --device gpu")
     if env_num_pages() is not None or kw.get("num_pages") is not None:
@@ -205,6 +206,8 @@ def measure_largest_batch(weights, xp, utilization: float, **kw) -> dict:
     seq_len = kw.get("prompt_len", 1024) + gen
     budget = budget_bytes(xp, utilization)
     batch = max_batch(budget, cfg, weights.kv_bits, seq_len, mnbt)
+    if batch_cap is not None:
+        batch = min(batch, batch_cap)
     if batch < 1:
         need = batch_bytes(cfg, weights.kv_bits, seq_len, 1, mnbt)
         raise DeviceError(

@@ -71,13 +71,16 @@ from qserve_lite.bench.results import (
 from qserve_lite.core.backend import device_array_module
 from qserve_lite.core.precision import Precision
 from qserve_lite.engine.gpu_model_runner import env_num_pages
+from qserve_lite.engine.tensor_parallel import RandomSource, TPGroup
 from qserve_lite.errors import DeviceError, QServeLiteError
 from qserve_lite.io.shipped_configs import load_config, shipped_config_names
 from qserve_lite.model.random_weights import CPU_MAX_PARAMETERS, build_random_weights, check_weights_fit
+from qserve_lite.model.tp_split import check_splits
 
 DEFAULT_BATCH = 64
 TABLE = [
-    ("model", "model"), ("precision", "precision"), ("g", "group_size"), ("mode", "mode"), ("batch", "batch"),
+    ("model", "model"), ("precision", "precision"), ("g", "group_size"), ("tp", "tp"), ("mode", "mode"),
+    ("batch", "batch"),
     ("prompt", "prompt_len"), ("gen", "gen_len"), ("wall s", "wall_s"), ("prefill s", "prefill_s"),
     ("decode s", "decode_s"), ("tok/s", "tok_s"), ("kv pages", "kv_pages"), ("GiB used", "gpu_mem_used_gib"),
 ]
@@ -106,6 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gpu (CuPy), cpu (the runner's numpy twin: tiny configs only) or auto")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the random weights, prompts and ifb generation lengths (default 0)")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs, one process each (default 1); each rank draws the "
+                   "random weights of its shard; --max-batch sizes the batch from GPU 0's free memory")
     p.add_argument("--json-out", default=None, metavar="PATH",
                    help="append the JSON lines here (default: benchmarks/results/<date>-<gpu>-bench.jsonl "
                    "under the current directory)")
@@ -141,8 +147,12 @@ def _model_label(ref: str) -> str:
     return name if name in shipped_config_names() else str(ref)
 
 
-def _build_weights(cfg, precision: Precision, group_size: int, xp, seed: int, label: str):
-    """The random device weights (synchronized on the GPU); out of GPU memory is a DeviceError."""
+def _build_weights(cfg, precision: Precision, group_size: int, xp, seed: int, label: str, tp: int = 1):
+    """The random device weights (synchronized on the GPU), or with tp > 1 a TPGroup whose ranks drew
+    their shards; out of GPU memory is a DeviceError."""
+    if tp > 1:
+        source = RandomSource(cfg, precision.name, group_size, seed, same_model=False)
+        return TPGroup(source, tp, "cpu" if xp is np else "gpu")
     try:
         check_weights_fit(cfg, precision, group_size, xp, name=label)
         weights = build_random_weights(cfg, precision, group_size, xp=xp, seed=seed)
@@ -192,17 +202,20 @@ def run(args: argparse.Namespace) -> int:
             "for tiny test configs. Use --device gpu"
         )
     group_size = args.group_size if precision.w_bits == 4 else None
+    check_splits(cfg, args.tp, precision.w_bits, group_size, name=args.model)
     label = f"{_model_label(args.model)} {precision.name}{f' g{group_size}' if group_size else ''}"
+    if args.tp > 1:
+        label += f" tp{args.tp}"
     t0 = time.perf_counter()
-    weights = _build_weights(cfg, precision, args.group_size, xp, args.seed, label)
+    weights = _build_weights(cfg, precision, args.group_size, xp, args.seed, label, args.tp)
     build_s = time.perf_counter() - t0
     gpu = device_name(xp)
     base = {
         "date": today(), "gpu": gpu, "git_sha": git_sha(), "model": _model_label(args.model),
-        "precision": precision.name, "group_size": group_size, "build_s": round(build_s, 2),
+        "precision": precision.name, "group_size": group_size, "tp": args.tp, "build_s": round(build_s, 2),
         "weights_gib": round(weights.nbytes() / 2**30, 3),
     }
-    print(f"{label}: random weights ({base['weights_gib']} GiB) built in {build_s:.1f}s on {gpu}",
+    print(f"{label}: random weights ({base['weights_gib']} GiB per GPU) built in {build_s:.1f}s on {gpu}",
           file=sys.stderr)
     kw = dict(mode=args.mode, num_requests=args.num_requests, prompt_len=args.prompt_len, gen_len=args.gen,
               max_num_batched_tokens=args.max_num_batched_tokens, num_pages=env_num_pages(),
@@ -212,13 +225,17 @@ def run(args: argparse.Namespace) -> int:
         [lambda: measure_largest_batch(weights, xp, args.gpu_memory_utilization, **kw)] if batches is None
         else [lambda b=b: measure(weights, xp, batch=b, **kw) for b in batches]
     )
-    for measurement in measurements:
-        try:
-            rows.append(base | measurement())
-        except OutOfMemory as e:
-            print(f"qserve-lite bench: error: {label}, {e}", file=sys.stderr, flush=True)
-            failed.append(e.batch)
-        release(xp)
+    try:
+        for measurement in measurements:
+            try:
+                rows.append(base | measurement())
+            except OutOfMemory as e:
+                print(f"qserve-lite bench: error: {label}, {e}", file=sys.stderr, flush=True)
+                failed.append(e.batch)
+            release(xp)
+    finally:
+        if isinstance(weights, TPGroup):
+            weights.close()
     if not rows:
         return 1
     return _report(rows, failed, args.json_out, gpu)

@@ -43,6 +43,7 @@ class EngineConfig:
     seed: int = 0  # seeds requests that have no seed of their own
     watermark: float = 0.01  # share of pages kept free when admitting a prefill
     async_scheduling: bool = True  # overlap: queue the next decode step before the host has this one's tokens
+    tensor_parallel_size: int = 1  # GPUs the model is split over, one process each (engine/tensor_parallel)
 
     def __post_init__(self):
         def need(ok: bool, what: str) -> None:
@@ -63,6 +64,8 @@ class EngineConfig:
              f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         need(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        need(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
+             f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         need(isinstance(self.watermark, (int, float)) and 0.0 <= self.watermark < 1.0,
              f"watermark must be in [0, 1), got {self.watermark!r}")
 
@@ -106,6 +109,8 @@ class EngineConfig:
         g.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: CUDA graphs)")
         g.add_argument("--no-async-scheduling", action="store_true",
                        help="wait for each step's tokens before queueing the next (default: overlapped)")
+        g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, metavar="N",
+                       help="split the model over N GPUs, one process each (default 1)")
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -119,6 +124,7 @@ class EngineConfig:
             gpu_memory_utilization=args.gpu_memory_utilization,
             cuda_graphs=not args.no_cuda_graphs and _cuda_graphs_default(),
             async_scheduling=not getattr(args, "no_async_scheduling", False),
+            tensor_parallel_size=getattr(args, "tp", 1),
         )
         if getattr(args, "seed", None) is not None:
             values["seed"] = args.seed

@@ -63,6 +63,38 @@ def env_num_pages() -> int | None:
     return value
 
 
+def choose_num_pages(cfg: ModelConfig, layout: KVPageLayout, config: EngineConfig, xp) -> int:
+    """The KV pool's pages: config.num_pages, NUM_GPU_PAGE_BLOCKS, or what gpu_memory_utilization of the
+    device leaves after what is allocated now (the weights) and the step's buffers (module docstring)."""
+    given = config.num_pages if config.num_pages is not None else env_num_pages()
+    if given is not None:
+        return int(given)
+    if xp is np:
+        raise QServeLiteError("the numpy twin of the GPU runner needs num_pages")
+    per_page = cfg.num_layers * 2 * layout.page_bytes
+    max_len, util = config.max_model_len, config.gpu_memory_utilization
+    one_batch = -(-min(max_len, config.max_num_batched_tokens) // PAGE_SIZE)
+    xp.get_default_memory_pool().free_all_blocks()
+    free, total = xp.cuda.runtime.memGetInfo()
+    max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+    temporaries = temporary_bytes(cfg, max_tokens, config.max_num_seqs)
+    budget = int(total * util) - (total - free) - RESERVED_BYTES - temporaries
+    pages = min(max(budget, 0) // per_page, config.max_num_seqs * -(-max_len // PAGE_SIZE))
+    if pages < one_batch:
+        raise DeviceError(
+            f"the KV cache does not fit: {max(budget, 0) / 2**20:.0f} MiB of GPU memory are left for it "
+            f"(gpu_memory_utilization {util}), {pages} pages of {PAGE_SIZE} tokens, but one sequence of "
+            f"{min(max_len, config.max_num_batched_tokens)} tokens needs {one_batch}. Raise "
+            "gpu_memory_utilization, lower max_model_len, or set NUM_GPU_PAGE_BLOCKS"
+        )
+    return int(pages)
+
+
+def slot_array(seqs: list[Sequence]) -> np.ndarray:
+    """int32 [len(seqs)]: each sequence's scheduler slot (its row of last_tokens)."""
+    return np.fromiter((s.slot for s in seqs), dtype=np.int32, count=len(seqs))
+
+
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -105,7 +137,7 @@ class DecodeGraphs:
         tokens = graph.inputs[:B]
         tokens[...] = last_tokens[tokens]
         graph.graph.launch()
-        return graph.logits[:B]
+        return None if graph.logits is None else graph.logits[:B]
 
     def capture_up_to(self, max_batch: int | None = None) -> list[int]:
         """Capture now every bucket a batch of up to max_batch sequences (default: max_num_seqs) can use, so
@@ -164,12 +196,13 @@ class GPUModelRunner:
     """The model on one CUDA device (cupy), with its paged KV pool and decode graphs."""
 
     def __init__(self, model: LoadedModel | DeviceWeights, config: EngineConfig | None = None, *, xp=None,
-                 **overrides):
+                 comm=None, with_logits: bool = True, **overrides):
         """model: a loaded model (its weights are uploaded here) or DeviceWeights already on the device (of
         the same array module). config (+ EngineConfig field overrides): max_num_batched_tokens,
         max_num_seqs and max_model_len must be given (LLMEngine resolves them). xp: cupy (default); numpy
         runs the same forward on the kernels' numpy twins (a check of the runner on the CPU; needs num_pages,
-        no CUDA graphs)."""
+        no CUDA graphs). comm, with_logits: one rank of tensor parallelism (engine/tensor_parallel.py: the
+        weights are the rank's shard, and only rank 0 computes logits)."""
         config = (config or EngineConfig()).replace(**overrides)
         if config.max_num_batched_tokens is None or config.max_model_len is None:
             raise QServeLiteError("GPUModelRunner needs max_num_batched_tokens and max_model_len")
@@ -196,7 +229,7 @@ class GPUModelRunner:
                 f"the KV pool of {self.num_pages} pages does not fit in GPU memory; lower "
                 "NUM_GPU_PAGE_BLOCKS / num_pages or gpu_memory_utilization"
             ) from None
-        self.model = GPULlama(weights, self.kv_pool, self.max_tokens, cp)
+        self.model = GPULlama(weights, self.kv_pool, self.max_tokens, cp, comm=comm, with_logits=with_logits)
         self.decode_graphs = None
         if cp is not np:
             max_pages = -(-config.max_model_len // PAGE_SIZE)
@@ -207,28 +240,7 @@ class GPUModelRunner:
         self.last_tokens = cp.zeros(max(1, config.max_num_seqs), dtype=cp.int32)
 
     def _choose_num_pages(self, config: EngineConfig) -> int:
-        given = config.num_pages if config.num_pages is not None else env_num_pages()
-        if given is not None:
-            return int(given)
-        cp = self.xp
-        if cp is np:
-            raise QServeLiteError("the numpy twin of the GPU runner needs num_pages")
-        per_page = self.cfg.num_layers * 2 * self.layout.page_bytes
-        max_len, util = config.max_model_len, config.gpu_memory_utilization
-        one_batch = -(-min(max_len, config.max_num_batched_tokens) // PAGE_SIZE)
-        cp.get_default_memory_pool().free_all_blocks()
-        free, total = cp.cuda.runtime.memGetInfo()
-        temporaries = temporary_bytes(self.cfg, self.max_tokens, config.max_num_seqs)
-        budget = int(total * util) - (total - free) - RESERVED_BYTES - temporaries
-        pages = min(max(budget, 0) // per_page, config.max_num_seqs * -(-max_len // PAGE_SIZE))
-        if pages < one_batch:
-            raise DeviceError(
-                f"the KV cache does not fit: {max(budget, 0) / 2**20:.0f} MiB of GPU memory are left for it "
-                f"(gpu_memory_utilization {util}), {pages} pages of {PAGE_SIZE} tokens, but one sequence of "
-                f"{min(max_len, config.max_num_batched_tokens)} tokens needs {one_batch}. Raise "
-                "gpu_memory_utilization, lower max_model_len, or set NUM_GPU_PAGE_BLOCKS"
-            )
-        return int(pages)
+        return choose_num_pages(self.cfg, self.layout, config, self.xp)
 
     @property
     def graph_stream(self):
@@ -244,20 +256,27 @@ class GPUModelRunner:
         """Next-token logits [len(seqs), vocab] fp32 on the device; writes the batch's K/V to the pages. A
         decode step reads each sequence's input token from last_tokens (store_tokens), so it may still be on
         the device."""
-        batch = prepare(seqs, is_prefill, slots_for_decode_tokens=True)
-        if not is_prefill and self.cuda_graphs and self.decode_graphs.fits(batch.num_seqs):
+        return self.run_batch(prepare(seqs, is_prefill, slots_for_decode_tokens=True))
+
+    def run_batch(self, batch: PackedBatch):
+        """run() of a packed batch (decode token ids are slots of last_tokens); None on a rank without
+        logits."""
+        if not batch.is_prefill and self.cuda_graphs and self.decode_graphs.fits(batch.num_seqs):
             return self.decode_graphs.run(batch, self.last_tokens)
         inputs = to_device(batch, self.xp)
-        if not is_prefill:
+        if not batch.is_prefill:
             inputs.token_ids = self.last_tokens[inputs.token_ids]
         return self.model(inputs, last=inputs.cu_seqlens[1:] - 1)
 
     def store_tokens(self, seqs: list[Sequence], token_ids) -> None:
         """Record each sequence's newest token (an int array of the runner's module, or host ints) in its
         slot of last_tokens, without waiting for the device."""
+        self.store_slots(slot_array(seqs), token_ids)
+
+    def store_slots(self, slots: np.ndarray, token_ids) -> None:
+        """last_tokens[slots] = token_ids (slots: host ints)."""
         xp = self.xp
-        slots = xp.asarray(np.fromiter((s.slot for s in seqs), dtype=np.int32, count=len(seqs)))
-        self.last_tokens[slots] = xp.asarray(token_ids, dtype=xp.int32)
+        self.last_tokens[xp.asarray(slots)] = xp.asarray(token_ids, dtype=xp.int32)
 
     def capture_decode_graphs(self, max_batch: int | None = None) -> list[int]:
         """Capture now the decode graphs of every bucket a batch of up to max_batch sequences (default:

@@ -36,6 +36,7 @@ from qserve_lite.engine.model_runner import ModelRunner, default_num_pages
 from qserve_lite.engine.sampler import Sampler, SamplerOutput
 from qserve_lite.engine.scheduler import Scheduler
 from qserve_lite.engine.sequence import Sequence, SequenceStatus
+from qserve_lite.engine.tensor_parallel import tp_runner
 from qserve_lite.errors import QServeLiteError, SamplingError
 from qserve_lite.io.loader import LoadedModel
 from qserve_lite.model.tokenizer import IncrementalDetokenizer
@@ -132,6 +133,11 @@ class LLMEngine:
     @staticmethod
     def _build_runner(loaded: LoadedModel, config: EngineConfig, limit: int):
         """The runner of config.device ('cpu' or 'gpu'; 'auto' is resolved by the caller)."""
+        if config.tensor_parallel_size > 1:
+            if config.device != "gpu":
+                raise QServeLiteError(f"tensor_parallel_size {config.tensor_parallel_size} runs on GPUs: use "
+                                      "device 'gpu'")
+            return tp_runner(loaded, config.replace(max_model_len=limit))
         if config.device == "gpu":  # the CuPy runner sizes its page pool from free GPU memory
             return GPUModelRunner(loaded, config.replace(max_model_len=limit))
         if config.device != "cpu":

@@ -29,9 +29,10 @@ from qserve_lite.core.kv_layout import KVPageLayout
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.precision import Precision
 from qserve_lite.engine.config import EngineConfig
-from qserve_lite.engine.gpu_model_runner import GPUModelRunner, env_num_pages
+from qserve_lite.engine.gpu_model_runner import env_num_pages
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.engine.model_runner import pages_that_fit
+from qserve_lite.engine.tensor_parallel import RandomSource, TPGroup, make_runner
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.io.loader import resolve_model
 from qserve_lite.io.shipped_configs import load_config, shipped_config_names
@@ -42,6 +43,7 @@ from qserve_lite.model.random_weights import (
     linear_mode,
 )
 from qserve_lite.model.tokenizer import Tokenizer
+from qserve_lite.model.tp_split import check_splits
 
 
 @dataclass
@@ -144,13 +146,20 @@ def build_random_engine(
             "tiny test configs. Use --device gpu"
         )
     g = f" g{group_size}" if precision.w_bits == 4 else ""
-    check_weights_fit(cfg, precision, group_size, xp, name=f"{label} {precision.name}{g}")
+    tp = config.tensor_parallel_size
+    check_splits(cfg, tp, precision.w_bits, group_size if precision.w_bits == 4 else None, name=label)
+    if tp == 1:
+        check_weights_fit(cfg, precision, group_size, xp, name=f"{label} {precision.name}{g}")
     t0 = time.perf_counter()
-    print(f"qserve-lite: drawing random weights of {label} at {precision.name}{g} ...", file=sys.stderr,
-          flush=True)
-    weights = build_random_weights(cfg, precision, group_size, xp=xp, seed=config.seed)
-    if xp is not np:
-        xp.cuda.Device().synchronize()
+    print(f"qserve-lite: drawing random weights of {label} at {precision.name}{g}"
+          f"{f' over {tp} GPUs' if tp > 1 else ''} ...", file=sys.stderr, flush=True)
+    if tp > 1:  # each rank draws its shard's weights on its GPU
+        source = RandomSource(cfg, precision.name, group_size, config.seed, same_model=False)
+        weights = TPGroup(source, tp, "cpu" if xp is np else "gpu")
+    else:
+        weights = build_random_weights(cfg, precision, group_size, xp=xp, seed=config.seed)
+        if xp is not np:
+            xp.cuda.Device().synchronize()
     build_s = time.perf_counter() - t0
 
     limit = config.max_model_len or cfg.max_position_embeddings
@@ -162,7 +171,7 @@ def build_random_engine(
             layout = KVPageLayout(precision.kv_bits, cfg.num_kv_heads, cfg.head_dim)
             num_pages = pages_that_fit(cfg.num_layers * 2 * layout.page_bytes, config.max_num_seqs, limit)
         runner_config = runner_config.replace(num_pages=num_pages)
-    runner = GPUModelRunner(weights, runner_config, xp=xp)
+    runner = make_runner(weights, runner_config, xp)
     engine = LLMEngine(None, config.replace(num_pages=None), runner=runner, tokenizer=tok)
     return RandomEngine(
         engine=engine,

@@ -110,7 +110,7 @@ class LoadedModel:
         return model
 
 
-def _is_quantized(path: Path, cfg: ModelConfig) -> bool:
+def is_quantized_model(path: Path, cfg: ModelConfig) -> bool:
     """config.json has a quantization_config, or (QServe zoo checkpoints, which have none) the tensors are
     stored quantized."""
     return "quantization_config" in cfg.extra or is_quantized_checkpoint(path)
@@ -132,7 +132,7 @@ def load_model(ref: str | Path, dtype=np.float32, precision: str | None = None) 
     cfg = ModelConfig.from_file(path / "config.json")
     tokenizer = Tokenizer(path)
     k_hadamard, group_size = False, None
-    if _is_quantized(path, cfg):
+    if is_quantized_model(path, cfg):
         qc = read_quant_config(path)
         k_hadamard = bool(qc.get("k_hadamard", False))  # absent (QServe zoo, older checkpoints): off
         w_bit, kv_bit = int(qc["w_bit"]), int(qc.get("kv_bit") or 16)

@@ -14,6 +14,8 @@ The forward (`GPULlama`), one decoder layer on a packed batch of T tokens (kerne
     Hadamard on q and k when the model has k_hadamard; K/V into the pages)
     -> prefill_attention (varlen, cu_seqlens) | decode_attention (block tables) -> quantize_per_token
     -> o_proj GEMM -> rms_norm_quant(o + residual) -> gate_up GEMM -> silu_mul_quant -> down GEMM
+(with tensor parallelism, the weights are one rank's shard and o_proj's and down's outputs are all-reduced
+over the ranks: model/tp_split.py, engine/tensor_parallel.py).
 Then the final RMSNorm and the fp16 lm_head GEMM run on each sequence's last token only. Float models
 (w16a16, w16a16kv4/kv8) take the same path with fp16 GEMMs and no activation quantization. GEMM and
 attention outputs go to buffers preallocated for `max_tokens` tokens; the row kernels (norm, quantization)
@@ -252,8 +254,15 @@ class StepInputs:
 class GPULlama:
     """The fused forward of DeviceWeights over a PagedKVPool, with its activation buffers."""
 
-    def __init__(self, weights: DeviceWeights, kv_pool: PagedKVPool, max_tokens: int, xp):
+    def __init__(self, weights: DeviceWeights, kv_pool: PagedKVPool, max_tokens: int, xp, comm=None,
+                 with_logits: bool = True):
+        """comm (core/comm.py; tensor parallelism): sums o_proj's and down_proj's outputs over the ranks,
+        in place, on the current stream (so a captured decode graph holds the collectives); weights are
+        then this rank's shard (model/tp_split.py). with_logits False (a rank other than 0): no lm_head,
+        __call__ returns None."""
         cfg = self.cfg = weights.config
+        self.comm = comm
+        self.with_logits = with_logits
         check_head_dim(cfg)
         self.xp = xp
         self.weights = weights
@@ -276,6 +285,8 @@ class GPULlama:
     def __call__(self, inputs: StepInputs, last=None):
         """Next-token logits fp32 [rows, vocab] of the tokens `last` selects (default: every token)."""
         x, residual = self.forward(inputs)
+        if not self.with_logits:
+            return None
         if last is not None:
             x, residual = x[last], residual[last]
         return self.logits(x, residual)
@@ -311,9 +322,13 @@ class GPULlama:
                           k_hadamard=self.weights.k_hadamard)
             attn = self._attention(i, q, k, v, inputs).reshape(T, qs_n)
             o = layer.o_proj(self._quantize(attn), self.o_buf[:T])
+            if self.comm is not None:
+                self.comm.all_reduce(o)
             act, residual = self._norm(o, residual, layer.post_attn_norm)
             gate_up = layer.gate_up(act, self.gate_up_buf[:T])
             x = layer.down(self._silu_mul(gate_up), self.down_buf[:T])
+            if self.comm is not None:
+                self.comm.all_reduce(x)
         return x, residual
 
     def _attention(self, layer: int, q, k, v, inputs: StepInputs):

@@ -29,10 +29,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
 from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.core.pack import from_qserve_group_params, unpack_w4
 from qserve_lite.core.precision import Precision
 from qserve_lite.errors import DeviceError, QServeLiteError
 from qserve_lite.model.gpu_model import DeviceLayer, DeviceLinear, DeviceWeights, check_head_dim
+from qserve_lite.model.linear import Linear
+from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
+from qserve_lite.model.weights import LayerWeights, LlamaWeights
 
 CHUNK_ELEMENTS = 1 << 26  # random draws per chunk: 256 MiB of float32 temporaries
 BUILD_TEMPORARY_BYTES = 3 * 4 * CHUNK_ELEMENTS  # a chunk's float32 draws and their conversions, at most
@@ -248,3 +253,46 @@ def build_random_weights(
         lm_head_bias=None,
         final_norm=xp.ones(h, f16),
     )
+
+
+# ---- the same random model as host weights (the loader's form), for tensor-parallel checks ----
+
+def _host_linear(dl: DeviceLinear, rows: slice, k: int):
+    """Output channels `rows` of a numpy DeviceLinear as a host linear (W4A8Linear, W8A8Linear, Linear)."""
+    bias = None if dl.bias is None else np.asarray(dl.bias, np.float32)[rows]
+    if dl.mode == "f16":
+        return Linear(np.asarray(dl.weight, np.float32)[rows, :k], bias)
+    if dl.mode == "w8":
+        return W8A8Linear(W8PerChannel(np.asarray(dl.weight)[rows], dl.scales[rows], k), bias)
+    codes = unpack_w4(dl.weight)[rows]
+    if dl.mode == "w4_per_channel":
+        return W4A8Linear(W4PerChannel(codes, dl.scales[rows], dl.szeros[rows], k), bias)
+    s2, zeros = from_qserve_group_params(dl.s2_scales, dl.s2_zeros)
+    return W4A8Linear(W4Group(codes, dl.scales[rows], s2[rows], zeros[rows], 128, k), bias)
+
+
+def _unfuse(dl: DeviceLinear, widths: list[int], k: int) -> list:
+    starts = np.cumsum([0, *widths])
+    return [_host_linear(dl, slice(int(a), int(b)), k) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def random_host_weights(cfg: ModelConfig, precision: Precision | str = "w4a8kv4", group_size: int = 128,
+                        seed: int = 0) -> LlamaWeights:
+    """build_random_weights(xp=numpy) as host LlamaWeights (q/k/v and gate/up unfused, W4 unpacked): a
+    random model in the form io/loader.load_model gives, deterministic in seed. Host memory: the model at
+    its precision plus one layer's draws, so for configs of a few billion parameters at most."""
+    dw = build_random_weights(cfg, precision, group_size, xp=np, seed=seed)
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    layers = []
+    for dl in dw.layers:
+        q, k, v = _unfuse(dl.qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], h)
+        gate, up = _unfuse(dl.gate_up, [inter, inter], h)
+        layers.append(LayerWeights(
+            input_norm=np.asarray(dl.input_norm, np.float32), q_proj=q, k_proj=k, v_proj=v,
+            o_proj=_unfuse(dl.o_proj, [h], cfg.q_size)[0],
+            post_attn_norm=np.asarray(dl.post_attn_norm, np.float32),
+            gate_proj=gate, up_proj=up, down_proj=_unfuse(dl.down, [h], inter)[0],
+        ))
+    embed = np.asarray(dw.embed, np.float32)
+    lm_head = embed if dw.lm_head is dw.embed else np.asarray(dw.lm_head, np.float32)
+    return LlamaWeights(embed, layers, np.asarray(dw.final_norm, np.float32), Linear(lm_head))
