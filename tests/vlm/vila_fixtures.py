@@ -16,7 +16,12 @@ from pathlib import Path
 import numpy as np
 from conftest import random_weights, tiny_config, write_model
 
+from qserve_lite.core.model_config import ModelConfig
+from qserve_lite.io.checkpoint import LINEARS, save_quantized
+from qserve_lite.io.hf_weights import load_llama_weights
 from qserve_lite.io.images import encode_png
+from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
+from qserve_lite.quant.quantizers import quantize_w4_per_channel, quantize_w8_per_channel
 
 VISION = {"model_type": "siglip_vision_model", "architectures": ["SiglipVisionModel"], "hidden_size": 32,
           "intermediate_size": 40, "num_hidden_layers": 3, "num_attention_heads": 2, "patch_size": 14,
@@ -185,3 +190,18 @@ def caption_shard_members(first: int, count: int,
         members.append((f"{key}.txt", f"alt text {i}".encode()))
         members.append((f"{key}.json", json.dumps({"id": i}).encode()))
     return members
+
+
+def quantize_llm(src: Path, out: Path, w_bit: int) -> Path:
+    """src's float Llama as a quantized checkpoint: W4A8KV4 per-channel or W8A8KV8 (round to nearest)."""
+    cfg = json.loads((src / "config.json").read_text())
+    weights = load_llama_weights(ModelConfig.from_dict(cfg), src)
+    for layer in weights.layers:
+        for _, name in LINEARS:
+            w = np.asarray(getattr(layer, name).weight, np.float64)
+            if w_bit == 4:
+                setattr(layer, name, W4A8Linear(quantize_w4_per_channel(w)))
+            else:
+                setattr(layer, name, W8A8Linear(quantize_w8_per_channel(w)))
+    qc = {"quant_method": "qoq", "w_bit": w_bit, "a_bit": 8, "group_size": -1, "kv_bit": w_bit}
+    return save_quantized(out, cfg, weights, qc, src)
