@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import re
 import struct
 import zlib
 
@@ -47,7 +48,8 @@ def _pillow_rgb(data: bytes):
         img.load()
         return img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data
-        raise ImageError(f"{type(e).__name__}: {e}") from None
+        message = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))  # no object addresses: reproducible
+        raise ImageError(f"{type(e).__name__}: {message}") from None
 
 
 def decode_image(data: bytes, ext: str = "") -> np.ndarray:

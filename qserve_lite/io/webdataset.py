@@ -24,7 +24,7 @@ from pathlib import Path
 from qserve_lite.errors import QServeLiteError
 
 INDEX_NAME = "metadata_info.json"
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # webdataset's base_plus_ext, hidden files skipped
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./][^./]*)\.([^/]*)$")  # webdataset's base_plus_ext, hidden files skipped
 
 
 class ShardReadError(QServeLiteError):
@@ -59,9 +59,11 @@ def split_name(name: str) -> tuple[str, str] | None:
 
 
 def iter_samples(path: str | Path) -> Iterator[Sample]:
-    """The samples of a tar shard, in order, streamed (nothing but the current sample is held)."""
+    """The samples of a tar shard, in order, streamed (nothing but the current sample is held). On damage,
+    the complete samples before it are yielded, then ShardReadError (naming the last good key) is raised."""
     path = Path(path)
     current: Sample | None = None
+    last_good = None
     try:
         with tarfile.open(path, "r|*") as tar:
             for member in tar:
@@ -69,18 +71,18 @@ def iter_samples(path: str | Path) -> Iterator[Sample]:
                 if parts is None:
                     continue
                 key, ext = parts
-                if current is None or key != current.key:
-                    if current is not None:
-                        yield current
+                if current is not None and key != current.key:
+                    last_good = current.key
+                    yield current
+                    current = None
+                if current is None:
                     current = Sample(key)
                 data = tar.extractfile(member).read()
                 current.members.setdefault(ext, data)
     except FileNotFoundError:
         raise ShardReadError(f"shard {path} does not exist") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        if current is not None:
-            yield current
-        where = f"sample {current.key}" if current else "its start"
+        where = f"sample {last_good}" if last_good is not None else "its start"
         raise ShardReadError(f"shard {path} is truncated or corrupt after {where} ({type(e).__name__}: "
                              f"{e})") from None
     if current is not None:
