@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the projector's merged-token order: column (VILA1.5, default) or row (NVILA)")
     p.add_argument("--max-new-tokens", type=int, default=300, help="tokens per caption (default 300)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; resumes identically)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature > 0")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling when --temperature > 0")
     p.add_argument("--decode-threads", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads decoding and resizing images ahead of the engine")
