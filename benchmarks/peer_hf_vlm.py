@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import sys
@@ -139,20 +140,28 @@ def run_waves(model, image_token: int, batch: int, n: int, text_tokens: int, gen
         generated += (out.shape[1] - ids.shape[1]) * b  # generate returns prompt + new tokens
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30
     return {"wall_s": round(wall, 3), "peer_images_per_s": round(n / wall, 3),
-            "peer_tok_s": round(generated / wall, 1), "generated_tokens": int(generated),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            "generated_tokens": int(generated), "peer_tok_s": round(generated / wall, 1),
+            "peak_mem_gib": round(peak, 2)}
+
+
+def torch_on_cuda():
+    """(torch, transformers), or exit with what is missing."""
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"error: the transformers peer needs {' and '.join(missing)}")
+    import torch
+    import transformers
+
+    if not torch.cuda.is_available():
+        sys.exit("error: the transformers peer needs a CUDA GPU (torch.cuda.is_available() is False)")
+    return torch, transformers
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import torch
-        import transformers
-    except ImportError as e:
-        sys.exit(f"error: the transformers peer needs torch and transformers ({e})")
-    if not torch.cuda.is_available():
-        sys.exit("error: the transformers peer needs a CUDA GPU (torch.cuda.is_available() is False)")
+    torch, transformers = torch_on_cuda()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
