@@ -1,4 +1,4 @@
-"""qserve-lite command line: generate, chat, ppl, quantize, import-gguf, bench, serve."""
+"""qserve-lite command line: generate, chat, ppl, quantize, import-gguf, bench, serve, caption."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from qserve_lite import server as server_pkg
 from qserve_lite._version import __version__
 from qserve_lite.bench import throughput
+from qserve_lite.caption import run as caption_run
 from qserve_lite.core.backend import resolve_device
 from qserve_lite.core.precision import PRECISION_NAMES
 from qserve_lite.engine.config import EngineConfig
@@ -353,6 +354,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return throughput.run(args)
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption WebDataset shards with a VILA1.5 model, resumably (caption/run.py)."""
+    return caption_run.run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP server (needs the [server] extra)."""
     missing = server_pkg.missing_server_deps()
@@ -494,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group-size", type=int, choices=(128, -1), default=None,
                    help="with --random-weights at W4: 128 (default) or -1 (per-channel)")
     s.set_defaults(func=cmd_serve)
+
+    cap = sub.add_parser("caption", help="caption the images of WebDataset shards with a VILA1.5 model "
+                         "(resumable, one JSON per shard)")
+    caption_run.add_arguments(cap)
+    cap.set_defaults(func=cmd_caption)
     return parser
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qserve_lite.bench import vlm as vlm_bench
 from qserve_lite.bench.measure import (
     OutOfMemory,
     describe_oom,
@@ -100,7 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=None, help="ifb: requests queued (default 4 x batch)")
     p.add_argument("--prompt-len", type=int, default=1024,
                    help="random prompt tokens per sequence (default 1024)")
-    p.add_argument("--gen", type=int, default=512, help="tokens generated per sequence (ifb: the mean)")
+    p.add_argument("--gen", type=int, default=None,
+                   help="tokens generated per sequence (ifb: the mean; default 512, --vlm: 300)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per prefill step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="--max-batch: fraction of the GPU's memory to fill")
@@ -115,6 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-out", default=None, metavar="PATH",
                    help="append the JSON lines here (default: benchmarks/results/<date>-<gpu>-bench.jsonl "
                    "under the current directory)")
+    vlm_bench.add_arguments(p)
 
 
 def parse_batch_sizes(raw: str, source: str) -> list[int]:
@@ -194,6 +197,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch and args.batch is not None:
         raise QServeLiteError("give --batch or --max-batch, not both")
     batches = None if args.max_batch else batch_sizes(args.batch)
+    if getattr(args, "vlm", None):
+        if batches is None:
+            raise QServeLiteError("--max-batch is not supported with --vlm; give --batch")
+        return vlm_bench.run(args, batches)
+    if args.gen is None:
+        args.gen = 512
     cfg = load_config(args.model)
     xp = device_array_module(args.device)
     if xp is np and cfg.num_parameters() > CPU_MAX_PARAMETERS:

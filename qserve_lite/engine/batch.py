@@ -30,6 +30,9 @@ class PackedBatch:
     block_tables: np.ndarray  # int64 [num_seqs, max_pages]
     slot_mapping: np.ndarray  # int64 [num_tokens]
     is_prefill: bool
+    # prefill rows whose input is given as an embedding (a VLM's image tokens): (packed rows int64 [n],
+    # values [n, hidden] of the runner's module, one array per sequence); None when there are none
+    embeds: tuple[np.ndarray, list] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -52,8 +55,14 @@ def prepare(seqs: list[Sequence], is_prefill: bool, slots_for_decode_tokens: boo
     if not is_prefill:
         return _prepare_decode(seqs, slots_for_decode_tokens)
     tokens, positions, slots, query_start = [], [], [], [0]
+    embed_rows, embed_values = [], []
     for seq in seqs:
         first = seq.num_cached_tokens if is_prefill else len(seq) - 1
+        if seq.prompt_embeds is not None:
+            at, values = seq.prompt_embeds.from_position(first)
+            if len(at):
+                embed_rows.append(query_start[-1] + at - first)
+                embed_values.append(values)
         pos = np.arange(first, len(seq))
         table = np.asarray(seq.block_table)
         if is_prefill or not slots_for_decode_tokens:
@@ -75,6 +84,7 @@ def prepare(seqs: list[Sequence], is_prefill: bool, slots_for_decode_tokens: boo
         block_tables=block_tables,
         slot_mapping=np.concatenate(slots).astype(np.int64),
         is_prefill=is_prefill,
+        embeds=(np.concatenate(embed_rows), embed_values) if embed_rows else None,
     )
 
 
@@ -112,6 +122,11 @@ def to_device(batch: PackedBatch, xp) -> StepInputs:
     offs = np.cumsum([0, T, T, T, B + 1, B])
     tok, pos, slots, cu, ctx = (dev[offs[i] : offs[i + 1]] for i in range(5))
     qs = batch.query_start
+    embed_rows = embed_values = None
+    if batch.embeds is not None:
+        rows, values = batch.embeds
+        embed_rows = xp.asarray(rows.astype(np.int32))
+        embed_values = values[0] if len(values) == 1 else xp.concatenate(values)
     return StepInputs(
         token_ids=tok,
         positions=pos,
@@ -123,4 +138,6 @@ def to_device(batch: PackedBatch, xp) -> StepInputs:
         is_prefill=batch.is_prefill,
         max_seqlen_q=int((qs[1:] - qs[:-1]).max()),
         max_context=int(batch.context_lens.max()),
+        embed_rows=embed_rows,
+        embed_values=embed_values,
     )

@@ -35,7 +35,7 @@ from qserve_lite.engine.gpu_model_runner import GPUModelRunner
 from qserve_lite.engine.model_runner import ModelRunner, default_num_pages
 from qserve_lite.engine.sampler import Sampler, SamplerOutput
 from qserve_lite.engine.scheduler import Scheduler
-from qserve_lite.engine.sequence import Sequence, SequenceStatus
+from qserve_lite.engine.sequence import PromptEmbeds, Sequence, SequenceStatus
 from qserve_lite.engine.tensor_parallel import tp_runner
 from qserve_lite.errors import QServeLiteError, SamplingError
 from qserve_lite.io.loader import LoadedModel
@@ -156,9 +156,11 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         stream: bool = True,
+        prompt_embeds: PromptEmbeds | None = None,
     ) -> str:
         """Queue a prompt (text, or token ids); returns its request id. stream: step() reports this request
-        after every token (False: only when it finishes)."""
+        after every token (False: only when it finishes). prompt_embeds: embeddings that replace the token
+        embeddings at some prompt positions (a VLM's image tokens; arrays of the runner's module)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -175,6 +177,8 @@ class LLMEngine:
             raise QServeLiteError("the prompt is empty: give at least one token")
         if len(ids) >= self.max_model_len:
             raise QServeLiteError(self._prompt_too_long(len(ids)))
+        if prompt_embeds is not None:
+            prompt_embeds.check(len(ids), self.config.hidden_size)
         request_id = str(self._next_seq_id) if request_id is None else str(request_id)
         if request_id in self.seqs:
             raise QServeLiteError(f"request id {request_id!r} is already in use")
@@ -194,6 +198,7 @@ class LLMEngine:
             stop_ids=frozenset(stop_ids),
         )
         seq.stream = stream
+        seq.prompt_embeds = prompt_embeds
         self._next_seq_id += 1
         self.seqs[request_id] = seq
         self.scheduler.add(seq)

@@ -45,5 +45,9 @@ class ModelRunner:
         """Next-token logits [len(seqs), vocab] (fp32) after writing the batch's K/V into the pages."""
         batch = prepare(seqs, is_prefill)
         attn = PagedAttention(self.kv_cache, batch, fresh_new_kv=is_prefill)  # prefill as QServe runs it
-        hidden = self.model.forward_packed(batch.token_ids, batch.positions, attn)
+        embeds = None
+        if batch.embeds is not None:
+            rows, values = batch.embeds
+            embeds = (rows, self.xp.concatenate([self.xp.asarray(v) for v in values]))
+        hidden = self.model.forward_packed(batch.token_ids, batch.positions, attn, input_embeds=embeds)
         return self.model.logits(hidden[self.xp.asarray(batch.last_rows)])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 
+from qserve_lite.errors import QServeLiteError
 from qserve_lite.model.tokenizer import IncrementalDetokenizer
 from qserve_lite.sampling_params import SamplingParams
 
@@ -14,6 +16,35 @@ class SequenceStatus(Enum):
     WAITING = "waiting"  # queued for (re)prefill: new, or preempted and to be recomputed
     RUNNING = "running"  # holds pages; decodes every step
     FINISHED = "finished"
+
+
+@dataclass
+class PromptEmbeds:
+    """Input embeddings that replace the token embeddings at some prompt positions (a VLM's image tokens):
+    prompt position positions[j] enters the model as values[j] instead of its token's embedding. values is an
+    array of the runner's module ([n, hidden]; fp16 on the GPU) and stays with the sequence, so a preempted
+    sequence is prefilled again with the same embeddings."""
+
+    positions: np.ndarray  # int64 [n], increasing, each < the prompt's length
+    values: object  # [n, hidden]
+
+    def __post_init__(self):
+        self.positions = np.asarray(self.positions, dtype=np.int64).reshape(-1)
+
+    def check(self, num_prompt_tokens: int, hidden_size: int) -> None:
+        """QServeLiteError unless the positions lie in the prompt, increase, and match values [n, hidden]."""
+        pos, n = self.positions, len(self.positions)
+        if getattr(self.values, "ndim", 0) != 2 or tuple(self.values.shape) != (n, hidden_size):
+            raise QServeLiteError(f"prompt embeddings: expected values of shape [{n}, {hidden_size}] for {n} "
+                                  f"positions, got {list(getattr(self.values, 'shape', []))}")
+        if n and (pos[0] < 0 or pos[-1] >= num_prompt_tokens or np.any(np.diff(pos) <= 0)):
+            raise QServeLiteError(f"prompt embeddings: positions must increase within the prompt's "
+                                  f"{num_prompt_tokens} tokens")
+
+    def from_position(self, first: int) -> tuple[np.ndarray, object]:
+        """(positions, values) of the entries at positions >= first (a prefill that starts there)."""
+        start = int(np.searchsorted(self.positions, first))
+        return self.positions[start:], self.values[start:]
 
 
 class Sequence:
@@ -57,6 +88,7 @@ class Sequence:
         self.stream = True  # the engine reports it after every token (else only when it finishes)
         self.num_pending = 0  # tokens sampled on the device, not yet appended (overlapped steps)
         self.slot: int | None = None  # row of the persistent per-sequence state while running
+        self.prompt_embeds: PromptEmbeds | None = None  # embeddings replacing some prompt tokens' (images)
 
     def __len__(self) -> int:
         return len(self.token_ids) + self.num_pending

@@ -48,3 +48,19 @@ def atomic_output_dir(out_dir: Path, error_cls: type[Exception], what: str) -> I
         if isinstance(e, OSError):
             raise error_cls(f"writing {what} to {out_dir} failed: {e}") from e
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file all-or-nothing: a temporary file beside it, flushed to disk, then renamed over it (a
+    reader, or a run killed midway, sees the old file or the new one, never a torn one)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -20,6 +20,8 @@ compiled at run time with NVRTC by kernels/cuda/jit.py).
     decode / prefill attention        attention.py                    cuda/attention.py    cuda/attention.cu
     KV4 / KV8 quantization            kv_quant.py                     (fused into the writer and attention)
     paged KV pool (page layout)       paged_kv.py                     (a buffer: no kernel of its own)
+    vision tower: LayerNorm, GELU,    vision.py                       (CuPy ops, one ElementwiseKernel, cuBLAS
+      unmasked attention                                                batched products; eager only)
 
 Shared by the launchers: cuda/device.py (device properties, Hopper checks; cuda/arch_probe.cu),
 cuda/workspace.py (split-K workspaces; `pin_workspaces` / `release_workspaces` for CUDA graphs),

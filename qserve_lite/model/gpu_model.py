@@ -237,7 +237,9 @@ class StepInputs:
     sequences back to back. Prefill: cu_seqlens [num_seqs + 1] delimits each sequence's tokens; decode: one
     token per sequence and cu_seqlens None. context_lens: tokens each sequence attends to (cached + new);
     block_tables [num_seqs, max_pages]: its KV pages; slot_mapping: the page slot each new token's K/V goes to
-    (-1: not written). max_seqlen_q and max_context are host-side bounds that size the attention grids."""
+    (-1: not written). max_seqlen_q and max_context are host-side bounds that size the attention grids.
+    embed_rows / embed_values (prefill only, else None): these packed rows (int32 [n]) enter the model as the
+    given fp16 embeddings [n, hidden] instead of their tokens' (a VLM's image tokens)."""
 
     token_ids: object
     positions: object
@@ -249,6 +251,8 @@ class StepInputs:
     is_prefill: bool
     max_seqlen_q: int
     max_context: int
+    embed_rows: object | None = None
+    embed_values: object | None = None
 
 
 class GPULlama:
@@ -311,6 +315,8 @@ class GPULlama:
         assert T <= self.max_tokens, (T, self.max_tokens)
         qs_n, kv_n = H * D, KVH * D
         x = self.weights.embed[inputs.token_ids]
+        if inputs.embed_rows is not None:
+            x[inputs.embed_rows] = inputs.embed_values
         residual = None
         for i, layer in enumerate(self.weights.layers):
             act, residual = self._norm(x, residual, layer.input_norm)

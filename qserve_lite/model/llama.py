@@ -190,15 +190,20 @@ class LlamaModel:
         cache.length = start + T
         return self._fp16(rms_norm(h, w.final_norm, cfg.rms_norm_eps, xp))
 
-    def forward_packed(self, token_ids, positions, attn: AttentionBackend):
+    def forward_packed(self, token_ids, positions, attn: AttentionBackend, input_embeds=None):
         """Run a packed variable-length batch: token_ids, positions [N] hold several sequences' new
         tokens back to back, and `attn` (a PagedAttention) says where each one's keys and values live.
+        input_embeds: (rows [n], values [n, hidden]): these packed rows enter as the given embeddings
+        instead of their tokens' (a VLM's image tokens).
 
         Returns the final-normed hidden states [N, hidden].
         """
         xp, w = self.xp, self.weights
         cos, sin = rope_cos_sin(positions, self.inv_freq, xp, dtype=w.embed_tokens.dtype)
         h = w.embed_tokens[xp.asarray(token_ids)][None]  # [1, N, hidden]
+        if input_embeds is not None:
+            rows, values = input_embeds
+            h[0, xp.asarray(rows)] = xp.asarray(values).astype(h.dtype)
         for i, lw in enumerate(w.layers):
             h = self.layer(i, lw, h, cos, sin, attn, 0)
         return self._fp16(rms_norm(h[0], w.final_norm, self.cfg.rms_norm_eps, xp))
