@@ -23,7 +23,6 @@ from qserve_lite.jobs.progress import OverallProgress, summary_table
 from qserve_lite.jobs.ray_runner import run_ray
 from qserve_lite.jobs.runner import WorkerSpec, merge_statuses, status_of, work_through
 from qserve_lite.jobs.shards import (
-    PartialLog,
     Shard,
     ShardError,
     config_hash,
@@ -89,8 +88,10 @@ def run_job(spec: WorkerSpec, shards: list[Shard], *, launcher: str = "inline", 
     shards holding results of another config (else that is a ShardError). max_restarts: a shard whose
     worker died is run again up to this many times (then it is an error, retried by the next run); a dead
     local process is restarted up to this many times per GPU (Ray restarts its actors itself)."""
+    if not shards:
+        raise ShardError("no input shards given")
     chash = config_hash(spec.config())
-    shards[0].out_dir.mkdir(parents=True, exist_ok=True) if shards else None
+    shards[0].out_dir.mkdir(parents=True, exist_ok=True)
     states = _check_states(shards, chash, overwrite)
     todo = [s for s in shards if states[s.name] != "done"]
     earlier = [status_of(s, "skipped", read_done(s), spec.unit) for s in shards if states[s.name] == "done"]
@@ -115,12 +116,10 @@ def run_job(spec: WorkerSpec, shards: list[Shard], *, launcher: str = "inline", 
                 seconds=round(seconds, 3), items=items, generated_tokens=tokens,
                 items_per_s=round(items / max(seconds, 1e-9), 3),
                 gen_tok_s=round(tokens / max(seconds, 1e-9), 1), pid=os.getpid(), finished_at=time.time())
-    manifest = write_manifest(shards[0].out_dir, merged, info) if shards else Path()
+    manifest = write_manifest(shards[0].out_dir, merged, info)
     ok = all(s["status"] in ("done", "skipped") for s in merged)
     table = summary_table(merged, unit=spec.unit)
     table += (f"\nrun: {items} {spec.unit} in {seconds:.1f}s ({info['items_per_s']:.1f} {spec.unit}/s, "
               f"{info['gen_tok_s']:.0f} generated tok/s), {launcher} launcher; manifest {manifest}")
     return JobResult(merged, manifest, seconds, items, tokens, 0 if ok else 1, table)
 
-
-__all__ = ["LAUNCHERS", "JobResult", "PartialLog", "run_job"]

@@ -14,13 +14,17 @@ so a shard that kills its worker every time does not loop forever. A shard that 
 worker is an `error` status, not an exception, so one bad shard never stops the dataset.
 
 `ray.init()` joins the cluster of RAY_ADDRESS, or one started with `ray start` on this machine, or starts a
-local one. The driver collects one status per shard: the manifest.
+local one; its workers get PYTHONPATH with this checkout of qserve_lite first (on other nodes it must be
+installed, or be at the same path on a shared file system). The driver collects one status per shard: the
+manifest.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from qserve_lite.errors import QServeLiteError
 from qserve_lite.jobs.runner import WorkerSpec, run_one
@@ -50,8 +54,9 @@ class ShardActor:
         for item in batch["shard"]:
             shard = Shard.from_dict(json.loads(str(item)))
             # wait=True: a retried task waits for the claim of the actor that died to expire
-            statuses.append(run_one(self.worker, shard, lock_ttl=self.lock_ttl, unit=self.spec.unit,
-                                    wait=True, max_attempts=self.max_attempts))
+            st = run_one(self.worker, shard, lock_ttl=self.lock_ttl, unit=self.spec.unit, wait=True,
+                         max_attempts=self.max_attempts)
+            statuses.append(dict(st, gpu=os.environ.get("CUDA_VISIBLE_DEVICES")))
         return {"status": [json.dumps(s) for s in statuses]}
 
 
@@ -66,7 +71,11 @@ def run_ray(spec: WorkerSpec, shards: Sequence[Shard], gpus: int | None, *, lock
     cluster). gpus_per_worker 0 runs CPU workers (the numpy engine)."""
     ray = import_ray()
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        # the workers import qserve_lite from where this process does (a checkout that is not installed)
+        here = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
     available = ray_gpus(ray)
     if gpus_per_worker > 0 and available < gpus_per_worker:
         raise QServeLiteError(f"the Ray cluster has {available} GPUs; start it on GPU nodes (ray start), or "

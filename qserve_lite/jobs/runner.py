@@ -68,6 +68,7 @@ def run_one(worker: ShardWorker, shard: Shard, *, lock_ttl: float, unit: str = "
     log and the next run resumes it. A process that dies (killed, out of memory) leaves its claim to
     expire; after `max_attempts` workers died on a shard, it is given up (an error status; the next run
     tries again)."""
+    shard.out_dir.mkdir(parents=True, exist_ok=True)
     lock = ShardLock(shard.lock, lock_ttl)
     if not lock.acquire(wait=wait):
         holder = read_holder(shard.lock) or {}
