@@ -1,4 +1,4 @@
-"""qserve-lite command line: generate, chat, ppl, quantize, import-gguf, bench, serve, caption."""
+"""qserve-lite command line: generate, chat, ppl, quantize, import-gguf, bench, batch, serve, caption."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 from qserve_lite import server as server_pkg
 from qserve_lite._version import __version__
+from qserve_lite.batch import command as batch_command
 from qserve_lite.bench import throughput
 from qserve_lite.caption import run as caption_run
 from qserve_lite.core.backend import resolve_device
@@ -359,6 +360,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return caption_run.run(args)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """JSONL prompts in, JSONL completions out, per shard, resumable (batch/command.py)."""
+    return batch_command.run(args, _sampling_params(args))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP server (needs the [server] extra)."""
     missing = server_pkg.missing_server_deps()
@@ -470,6 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generation throughput (QServe's protocol) on random weights of a model shape")
     throughput.add_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    bt = sub.add_parser("batch", help="JSONL prompts in, JSONL completions out: resumable shards on one "
+                        "process, one process per GPU (--launcher local) or Ray (--launcher ray)")
+    _add_model_arg(bt)
+    batch_command.add_arguments(bt)
+    _add_generation_args(bt)
+    bt.set_defaults(func=cmd_batch)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_model_arg(s)

@@ -95,6 +95,15 @@ class LLM:
             self.device = "cpu"
             self.engine = LLMEngine(self.loaded, config.replace(device="cpu"))
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine, precision=None) -> LLM:
+        """An LLM over an engine built elsewhere (random weights: engine/random_engine.py)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm.loaded, llm.tokenizer = engine, None, engine.tokenizer
+        llm.precision = precision
+        llm.device = "cpu" if getattr(engine.runner, "xp", np) is np else "gpu"
+        return llm
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

@@ -1,7 +1,8 @@
 """The package's layer order (docs/ARCHITECTURE.md), enforced: every import of a qserve_lite module points
 down.
 
-    errors < core < kernels < model < io < engine < eval < quant < (llm, bench, caption) < server < cli
+    errors < core < kernels < model < (io, jobs) < engine < eval < quant < (llm, bench, caption)
+        < (server, batch) < cli
 
 A module may import modules of its own layer and of the layers below, never above; `qserve_lite/__init__.py`
 (the public API) sits on top. Function-local imports of the package's own modules are refused too (they hide
@@ -25,12 +26,12 @@ LAYERS = {
     "core": 1, "sampling_params": 1, "outputs": 1,
     "kernels": 2,
     "model": 3,
-    "io": 4,
+    "io": 4, "jobs": 4,
     "engine": 5,
     "eval": 6,
     "quant": 7,
     "llm": 8, "bench": 8, "caption": 8,
-    "server": 9,
+    "server": 9, "batch": 9,
     "cli": 10,
     "__init__": 11, "__main__": 11,
 }

@@ -54,7 +54,7 @@ class RandomEngine:
     label: str  # the shipped config name, or the config path given
     precision: Precision
     group_size: int | None  # W4 only
-    tokenizer_ref: str
+    tokenizer_ref: str | None  # None: no tokenizer (token-id prompts only, outputs without text)
     config_vocab_size: int  # the shape's own vocabulary
     weights_gib: float
     device: str  # 'gpu' or 'cpu'
@@ -99,12 +99,13 @@ class RandomEngine:
         vocab = (
             f"vocab_size {self.config_vocab_size} -> {self.vocab_size} (overridden to the tokenizer's)"
             if self.vocab_size != self.config_vocab_size
-            else f"vocab_size {self.vocab_size} (the tokenizer's)"
+            else f"vocab_size {self.vocab_size}" + (" (the tokenizer's)" if self.tokenizer_ref else "")
         )
+        tokenizer = f"tokenizer {self.tokenizer_ref}" if self.tokenizer_ref else "no tokenizer (token ids)"
         return (
             f"RANDOM weights of {self.label}'s shape at {self.precision.name}{g} "
-            f"({self.weights_gib:.2f} GiB, built in {self.build_s:.1f}s on {self.device}), tokenizer "
-            f"{self.tokenizer_ref}, {vocab}"
+            f"({self.weights_gib:.2f} GiB, built in {self.build_s:.1f}s on {self.device}), {tokenizer}, "
+            f"{vocab}"
         )
 
 
@@ -120,7 +121,7 @@ def load_tokenizer(ref: str | Path) -> tuple[Tokenizer, str]:
 
 def build_random_engine(
     shape: str | Path,
-    tokenizer: str | Path,
+    tokenizer: str | Path | None,
     *,
     precision: str | Precision | None = None,
     group_size: int = 128,
@@ -129,6 +130,7 @@ def build_random_engine(
 ) -> RandomEngine:
     """Random weights of `shape` (a shipped config name or a config.json) with `tokenizer`'s vocabulary,
     behind an LLMEngine (module docstring). precision: default w4a8kv4; group_size: W4 only (128 or -1).
+    tokenizer None: none (the shape's own vocabulary; prompts are token ids, outputs carry no text).
     config (+ EngineConfig field overrides; default device 'auto'): num_pages is 64-token KV pages (default
     on the GPU: what gpu_memory_utilization leaves, or NUM_GPU_PAGE_BLOCKS; on the CPU: what 2 GiB holds)."""
     config = (config or EngineConfig(device="auto")).replace(**overrides)
@@ -137,8 +139,8 @@ def build_random_engine(
     model_shape = load_config(shape)
     name = str(shape).lower().removesuffix(".json")
     label = name if name in shipped_config_names() else str(shape)
-    tok, tokenizer_ref = load_tokenizer(tokenizer)
-    cfg = with_vocab_size(model_shape, tok.vocab_size)
+    tok, tokenizer_ref = load_tokenizer(tokenizer) if tokenizer is not None else (None, None)
+    cfg = with_vocab_size(model_shape, tok.vocab_size) if tok is not None else model_shape
     xp = device_array_module(config.device)
     if xp is np and cfg.num_parameters() > CPU_MAX_PARAMETERS:
         raise QServeLiteError(
