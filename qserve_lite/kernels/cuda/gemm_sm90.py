@@ -77,26 +77,64 @@ def sm90_supported(mode_id: int, m: int, n: int, lda: int, x_ptr: int, w_ptr: in
     return mode_id != 2 or (ldw % 16 == 0 and n > 0)
 
 
+# A rough time model of one stage on one SM (H200). Weights are read from DRAM once per group of token tiles
+# that run together (GROUP_M), activations once per few channel tiles; DRAM bandwidth is shared by the SMs at
+# work (at most PER_SM_DRAM_NS each); everything a tile reads passes through L2 at L2_NS per SM; the int8
+# wgmma runs at MACS_NS (two consumer warpgroups; one keeps ONE_WG_RATE of that). benchmarks/kernels.py
+# --tune checks the choices it leads to.
+GPU_DRAM_NS = 4000.0
+PER_SM_DRAM_NS = 90.0
+L2_NS = 80.0
+MACS_NS = 5200.0
+ONE_WG_RATE = 0.65
+
+
+def _stage_ns(cfg: Sm90Config, mode_id: int, m: int, n: int, active_sms: int) -> float:
+    w = cfg.bn * BK // 2 if mode_id in (0, 1) else cfg.bn * BK
+    x = cfg.bm * BK
+    dram = w / min(-(-m // cfg.bm), 8) + x / min(-(-n // cfg.bn), 16)
+    per_sm = min(PER_SM_DRAM_NS, GPU_DRAM_NS / max(1, active_sms))
+    rate = MACS_NS * (1.0 if cfg.nwg == 2 else ONE_WG_RATE)
+    return max(dram / per_sm, (w + x) / L2_NS, cfg.bm * cfg.bn * BK / rate)
+
+
+def predict_sm90(cfg: Sm90Config, mode_id: int, m: int, n: int, kw_bytes: int) -> float:
+    """Modelled time (ns) of the GEMM with this tile and its chosen split."""
+    sms = sm_count()
+    ns = sm90_splits(cfg, m, n, kw_bytes)
+    stages = -(-kw_bytes // BK)
+    per = -(-stages // ns)
+    units = -(-n // cfg.bn) * -(-m // cfg.bm) * ns
+    rounds = -(-units // sms)
+    stage = _stage_ns(cfg, mode_id, m, n, min(units, sms))
+    red = cfg.bm * cfg.bn * 4 / (cfg.bm * BK + cfg.bn * BK // 2) if ns > 1 else 0.0
+    return stage * (rounds * (per + 2 + red) + ns * red)
+
+
 def choose_sm90(mode_id: int, m: int, n: int, kw_bytes: int) -> Sm90Config:
-    """Tile by token count and width (initial heuristic; benchmarks/kernels.py --tune measures the rest)."""
-    del mode_id, kw_bytes
-    if m <= 64:
-        return SM90_CONFIGS["h64x256" if n >= 8192 else "h64x128"]
-    return SM90_CONFIGS["h128x256"]
+    """The tile of least modelled time among those whose token height suits M (no tile taller than needed:
+    the MMA work of padded tokens is not free)."""
+    fits = [c for c in SM90_CONFIGS.values() if c.bm <= max(16, 2 ** max(0, (m - 1).bit_length()))]
+    return min(fits, key=lambda c: predict_sm90(c, mode_id, m, n, kw_bytes))
 
 
 def sm90_splits(cfg: Sm90Config, m: int, n: int, kw_bytes: int) -> int:
-    """Split K so that the work units fill the SMs in whole rounds: minimise rounds x (stages per unit + 2),
-    the 2 standing for a unit's fixed cost (prologue, epilogue, partial sums)."""
+    """Split K so that the work units fill the SMs in whole rounds, in units of one stage's time: minimise
+    rounds x (stages per unit + 2 for the unit's fixed cost) plus, when split, each unit's write of its int32
+    partial tile and the last unit's read of all of them (a partial tile costs `red` stages: its bytes over
+    a stage's input bytes)."""
     sms = sm_count()
     tiles = -(-n // cfg.bn) * -(-m // cfg.bm)
     stages = -(-kw_bytes // BK)
+    red = cfg.bm * cfg.bn * 4 / (cfg.bm * BK + cfg.bn * BK // 2)
     best, best_cost = 1, None
     for ns in range(1, min(16, stages) + 1):
         per = -(-stages // ns)
         ns_eff = -(-stages // per)
         rounds = -(-tiles * ns_eff // sms)
-        cost = rounds * (per + 2) + (0.25 * per if ns_eff > 1 else 0)
+        cost = rounds * (per + 2)
+        if ns_eff > 1:
+            cost += rounds * red + ns_eff * red
         if best_cost is None or cost < best_cost - 1e-9:
             best, best_cost = ns_eff, cost
     return best
