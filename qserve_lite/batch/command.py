@@ -5,8 +5,8 @@ on one process, one process per GPU, or a Ray cluster.
     qserve-lite batch --input prompts/ --out results/ --launcher local --gpus 8           # one per GPU
     qserve-lite batch --input prompts/ --out results/ --launcher ray                      # Ray Data
 
-Rows: batch/rows.py. The worker: batch/worker.py. Shards, resume, locks, manifest: jobs/. The sampling and
-engine flags are generate's (the CLI adds them); these are the job's own.
+Rows: batch/rows.py. The worker: batch/worker.py. Shards, resume, locks, manifest and the launch flags:
+jobs/. The sampling and engine flags are generate's (the CLI adds them); the others are the job's own.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from qserve_lite.batch.rows import SAMPLING_KEYS
 from qserve_lite.batch.worker import BatchSpec
 from qserve_lite.engine.config import EngineConfig
 from qserve_lite.errors import QServeLiteError
-from qserve_lite.jobs.job import LAUNCHERS, run_job
-from qserve_lite.jobs.locks import DEFAULT_TTL_S
+from qserve_lite.jobs import flags
 from qserve_lite.jobs.shards import list_shards
 from qserve_lite.sampling_params import SamplingParams
 
@@ -32,24 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output directory: NAME.jsonl per input shard, NAME.done.json markers, manifest.json")
     p.add_argument("--chat", action="store_true",
                    help="wrap text prompts in the model's chat template (rows with 'messages' always are)")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="inline",
-                   help="inline: this process (default); local: one spawned process per GPU (--gpus); ray: "
-                   "a Ray Data actor pool, one actor per GPU (pip install 'qserve-lite[ray]')")
-    p.add_argument("--gpus", type=int, default=None, metavar="N",
-                   help="local: processes, one per GPU (default 1); ray: actors (default: every GPU of the "
-                   "cluster)")
-    p.add_argument("--lock-ttl", type=float, default=DEFAULT_TTL_S, metavar="S",
-                   help=f"a shard claim whose worker stopped its heartbeat for S seconds is taken over "
-                   f"(default {DEFAULT_TTL_S:.0f}; a dead process on the same host: at once)")
-    p.add_argument("--max-restarts", type=int, default=3,
-                   help="restarts of a worker process (local) or actor (ray) that died (default 3)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="redo shards whose results in --out were made with other settings (default: refuse)")
+    flags.add_arguments(p)
     p.add_argument("--window", type=int, default=None, metavar="N",
                    help="requests in the engine at once per worker (default 2 x --max-num-seqs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (the summary is printed)")
-    p.add_argument("--ray-address", default=None,
-                   help="ray: the cluster to join (default: $RAY_ADDRESS, a local `ray start`, or a new one)")
     p.add_argument("--random-weights", default=None, metavar="SHAPE",
                    help="RANDOM weights of a shipped shape (llama-3-8b, ...) or a config.json, for "
                    "benchmarks; prompts are token ids unless --tokenizer is given")
@@ -70,8 +54,6 @@ def sampling_defaults(params: SamplingParams) -> dict:
 
 def run(args: argparse.Namespace, params: SamplingParams) -> int:
     """Run the job of parsed flags; 0 when every shard is done (rows recorded as errors included)."""
-    if args.gpus is not None and args.gpus < 1:
-        raise QServeLiteError(f"--gpus must be >= 1, got {args.gpus}")
     if args.window is not None and args.window < 1:
         raise QServeLiteError(f"--window must be >= 1, got {args.window}")
     if args.random_weights is None and args.tokenizer is not None:
@@ -81,9 +63,6 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
                      sampling=sampling_defaults(params), chat=args.chat, system=args.system,
                      window=args.window)
     shards = list_shards(args.input, args.out, ".jsonl")
-    result = run_job(spec, shards, launcher=args.launcher, gpus=args.gpus, lock_ttl=args.lock_ttl,
-                     max_restarts=args.max_restarts, overwrite=args.overwrite, progress=not args.no_progress,
-                     ray_gpus_per_worker=0.0 if spec.engine.device == "cpu" else 1.0,
-                     ray_address=args.ray_address)
+    result = flags.run_from_args(spec, shards, args, cpu=spec.engine.device == "cpu")
     print(result.table, file=sys.stderr)
     return result.exit_code

@@ -137,11 +137,9 @@ class LoadedVLM:
         return t.astype(np.float32)
 
 
-def load_vila(root: str | Path, precision: str | None = None, llm: str | Path | None = None,
-              token_order: str | None = None, conv_template: str | None = None) -> LoadedVLM:
-    """Load a VILA1.5 checkpoint root; the LLM from `llm` (default <root>/llm) at `precision` (io/loader's
-    rules). token_order / conv_template override the VILA1.5 defaults (column-major merge, the model's
-    template)."""
+def vila_root(root: str | Path) -> Path:
+    """The checkpoint root `root` names (a directory with a config.json; nothing is read), or
+    ModelNotFoundError."""
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "a file" if root.is_file() else "not found"
@@ -149,6 +147,15 @@ def load_vila(root: str | Path, precision: str | None = None, llm: str | Path | 
                                  "llm/, vision_tower/, mm_projector/)")
     if not (root / "config.json").is_file():
         raise ModelNotFoundError(f"{root} has no config.json; it is not a VILA1.5 checkpoint")
+    return root
+
+
+def load_vila(root: str | Path, precision: str | None = None, llm: str | Path | None = None,
+              token_order: str | None = None, conv_template: str | None = None) -> LoadedVLM:
+    """Load a VILA1.5 checkpoint root; the LLM from `llm` (default <root>/llm) at `precision` (io/loader's
+    rules). token_order / conv_template override the VILA1.5 defaults (column-major merge, the model's
+    template)."""
+    root = vila_root(root)
     root_cfg = _read_json(root / "config.json", "VILA config")
     check_vila_config(root_cfg, str(root / "config.json"))
     llm_dir = Path(llm).expanduser() if llm is not None else root / "llm"

@@ -96,8 +96,8 @@ def run_job(spec: WorkerSpec, shards: list[Shard], *, launcher: str = "inline", 
     todo = [s for s in shards if states[s.name] != "done"]
     earlier = [status_of(s, "skipped", read_done(s), spec.unit) for s in shards if states[s.name] == "done"]
     totals = {s.name: spec.count_items(s) for s in todo}
-    totals.update({st["shard"]: int(st.get("rows", 0)) for st in earlier})
-    start = sum(int(st.get("rows", 0)) for st in earlier) + sum(_partial_count(s) for s in todo)
+    totals.update({st["shard"]: int(st.get(spec.unit, 0)) for st in earlier})
+    start = sum(int(st.get(spec.unit, 0)) for st in earlier) + sum(_partial_count(s) for s in todo)
     t0 = time.perf_counter()
     statuses: list[dict] = []
     if todo:

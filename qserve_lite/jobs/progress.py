@@ -5,8 +5,8 @@
 - `OverallProgress` (driver): a thread that sums the progress files and done-markers of the run's shards into
   one bar: items done of all, items/s, generated tok/s and the ETA. It reads files only, so it works the same
   whatever runs the workers (this process, spawned processes, Ray actors on a shared file system).
-- `summary_table(statuses)`: one line per shard (or the slowest and the failed ones, past `max_rows`), and
-  the total.
+- `summary_table(statuses)`: one line per shard (or the slowest and the failed ones, past `max_rows`), the
+  total, and the shards' error messages and warnings.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ WRITE_EVERY_S = 1.0
 
 
 class ShardProgress:
-    """A worker's counts for one shard. `unit`: what an item is ('rows', 'images')."""
+    """A worker's counts for one shard. `unit`: what an item is ('rows', 'images'); total None: unknown."""
 
-    def __init__(self, shard: Shard, total: int, already: int = 0, unit: str = "rows", bar: bool = False):
+    def __init__(self, shard: Shard, total: int | None, already: int = 0, unit: str = "rows",
+                 bar: bool = False):
         self.shard, self.total, self.already, self.unit = shard, total, already, unit
         self.done = self.errors = self.prompt_tokens = self.generated_tokens = 0
         self.t0 = time.perf_counter()
@@ -77,10 +78,11 @@ class ShardProgress:
 
 
 class OverallProgress:
-    """The driver's bar over every shard of the run (module docstring). `totals`: items per shard name;
-    `start`: items already finished when the run began (done shards, partial logs)."""
+    """The driver's bar over every shard of the run (module docstring). `totals`: items per shard name (None
+    where not known: then the bar has no total); `start`: items already finished when the run began (done
+    shards, partial logs)."""
 
-    def __init__(self, shards: Sequence[Shard], totals: dict[str, int], start: int, unit: str = "rows",
+    def __init__(self, shards: Sequence[Shard], totals: dict[str, int | None], start: int, unit: str = "rows",
                  interval_s: float = 1.0, enabled: bool = True):
         self.shards, self.totals, self.start, self.unit = list(shards), totals, start, unit
         self.interval_s, self.enabled = interval_s, enabled
@@ -97,7 +99,7 @@ class OverallProgress:
         for shard in self.shards:
             if shard.name not in self._done and (marker := read_done(shard)) is not None:
                 ran = float(marker.get("finished_at", 0)) >= self._wall0
-                self._done[shard.name] = (int(marker.get("rows", self.totals.get(shard.name, 0))),
+                self._done[shard.name] = (int(marker.get(self.unit, self.totals.get(shard.name) or 0)),
                                           int(marker.get("generated_tokens", 0)) if ran else 0)
             if shard.name in self._done:
                 items += self._done[shard.name][0]
@@ -113,7 +115,9 @@ class OverallProgress:
         if self.enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=sum(self.totals.values()), initial=self.start, desc="all shards",
+            known = None not in self.totals.values()
+            self._bar = tqdm(total=sum(self.totals.values()) if known else None, initial=self.start,
+                             desc="all shards",
                              unit=self.unit.rstrip("s") or self.unit, dynamic_ncols=True, file=sys.stderr)
             self._thread = threading.Thread(target=self._watch, name="overall-progress", daemon=True)
             self._thread.start()
@@ -138,15 +142,17 @@ class OverallProgress:
             self._bar.close()
 
 
-def _row(s: dict, rate: str) -> tuple[str, ...]:
-    return (str(s.get("shard", "?")), str(s.get("status", "?")), str(s.get("rows", "")),
+def _row(s: dict, unit: str) -> tuple[str, ...]:
+    rate = f"{unit}_per_s"
+    return (str(s.get("shard", "?")), str(s.get("status", "?")), str(s.get(unit, "")),
             str(s.get("errors", "")), _num(s.get("seconds")), _num(s.get(rate)), _num(s.get("gen_tok_s")))
 
 
 def summary_table(statuses: Sequence[dict], unit: str = "rows", max_rows: int = 20) -> str:
     """The final table: shard, status, items, errors, seconds, items/s, generated tok/s (of the attempt
-    that ran it; a skipped shard shows the run that did it), and a total line of the states. Past
-    `max_rows` shards, the failed ones and then the slowest fill the table."""
+    that ran it; a skipped shard shows the run that did it), a total line of the states, then a line per
+    shard with an error message or a warning. Past `max_rows` shards, the failed ones and then the slowest
+    fill the table."""
     rate = f"{unit}_per_s"
     shown = list(statuses)
     if len(shown) > max_rows:
@@ -157,15 +163,17 @@ def summary_table(statuses: Sequence[dict], unit: str = "rows", max_rows: int = 
     for s in statuses:
         states[s.get("status", "?")] = states.get(s.get("status", "?"), 0) + 1
     total = ("total", " ".join(f"{k}:{v}" for k, v in sorted(states.items())),
-             str(sum(int(s.get("rows", 0) or 0) for s in statuses)),
+             str(sum(int(s.get(unit, 0) or 0) for s in statuses)),
              str(sum(int(s.get("errors", 0) or 0) for s in statuses)), "", "", "")
     lines = [("shard", "status", unit, "errors", "seconds", f"{unit}/s", "gen tok/s")]
-    lines += [_row(s, rate) for s in shown] + [total]
+    lines += [_row(s, unit) for s in shown] + [total]
     widths = [max(len(r[i]) for r in lines) for i in range(len(total))]
     out = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                      for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in lines]
     if len(statuses) > len(shown):
         out.insert(len(out) - 1, f"... {len(statuses) - len(shown)} more shards (manifest.json has them all)")
+    for key in ("message", "warning"):  # why a shard failed; what was off about a shard that is done
+        out += [f"{s.get('shard', '?')}: {s[key]}" for s in statuses if s.get(key)]
     return "\n".join(out)
 
 

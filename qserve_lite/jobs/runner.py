@@ -7,16 +7,16 @@ A job (batch generation, captioning) provides a picklable `WorkerSpec` whose `bu
     class MySpec:                       # a dataclass: pickled to spawned processes and Ray actors
         unit = "rows"                   # what an item is, for progress and the table
         def config(self) -> dict: ...   # what changes the results (hashed into config_hash)
-        def count_items(self, shard) -> int: ...    # items in an input shard (for the overall progress)
+        def count_items(self, shard) -> int | None: ...  # items in an input shard (None: not known)
         def build(self) -> ShardWorker: ...
 
     class MyWorker:
         config_hash: str
         def process(self, shard, bar: bool) -> dict:
             '''Run the shard under the contract of jobs/shards.py (PartialLog, finish_shard) and return its
-            done-marker: rows, ok, errors, done (items of this attempt), resumed, prompt_tokens,
-            generated_tokens, seconds, <unit>_per_s, gen_tok_s. Bad items are records; raise only when the
-            whole shard cannot be done.'''
+            done-marker: <unit> (items in the result), ok, errors, done (items of this attempt), resumed,
+            prompt_tokens, generated_tokens, seconds, <unit>_per_s, gen_tok_s, and optionally a warning.
+            Bad items are records; raise only when the whole shard cannot be done.'''
 
 A status (one per shard and attempt; collected into OUT/manifest.json) is the marker's counts plus
 `status`: done (ran now), skipped (found done), claimed (another live worker holds it), error (`message`).
@@ -31,8 +31,8 @@ from typing import Protocol
 from qserve_lite.jobs.locks import ShardLock, read_holder
 from qserve_lite.jobs.shards import Shard, read_done, shard_state, worker_name
 
-STATUS_FIELDS = ("rows", "ok", "errors", "done", "resumed", "prompt_tokens", "generated_tokens", "seconds",
-                 "gen_tok_s", "worker")
+STATUS_FIELDS = ("ok", "errors", "done", "resumed", "prompt_tokens", "generated_tokens", "seconds",
+                 "gen_tok_s", "worker", "warning")  # and <unit>, <unit>_per_s
 _PRIORITY = {"done": 3, "error": 2, "skipped": 1, "claimed": 0}
 
 
@@ -47,7 +47,7 @@ class WorkerSpec(Protocol):
 
     def config(self) -> dict: ...
 
-    def count_items(self, shard: Shard) -> int: ...
+    def count_items(self, shard: Shard) -> int | None: ...
 
     def build(self) -> ShardWorker: ...
 
@@ -56,7 +56,7 @@ def status_of(shard: Shard, status: str, marker: dict | None = None, unit: str =
     """A status line: the marker's counts (when there is one), `status` and `extra`."""
     out = {"shard": shard.name, "status": status}
     if marker is not None:
-        out.update({k: marker[k] for k in (*STATUS_FIELDS, f"{unit}_per_s") if k in marker})
+        out.update({k: marker[k] for k in (unit, *STATUS_FIELDS, f"{unit}_per_s") if k in marker})
     out.update(extra)
     return out
 

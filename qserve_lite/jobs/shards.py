@@ -1,5 +1,5 @@
-"""The shard contract: one input shard is the unit of work of a bulk job (`qserve-lite batch`, and any other
-job that maps files to result files, such as captioning). It is idempotent and resumable, and no launcher
+"""The shard contract: one input shard is the unit of work of a bulk job (`qserve-lite batch`, `qserve-lite
+caption`, any job that maps files to result files). It is idempotent and resumable, and no launcher
 (in-process, one process per GPU, Slurm arrays, Ray Data) needs to know more than this module.
 
 Files of one shard `NAME` in the output directory OUT (`Shard`):
@@ -11,10 +11,17 @@ Files of one shard `NAME` in the output directory OUT (`Shard`):
     OUT/NAME.lock            the claim of a live worker (jobs/locks.py); expires when its heartbeat stops
     OUT/NAME.progress.json   a live worker's counts, rewritten every second or so (jobs/progress.py)
 
+Variants: a job whose result file holds the results of several configurations side by side (captioning:
+QServe's {key: {model_name: caption}}, one variant per model name) gives its shards a `variant`. Each variant
+then has its own done-marker, partial log and progress (OUT/NAME.VARIANT.done.json, ...), so it is done,
+resumed or stale on its own; the result file and the lock stay the shard's (one writer at a time), and the
+job's write_result keeps the other variants' entries of the result file it finds.
+
 API (what a job implements and calls):
 
     shards = list_shards(inputs, out_dir, suffix=".jsonl")     # files or directories -> [Shard]; refuses a
                                                                # name used twice or an output over an input
+    shards = make_shards([(name, path), ...], out_dir, suffix, variant)   # named inputs (an index's order)
     h = config_hash({...})                # everything that changes the results (model, sampling, ...)
     shard_state(shard, h)                 # "done" | "partial" | "todo" | "stale" (another config's results)
     with PartialLog(shard.partial, "id", h) as log:   # loads what a killed run finished (a torn last
@@ -23,7 +30,10 @@ API (what a job implements and calls):
         records = log.records                         # {str(key): record}
     finish_shard(shard, write_result, marker)  # write_result(file) writes the result; it is renamed into
                                                # place, then the done-marker (marker + config hash, time,
-                                               # host) is written, then the partial log and progress go
+                                               # host) is written, then the partial log and progress go.
+                                               # The marker counts the shard's items under the job's unit
+                                               # ("rows": 12, or "images": 12), with ok, errors, <unit>_per_s,
+                                               # and a "warning" when something about the input was off
     read_done(shard) -> dict | None
     write_manifest(out_dir, statuses, run)     # OUT/manifest.json: one status per shard of the run
 
@@ -39,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -56,6 +67,7 @@ PROGRESS_SUFFIX = ".progress.json"
 MANIFEST = "manifest.json"
 FSYNC_EVERY_RECORDS = 256  # the partial log is flushed per record, fsynced every this many
 FSYNC_EVERY_S = 5.0  # ... or this often
+_VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 class ShardError(QServeLiteError):
@@ -70,18 +82,23 @@ class Shard:
     out_dir: Path
     name: str  # unique within out_dir
     suffix: str  # of the result file: ".jsonl", ".json", ...
+    variant: str = ""  # whose results these are, when the result file holds several (module docstring)
 
     @property
     def output(self) -> Path:
         return self.out_dir / f"{self.name}{self.suffix}"
 
     @property
+    def _stem(self) -> str:
+        return f"{self.name}.{self.variant}" if self.variant else self.name
+
+    @property
     def done(self) -> Path:
-        return self.out_dir / f"{self.name}{DONE_SUFFIX}"
+        return self.out_dir / f"{self._stem}{DONE_SUFFIX}"
 
     @property
     def partial(self) -> Path:
-        return self.out_dir / f"{self.name}{PARTIAL_SUFFIX}"
+        return self.out_dir / f"{self._stem}{PARTIAL_SUFFIX}"
 
     @property
     def lock(self) -> Path:
@@ -89,22 +106,34 @@ class Shard:
 
     @property
     def progress(self) -> Path:
-        return self.out_dir / f"{self.name}{PROGRESS_SUFFIX}"
+        return self.out_dir / f"{self._stem}{PROGRESS_SUFFIX}"
+
+    def files(self) -> tuple[Path, ...]:
+        """Every file of the shard in out_dir."""
+        return self.output, self.done, self.partial, self.lock, self.progress
 
     def to_dict(self) -> dict:
         return {k: str(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Shard:
-        return cls(Path(d["input"]), Path(d["out_dir"]), str(d["name"]), str(d["suffix"]))
+        return cls(Path(d["input"]), Path(d["out_dir"]), str(d["name"]), str(d["suffix"]),
+                   str(d.get("variant", "")))
+
+
+def check_variant(variant: str, what: str = "the variant") -> str:
+    """`variant` if it can be part of a file name, else ShardError (`what` names it in the message)."""
+    if not _VARIANT.fullmatch(variant):
+        raise ShardError(f"{what} {variant!r} cannot name result files: use letters, digits and . _ + - "
+                         "(not first)")
+    return variant
 
 
 def list_shards(inputs: Iterable[str | Path], out_dir: str | Path, suffix: str,
-                pattern: str = "*.jsonl") -> list[Shard]:
+                pattern: str = "*.jsonl", variant: str = "") -> list[Shard]:
     """The shards of `inputs` (files, or directories whose files matching `pattern` are taken, sorted), each
-    named by its file name without its last suffix. ShardError when there is none, when an input is missing,
-    when two inputs share a name, or when a result would overwrite an input."""
-    out_dir = Path(out_dir).resolve()
+    named by its file name without its last suffix. ShardError when there is none or an input is missing,
+    and as make_shards."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -117,20 +146,36 @@ def list_shards(inputs: Iterable[str | Path], out_dir: str | Path, suffix: str,
             files.append(path)
         else:
             raise ShardError(f"input {path} does not exist")
-    if not files:
-        raise ShardError("no input shards given")
-    shards, seen = [], {}
-    for f in files:
-        name = f.name.rsplit(".", 1)[0] if "." in f.name else f.name
-        if name in seen:
-            raise ShardError(f"two input shards are named {name!r} ({seen[name]} and {f}); their results "
+    return make_shards([(f.name.rsplit(".", 1)[0] if "." in f.name else f.name, f) for f in files], out_dir,
+                       suffix, variant)
+
+
+def make_shards(named: Iterable[tuple[str, str | Path]], out_dir: str | Path, suffix: str,
+                variant: str = "") -> list[Shard]:
+    """The shards of (name, input file) pairs, in order. ShardError when there is none, when two inputs share
+    a name, or when a file of one shard would be a file of another or an input."""
+    out_dir = Path(out_dir).resolve()
+    if variant:
+        check_variant(variant)
+    shards, owner, first_of = [], {}, {}
+    for name, f in named:
+        shard = Shard(Path(f).resolve(), out_dir, name, suffix, variant)
+        if name in first_of:
+            raise ShardError(f"two input shards are named {name!r} ({first_of[name]} and {f}); their results "
                              "would share one file: rename one")
-        seen[name] = f
-        shard = Shard(f.resolve(), out_dir, name, suffix)
-        if shard.input in {shard.output, shard.done, shard.partial, shard.lock, shard.progress}:
-            raise ShardError(f"the result of {f} would overwrite it: choose an output directory other than "
-                             f"{f.parent}")
+        first_of[name] = f
+        for path in shard.files():
+            other = owner.setdefault(path, shard)
+            if other is not shard:
+                raise ShardError(f"the shards {other.name!r} and {name!r} would both write {path.name}: "
+                                 "rename one")
         shards.append(shard)
+    if not shards:
+        raise ShardError("no input shards given")
+    for shard in shards:
+        if shard.input in owner:
+            raise ShardError(f"the result of {shard.input} would overwrite it: choose an output directory "
+                             f"other than {shard.input.parent}")
     return shards
 
 
@@ -176,8 +221,10 @@ def shard_state(shard: Shard, chash: str) -> str:
 
 
 def discard_results(shard: Shard) -> None:
-    """Remove the result, marker, partial log and progress of `shard` (to run it again from scratch)."""
-    for path in (shard.done, shard.output, shard.partial, shard.progress):
+    """Remove the result, marker, partial log and progress of `shard` (to run it again from scratch). The
+    result file of a variant stays (it holds the other variants' results; this one's are replaced when the
+    shard is done again)."""
+    for path in (shard.done, shard.partial, shard.progress) + (() if shard.variant else (shard.output,)):
         path.unlink(missing_ok=True)
 
 
@@ -293,6 +340,8 @@ def finish_shard(shard: Shard, write_result: Callable[[TextIO], None], marker: d
     write_atomic(shard.output, write_result)
     marker = dict(marker, shard=shard.name, input=str(shard.input), output=str(shard.output),
                   config_hash=chash, worker=worker_name(), finished_at=time.time())
+    if shard.variant:
+        marker["variant"] = shard.variant
     write_atomic(shard.done, json.dumps(marker, indent=1) + "\n")
     shard.partial.unlink(missing_ok=True)
     shard.progress.unlink(missing_ok=True)

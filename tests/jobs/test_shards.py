@@ -1,4 +1,5 @@
-"""The shard contract (jobs/shards.py): naming, the partial log and its resume, atomic results, markers."""
+"""The shard contract (jobs/shards.py): naming, the partial log and its resume, atomic results, markers,
+variants."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import pytest
 
 from qserve_lite.jobs.shards import (
     PartialLog,
+    Shard,
     ShardError,
     config_hash,
+    discard_results,
     finish_shard,
     list_shards,
+    make_shards,
     read_done,
     shard_state,
     write_atomic,
@@ -103,3 +107,21 @@ def test_finish_shard_puts_result_then_marker_and_drops_the_log(tmp_path):
     assert shard_state(shard, "h") == "done" and shard_state(shard, "other") == "stale"
     shard.output.unlink()  # a marker without its result does not count
     assert read_done(shard) is None and shard_state(shard, "h") == "todo"
+
+
+def test_variants_have_their_own_markers_and_share_the_result(tmp_path):
+    inp = _touch(tmp_path / "in" / "s.tar")
+    a, b = (make_shards([("s", inp)], tmp_path / "out", ".json", v)[0] for v in ("model-a", "model-b"))
+    assert a.output == b.output and a.lock == b.lock
+    assert a.done.name == "s.model-a.done.json" and a.partial.name == "s.model-a.partial.jsonl"
+    a.out_dir.mkdir()
+    finish_shard(a, lambda f: f.write('{"k": {"model-a": "x"}}'), {"images": 1}, "h")
+    assert shard_state(a, "h") == "done" and shard_state(b, "h") == "todo"
+    assert read_done(a)["variant"] == "model-a" and Shard.from_dict(a.to_dict()) == a
+    discard_results(a)  # the result file holds the other variants' results: it stays
+    assert a.output.exists() and shard_state(a, "h") == "todo"
+    with pytest.raises(ShardError, match="cannot name result files"):
+        make_shards([("s", inp)], tmp_path / "out", ".json", "a/b")
+    with pytest.raises(ShardError, match="would both write s.v.done.json"):
+        make_shards([("s", inp), ("s.v.done", _touch(tmp_path / "in" / "s.v.done.tar"))], tmp_path / "out",
+                    ".json", "v")

@@ -1,6 +1,8 @@
-"""`qserve-lite caption` on the CPU with a tiny VILA1.5 checkpoint: the outputs, errors recorded per sample,
-done shards skipped, and runs interrupted (in-process) or SIGKILLed (a subprocess) in the middle resuming
-to the same final JSON, with no key captioned twice and none lost."""
+"""`qserve-lite caption` on the CPU with a tiny VILA1.5 checkpoint, over the jobs/ shard contract: the
+outputs, errors recorded per sample, done shards skipped, captions of several model names in one JSON,
+results of other settings refused, runs interrupted (in-process) or SIGKILLed (a subprocess) in the middle
+resuming to the same final JSON with no key captioned twice and none lost, and the local launcher (two
+processes) giving the same JSON as one."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from pathlib import Path
 import pytest
 from vila_fixtures import caption_shard_members, write_tar, write_vila
 
-from qserve_lite.caption import shards as shard_contract
 from qserve_lite.cli import main
+from qserve_lite.jobs import shards as shard_contract
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,6 +49,15 @@ def caption(model: Path, shards: Path, out: Path, *extra: str) -> int:
                  *extra])
 
 
+def marker(out: Path, shard: str, model: str = "VILA1.5-tiny") -> dict:
+    return json.loads((out / f"{shard}.{model}.done.json").read_text())
+
+
+def logged_keys(partial: Path) -> list[str]:
+    """The keys a partial log holds (after its header line)."""
+    return [json.loads(line)["key"] for line in partial.read_text().splitlines()[1:] if line.strip()]
+
+
 def results(out: Path) -> dict:
     return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("shard-*.json"))
             if not p.name.endswith(".done.json")}
@@ -65,17 +76,17 @@ def test_caption_outputs(vila, tmp_path, capsys):
     assert "no image member" in first["000007"]["error"] and "json, txt" in first["000007"]["error"]
     assert sum(1 for v in first.values() if "error" in v) == 2
     assert not list(out.glob("*.partial.jsonl"))
-    marker = json.loads((out / "shard-000.done.json").read_text())["models"]["VILA1.5-tiny"]
-    assert marker["keys"] == sizes["shard-000"] and marker["errors"] == 2 and marker["images"] == 10
-    assert marker["expected"] == 12 and marker["samples_read"] == 12 and marker["shard_error"] is None
-    assert marker["images_per_s"] > 0 and 10 <= marker["generated_tokens"] <= 60
+    m = marker(out, "shard-000")
+    assert m["images"] == sizes["shard-000"] and m["errors"] == 2 and m["ok"] == 10 and m["done"] == 12
+    assert m["expected"] == 12 and m["samples_read"] == 12 and m["warning"] is None
+    assert m["images_per_s"] > 0 and 10 <= m["generated_tokens"] <= 60 and m["model_name"] == "VILA1.5-tiny"
     err = capsys.readouterr().err
-    assert "2 shard(s), 0 already done" in err and "images/s" in err
-    # a second run skips both shards and changes nothing
-    stamps = [p.stat().st_mtime_ns for p in sorted(out.iterdir())]
+    assert "done:2" in err and "images/s" in err
+    # a second run skips both shards and changes nothing but its report (manifest.json)
+    stamps = [p.stat().st_mtime_ns for p in sorted(out.iterdir()) if p.name != "manifest.json"]
     assert caption(vila, tmp_path / "in", out) == 0
-    assert "2 already done" in capsys.readouterr().err
-    assert stamps == [p.stat().st_mtime_ns for p in sorted(out.iterdir())]
+    assert "skipped:2" in capsys.readouterr().err
+    assert stamps == [p.stat().st_mtime_ns for p in sorted(out.iterdir()) if p.name != "manifest.json"]
     # another model name adds its captions beside the first one's
     assert caption(vila, tmp_path / "in", out, "--model-name", "other") == 0
     merged = results(out)["shard-000.json"]
@@ -83,21 +94,20 @@ def test_caption_outputs(vila, tmp_path, capsys):
     assert merged["000000"]["other"] == first["000000"]["VILA1.5-tiny"]
 
 
-def test_index_mismatch_and_truncated_shard(vila, tmp_path):
+def test_index_mismatch_and_truncated_shard(vila, tmp_path, capsys):
     make_shards(tmp_path / "in", sizes=(5,), bad={})
     (tmp_path / "in" / "metadata_info.json").write_text(json.dumps(
         {"wids_version": 1, "shardlist": [{"url": "shard-000.tar", "nsamples": 6}]}))
     assert caption(vila, tmp_path / "in", tmp_path / "out") == 0
-    marker = json.loads((tmp_path / "out" / "shard-000.done.json").read_text())["models"]["VILA1.5-tiny"]
-    assert "the index says 6 samples, the shard holds 5" in marker["shard_error"]
+    assert "the index says 6 samples, the shard holds 5" in marker(tmp_path / "out", "shard-000")["warning"]
     tar = tmp_path / "t" / "shard-009.tar"
     write_tar(tar, caption_shard_members(0, 6, {}))
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) * 2 // 3])
     assert caption(vila, tar, tmp_path / "out2") == 0
     got = results(tmp_path / "out2")["shard-009.json"]
-    marker = json.loads((tmp_path / "out2" / "shard-009.done.json").read_text())["models"]["VILA1.5-tiny"]
-    assert 0 < len(got) < 6 and "truncated or corrupt" in marker["shard_error"]
+    assert 0 < len(got) < 6 and "truncated or corrupt" in marker(tmp_path / "out2", "shard-009")["warning"]
+    assert "shard-009: shard " in capsys.readouterr().err  # the warning is in the summary too
 
 
 def test_caption_errors(vila, tmp_path):
@@ -116,22 +126,22 @@ def test_interrupted_run_resumes_to_the_same_json(vila, tmp_path, monkeypatch):
     seen: list[str] = []
     append = shard_contract.PartialLog.append
 
-    def counting(self, key, record):
-        append(self, key, record)
-        seen.append(key)
+    def counting(self, record):
+        append(self, record)
+        seen.append(record["key"])
         if len(seen) == 15:  # in the middle of the second shard
             raise KeyboardInterrupt
 
     monkeypatch.setattr(shard_contract.PartialLog, "append", counting)
     out = tmp_path / "out"
     assert caption(vila, tmp_path / "in", out) == 130
-    assert (out / "shard-000.done.json").is_file() and not (out / "shard-001.done.json").exists()
-    assert len((out / "shard-001.partial.jsonl").read_text().splitlines()) == 3
+    assert marker(out, "shard-000") and not (out / "shard-001.VILA1.5-tiny.done.json").exists()
+    assert len(logged_keys(out / "shard-001.VILA1.5-tiny.partial.jsonl")) == 3
     assert caption(vila, tmp_path / "in", out) == 0
     assert results(out) == clean
     assert len(seen) == len(set(seen)) == 20  # every key once, none twice, none lost
-    marker = json.loads((out / "shard-001.done.json").read_text())["models"]["VILA1.5-tiny"]
-    assert marker["resumed_keys"] == 3 and marker["keys"] == 8
+    m = marker(out, "shard-001")
+    assert m["resumed"] == 3 and m["done"] == 5 and m["images"] == 8
 
 
 def test_sigkill_resumes_to_the_same_json(vila, tmp_path):
@@ -141,17 +151,17 @@ def test_sigkill_resumes_to_the_same_json(vila, tmp_path):
            str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress", *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    partial = tmp_path / "out" / "shard-000.partial.jsonl"
+    partial = tmp_path / "out" / "shard-000.VILA1.5-tiny.partial.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if partial.is_file() and len(partial.read_text().splitlines()) >= 6:
+        if partial.is_file() and len(partial.read_text().splitlines()) >= 7:
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "out" / "shard-000.json").exists()
-    done_before = len({json.loads(line)["key"] for line in partial.read_text().splitlines() if line.strip()})
+    done_before = len(set(logged_keys(partial)))
     assert 6 <= done_before < 40
     main(["caption", "--model", str(vila), "--shards", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
           "--device", "cpu", "--no-progress", *args])
@@ -159,3 +169,32 @@ def test_sigkill_resumes_to_the_same_json(vila, tmp_path):
           "--device", "cpu", "--no-progress", *args])
     assert results(tmp_path / "out") == results(tmp_path / "clean")
     assert len(results(tmp_path / "out")["shard-000.json"]) == 40
+
+
+def test_other_settings_are_refused_and_redone_beside_other_models(vila, tmp_path, capsys):
+    make_shards(tmp_path / "in", sizes=(4,), bad={})
+    out = tmp_path / "out"
+    assert caption(vila, tmp_path / "in", out) == 0
+    assert caption(vila, tmp_path / "in", out, "--model-name", "other") == 0
+    before = results(out)["shard-000.json"]
+    capsys.readouterr()
+    assert caption(vila, tmp_path / "in", out, "--max-new-tokens", "2") == 2  # same name, other settings
+    assert "another configuration" in capsys.readouterr().err
+    assert results(out)["shard-000.json"] == before
+    assert caption(vila, tmp_path / "in", out, "--max-new-tokens", "2", "--overwrite") == 0
+    after = results(out)["shard-000.json"]
+    assert [v["other"] for v in after.values()] == [v["other"] for v in before.values()]  # kept
+    assert marker(out, "shard-000")["max_new_tokens"] == 2 and marker(out, "shard-000", "other")
+    assert caption(vila, tmp_path / "in", out, "--model-name", "a b") == 2
+
+
+def test_local_launcher_two_processes_give_the_same_json(vila, tmp_path):
+    make_shards(tmp_path / "in", sizes=(6, 5, 4))
+    assert caption(vila, tmp_path / "in", tmp_path / "clean") == 0
+    out = tmp_path / "out"
+    assert caption(vila, tmp_path / "in", out, "--launcher", "local", "--gpus", "2") == 0
+    assert results(out) == results(tmp_path / "clean")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["launcher"] == "local"
+    assert [s["status"] for s in manifest["shards"]] == ["done"] * 3
+    assert not list(out.glob("*.lock")) and not list(out.glob("*.partial.jsonl"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from vila_fixtures import png, write_tar
 
-from qserve_lite.caption.run import image_item
+from qserve_lite.caption.feed import image_item
 from qserve_lite.core.vision_config import VisionConfig, VLMConfig
 from qserve_lite.io import images
 from qserve_lite.io.webdataset import Sample as WdsSample
