@@ -2,9 +2,9 @@
 
 Samples follow deepcompressor's recipe: documents in a seeded random order, one random window of
 `seq_len` tokens from every document longer than that, everything concatenated and cut into
-`n_samples` x `seq_len`. Sources: held-out python3.11-doc files (the default here: no network), any
-local text files, or the `mit-han-lab/pile-val-backup` dataset (deepcompressor's default) through
-huggingface_hub when it is reachable.
+`n_samples` x `seq_len`. Sources: any local text files, the `mit-han-lab/pile-val-backup` dataset
+(deepcompressor's default) through huggingface_hub, or held-out python3.11-doc files; calib_source.py
+picks among them (and text the model generates itself) for the quantizer.
 
 Statistics are collected one decoder layer at a time (`LayerRunner`): the float hidden states of every
 sample enter layer i, the observer reduces what that layer's quantization needs (per-channel abs-max,
@@ -63,21 +63,29 @@ def read_documents(files: Iterable[str | Path]) -> list[str]:
     return docs
 
 
-def pile_val_documents(max_docs: int = 20000) -> list[str]:
-    """Documents of deepcompressor's calibration set `mit-han-lab/pile-val-backup` (validation split).
+def pile_val_file() -> str:
+    """The local path of deepcompressor's calibration set: huggingface_hub's cached copy when there is one
+    (no network needed), else fetched once into that cache. QServeLiteError when it cannot be had."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    Needs network access to the Hugging Face hub and the `zstandard` package; raises QServeLiteError
-    saying so (and how to calibrate offline) when either is missing.
-    """
+    cached = try_to_load_from_cache(PILE_REPO, PILE_FILE, repo_type="dataset")
+    if isinstance(cached, str) and Path(cached).is_file():
+        return cached
     try:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(PILE_REPO, PILE_FILE, repo_type="dataset")
+        return hf_hub_download(PILE_REPO, PILE_FILE, repo_type="dataset", etag_timeout=10)
     except Exception as e:  # offline, proxy, hub errors all look different
         raise QServeLiteError(
-            f"could not fetch {PILE_REPO}/{PILE_FILE} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Calibrate offline instead: the default held-out python3.11-doc files, or --calib-text FILE..."
+            f"could not fetch {PILE_REPO}/{PILE_FILE} from the Hugging Face hub ({type(e).__name__}: {e})"
         ) from None
+
+
+def pile_val_documents(max_docs: int = 20000) -> list[str]:
+    """Documents of deepcompressor's calibration set `mit-han-lab/pile-val-backup` (validation split), from
+    huggingface_hub's cache or fetched once into it (pile_val_file).
+
+    Needs the `zstandard` package; raises QServeLiteError saying so, or that the file cannot be fetched.
+    """
+    path = pile_val_file()
     try:
         import zstandard
     except ImportError:
