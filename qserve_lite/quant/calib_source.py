@@ -60,13 +60,13 @@ def self_generated_samples(model_path: str | Path, n_samples: int, seq_len: int,
         prompt_of[engine.add_request(p, params)] = p
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_samples * seq_len, desc="self-generated calibration", unit="tok",
+    bar = tqdm(total=sum(seq_len - len(p) for p in prompts), desc="self-generated calibration", unit="tok",
                disable=not progress, leave=False)
     while engine.has_unfinished():
         for r in engine.step():
             if r.finished:
                 out[r.request_id] = prompt_of[r.request_id] + list(r.outputs[0].token_ids)
-                bar.update(seq_len)
+        bar.update(engine.num_generated_tokens - bar.n)
     bar.close()
     del engine, loaded
     return np.array([out[rid] for rid in prompt_of], dtype=np.int64)

@@ -63,6 +63,28 @@ def read_documents(files: Iterable[str | Path]) -> list[str]:
     return docs
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, no DNS, no route), or None. A quick probe,
+    so that an offline machine does not wait through huggingface_hub's retries; behind a proxy it answers
+    None and leaves the question to huggingface_hub."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
+
+
 def pile_val_file() -> str:
     """The local path of deepcompressor's calibration set: huggingface_hub's cached copy when there is one
     (no network needed), else fetched once into that cache. QServeLiteError when it cannot be had."""
@@ -71,6 +93,10 @@ def pile_val_file() -> str:
     cached = try_to_load_from_cache(PILE_REPO, PILE_FILE, repo_type="dataset")
     if isinstance(cached, str) and Path(cached).is_file():
         return cached
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise QServeLiteError(f"{PILE_REPO} is not in the Hugging Face cache and the hub is unreachable "
+                              f"({unreachable})")
     try:
         return hf_hub_download(PILE_REPO, PILE_FILE, repo_type="dataset", etag_timeout=10)
     except Exception as e:  # offline, proxy, hub errors all look different
@@ -204,7 +230,7 @@ class PointSpec:
 @dataclass
 class PointStats:
     absmax: np.ndarray | None = None  # float64 [*channels]
-    hessian: np.ndarray | None = None  # float64 [c, c], sum of x^T x
+    hessian: np.ndarray | None = None  # float64 [c, c], sum of x^T x, on the activations' device
     tokens: int = 0  # tokens reduced into hessian / absmax
     rows: np.ndarray | None = None  # float32 [m, c]
     samples: np.ndarray | None = None  # float32 [S, T, *channels]
@@ -240,7 +266,8 @@ class _PointReducer:
         flat = x.reshape(B * T, -1)
         if spec.hessian:
             # one batch's X^T X in the activations' precision (BLAS syrk / cuBLAS), accumulated in float64
-            h = _numpy(flat.T @ flat).astype(np.float64)
+            # where the activations are (on the GPU it stays there for GPTQ: no host copies)
+            h = (flat.T @ flat).astype(np.float64)
             if st.hessian is None:
                 st.hessian = h
             else:

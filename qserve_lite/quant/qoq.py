@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qserve_lite.core.backend import memory_pool_gb, to_host
+from qserve_lite.core.backend import array_module, memory_pool_gb, to_host
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.precision import Precision
 from qserve_lite.core.rope import rope_inv_freq
@@ -303,19 +303,22 @@ def needs_calibration(config: QoQConfig) -> bool:
 
 def _permute_scale_stats(st: PointStats, perm: np.ndarray | None = None,
                          scale: np.ndarray | None = None) -> None:
-    """Statistics of x[:, perm] / scale from those of x (in place)."""
+    """Statistics of x[:, perm] / scale from those of x (in place; the Hessian where it is)."""
+    hx = array_module(st.hessian)
     if perm is not None:
         if st.absmax is not None:
             st.absmax = st.absmax[perm]
         if st.hessian is not None:
-            st.hessian = st.hessian[np.ix_(perm, perm)]
+            p = hx.asarray(perm)
+            st.hessian = st.hessian[p][:, p]
         if st.rows is not None:
             st.rows = st.rows[:, perm]
     if scale is not None:
         if st.absmax is not None:
             st.absmax = st.absmax / scale
         if st.hessian is not None:
-            st.hessian = st.hessian / np.outer(scale, scale)
+            s = hx.asarray(scale)
+            st.hessian = st.hessian / hx.outer(s, s)
         if st.rows is not None:
             st.rows = (st.rows / scale).astype(np.float32)
 
@@ -331,7 +334,7 @@ def transform_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSt
         if config.smooth_attention_search:
             q, k, v = (stats[p].samples for p in ("q", "k", "v"))
             k_abs = stats["k"].absmax
-            alpha, beta, err, err0 = search_smooth_attention(q, k, v, lw.o_proj.weight, k_abs, q_abs,
+            alpha, beta, err, err0 = search_smooth_attention(q, k, v, to_host(lw.o_proj.weight), k_abs, q_abs,
                                                              config.kv_bit, config.smooth_attention_grid,
                                                              k_hadamard=config.k_hadamard
                                                              and k_hadamard_supported(cfg.head_dim))
@@ -378,7 +381,7 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
             ratio = None
             if config.does_group_clip:
                 u = progressive_params(w, config.group_size)[0]
-                h_diag = np.diag(stats[INPUT_POINT[name]].hessian)
+                h_diag = to_host(xp.diag(stats[INPUT_POINT[name]].hessian))
                 grid = clip_ratios(config.group_clip_grid, config.group_clip_min_ratio)
                 ratio = search_group_clip(u, h_diag, config.group_size, grid, xp=xp)
                 info.setdefault("group_clip_ratio_mean", {})[name] = round(float(ratio.mean()), 4)
