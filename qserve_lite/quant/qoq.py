@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qserve_lite.core.backend import array_module, memory_pool_gb, to_host
+from qserve_lite.core.backend import array_module, is_cupy, memory_pool_gb, to_host
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.precision import Precision
 from qserve_lite.core.rope import rope_inv_freq
@@ -208,7 +208,10 @@ class QuantizeReport:
     seconds: float
     peak_rss_mb: float
     calib_tokens: int
-    layers: list[dict] = field(default_factory=list)  # per layer: what each step did
+    layers: list[dict] = field(default_factory=list)  # per layer: what each step did (and its seconds)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage of the run
+    calib_source: str | None = None  # the calibration source used (calib_source.calibration_samples)
+    gpu_pool_peak_gb: float | None = None  # cupy memory pool's high-water mark, on a GPU
 
 
 def _on(xp, a, dtype=None):
@@ -216,6 +219,8 @@ def _on(xp, a, dtype=None):
     if a is None:
         return None
     if xp is np:
+        if dtype is not None and is_cupy(a):
+            a = a.astype(dtype)  # narrow on the device before the copy
         return np.asarray(to_host(a), dtype=dtype)
     return xp.asarray(a, dtype=dtype)
 
@@ -234,12 +239,13 @@ def _layer_to(lw: LayerWeights, xp) -> LayerWeights:
                         up_proj=lin(lw.up_proj), down_proj=lin(lw.down_proj))
 
 
-def _ends_to(w: LlamaWeights, xp) -> None:
-    """Embeddings, final norm and lm_head onto xp, in place (a tied lm_head stays tied)."""
+def _ends_to(w: LlamaWeights, xp, dtype=np.float64) -> None:
+    """Embeddings, final norm and lm_head onto xp as `dtype`, in place (a tied lm_head stays tied)."""
     tied = w.lm_head.weight is w.embed_tokens
-    w.embed_tokens = _on(xp, w.embed_tokens)
-    w.final_norm = _on(xp, w.final_norm)
-    w.lm_head = Linear(w.embed_tokens if tied else _on(xp, w.lm_head.weight), _on(xp, w.lm_head.bias))
+    w.embed_tokens = _on(xp, w.embed_tokens, dtype)
+    w.final_norm = _on(xp, w.final_norm, dtype)
+    w.lm_head = Linear(w.embed_tokens if tied else _on(xp, w.lm_head.weight, dtype),
+                       _on(xp, w.lm_head.bias, dtype))
 
 
 def _float32_layer(lw: LayerWeights, xp=np) -> LayerWeights:
@@ -419,7 +425,8 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
     prepare_ends(weights, R)
     runner = (LayerRunner(_float32_model(cfg, weights, xp, layers=False), samples, config.batch_size)
               if calibrated else None)
-    _ends_to(weights, np)
+    # the checkpoint stores them in fp16: a sink gets (and memory keeps) only that
+    _ends_to(weights, np, np.float64 if sink is None else np.float16)
     if sink is not None:
         sink.add_ends(weights)
     specs = point_specs(config)
@@ -433,13 +440,16 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
             if read_layer is None:
                 raise ValueError(f"layer {i} of the weights is None and no read_layer was given")
             lw = read_layer(i)
+        t0 = time.perf_counter()
         lw = _layer_to(lw, xp)
-        layer_info.append(_quantize_one_layer(cfg, i, lw, (R, Rh), runner, specs, config, inv_freq, xp))
+        info = _quantize_one_layer(cfg, i, lw, (R, Rh), runner, specs, config, inv_freq, xp)
+        layer_info.append(info)
         lw = _layer_to(lw, np)
         if sink is not None:
             sink.add_layer(i, lw)
             lw = None
         weights.layers[i] = lw
+        info["seconds"] = round(time.perf_counter() - t0, 3)
         peak = memory_pool_gb(xp)
         if peak is not None:
             bar.set_postfix_str(f"GPU peak {peak:.1f} GB")
@@ -514,21 +524,32 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
     writer = CheckpointWriter(out_dir, dict(cfg.extra), _quant_config_record(config, np.zeros((0, 0)), None),
                               path, sources=(path,), **flags)
     samples, source_used = np.zeros((0, 0), np.int64), None
+    stages = {"checks": time.perf_counter() - t0}
     if needs_calibration(config):
         samples, source_used = calib_source.calibration_samples(path, tokenizer, source, n_samples, seq_len,
                                                                config.seed, config.calib_device, progress)
+    stages["calibration_tokens"] = time.perf_counter() - t0 - sum(stages.values())
 
     # embeddings and lm_head now, each decoder layer when the pipeline reaches it and written when done
-    weights = load_llama_weights(cfg, path, dtype=np.float64, layers=False)
+    # (float32 for a GPU run, widened to float64 there: exact for fp16 / bf16 / fp32 checkpoints, half the
+    # host memory)
+    ends_dtype = np.float32 if config.calib_device == "gpu" else np.float64
+    weights = load_llama_weights(cfg, path, dtype=ends_dtype, layers=False)
     with writer, LayerReader(cfg, path, dtype=np.float64) as read_layer:
         layer_info = quantize_weights(cfg, weights, samples, config, progress, read_layer, sink=writer)
         writer.qc.update(_quant_config_record(config, samples, source_used))
+        stages["layers"] = time.perf_counter() - t0 - sum(stages.values())
+    stages["finish_checkpoint"] = time.perf_counter() - t0 - sum(stages.values())
     out = writer.out_dir
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    report = QuantizeReport(Path(out), seconds, peak_mb, int(samples.size), layer_info)
+    report = QuantizeReport(Path(out), seconds, peak_mb, int(samples.size), layer_info,
+                            {k: round(v, 2) for k, v in stages.items()}, source_used,
+                            memory_pool_gb(_calibration_xp(config.calib_device)) if samples.size else None)
     if progress:
         print(f"quantized {path.name} -> {out}: {config.precision}, group size {config.group_size}, "
               f"{samples.shape[0]} x {samples.shape[1]} calibration tokens, {seconds:.0f}s, "
-              f"peak memory {peak_mb:.0f} MB", file=sys.stderr)
+              f"peak memory {peak_mb:.0f} MB" + (f", GPU memory pool peak {report.gpu_pool_peak_gb:.1f} GB"
+                                                 if report.gpu_pool_peak_gb is not None else ""),
+              file=sys.stderr)
     return report
