@@ -217,7 +217,7 @@ def search_group_clip(u: np.ndarray, h_diag: np.ndarray, group_size: int, ratios
     h = np.zeros(k)
     h[: len(h_diag)] = h_diag
     hg = xp.asarray(h.reshape(G, group_size))
-    ug = xp.asarray(np.asarray(u, dtype=np.float64)).reshape(n, G, group_size)
+    ug = xp.asarray(u, dtype=np.float64).reshape(n, G, group_size)  # u may already be on the device
     # max / min of r * u are r * max / min of u exactly (rounding is monotonic), so the group ranges are
     # taken once; s2 and z then follow progressive_group_params' formulas bit for bit
     umax, umin = ug.max(axis=2), ug.min(axis=2)
