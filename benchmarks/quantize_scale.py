@@ -42,13 +42,14 @@ def _config(tiny: bool) -> dict:
     return cfg
 
 
-def write_tokenizer(out: Path) -> None:
-    """A byte-level BPE without merges: 256 byte tokens + <s> (256) and </s> (257); the model's vocabulary
-    is larger (the loader accepts a tokenizer smaller than the embedding)."""
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE without merges: 256 byte tokens, <s> (256), </s> (257), and reserved tokens up to the
+    model's vocabulary, so that every id the random model samples decodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(byte_chars))}
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    vocab.update({f"<|reserved_{i}|>": i for i in range(258, vocab_size)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -109,7 +110,7 @@ def write_model(out: Path, tiny: bool, seed: int = 0) -> float:
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_tokenizer(out)
+    write_tokenizer(out, cfg["vocab_size"])
     return time.perf_counter() - t0
 
 
