@@ -335,7 +335,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.calib_tokens is not None:
         config.n_samples = max(1, args.calib_tokens // config.calibration_size()[1])
     report = quantize_model(args.model, args.out, config, calib_files=args.calib_text,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, overwrite_flag="--overwrite", out_flag="--out")
     print(f"wrote {report.out_dir} ({config.precision}, group size {config.group_size}, "
           f"{report.calib_tokens} calibration tokens, {report.seconds:.0f}s, "
           f"peak memory {report.peak_rss_mb:.0f} MB)")
@@ -432,10 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, choices=(-1, 128), default=128,
                    help="W4: 128 = progressive group quantization (default), -1 = per-channel")
     q.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
-                   help="calibration text files (default: the calibration part of python3.11-doc)")
-    q.add_argument("--calib-source", choices=("python-doc", "pile"), default=None,
-                   help="calibration corpus when no --calib-text: held-out python3.11-doc (default) or "
-                   "mit-han-lab/pile-val-backup from the Hugging Face hub (needs network and zstandard)")
+                   help="calibration text files (default: --calib-source auto)")
+    q.add_argument("--calib-source", choices=("auto", "pile", "self", "python-doc"), default=None,
+                   help="calibration text when no --calib-text: auto (default) = the Pile validation set "
+                   "QoQ uses (mit-han-lab/pile-val-backup, from the Hugging Face cache or fetched once; "
+                   "needs zstandard), else text the model generates itself; pile, self (data-free) or the "
+                   "held-out python3.11-doc files (apt-get install python3.11-doc) on their own")
     q.add_argument("--calib-tokens", type=int, default=None,
                    help="calibration tokens (default: 16 x 512 on the CPU, 128 x 1024 on a GPU)")
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sample")
@@ -456,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(on by default: a much more accurate KV4 K cache; QServe's own runtime does not know it, "
                    "so use this flag for checkpoints meant for QServe's runtime)")
     q.add_argument("--seed", type=int, default=42, help="calibration sampling seed")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    q.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out directory, replacing the checkpoint's files there "
+                   "(other files are kept)")
     q.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto",
                    help="where the calibration forwards run: gpu = the model code on CuPy, 128 x 1024 "
                    "calibration tokens by default; cpu = numpy, 16 x 512 tokens; auto (default) = gpu when "

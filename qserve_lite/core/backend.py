@@ -76,6 +76,14 @@ def to_host(a) -> np.ndarray:
     return a.get() if is_cupy(a) else np.asarray(a)
 
 
+def memory_pool_gb(xp) -> float | None:
+    """GB held by cupy's default memory pool (its high-water mark while nothing frees the pool's blocks:
+    what the process has taken from the GPU, less the CUDA context); None for numpy."""
+    if not is_cupy(xp):
+        return None
+    return xp.get_default_memory_pool().total_bytes() / 1e9
+
+
 def device_array_module(device: str):
     """numpy for a device that resolves to 'cpu', cupy for 'gpu' (resolve_device's rules)."""
     return np if resolve_device(device) == "cpu" else import_cupy()

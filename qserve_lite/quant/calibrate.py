@@ -2,9 +2,9 @@
 
 Samples follow deepcompressor's recipe: documents in a seeded random order, one random window of
 `seq_len` tokens from every document longer than that, everything concatenated and cut into
-`n_samples` x `seq_len`. Sources: held-out python3.11-doc files (the default here: no network), any
-local text files, or the `mit-han-lab/pile-val-backup` dataset (deepcompressor's default) through
-huggingface_hub when it is reachable.
+`n_samples` x `seq_len`. Sources: any local text files, the `mit-han-lab/pile-val-backup` dataset
+(deepcompressor's default) through huggingface_hub, or held-out python3.11-doc files; calib_source.py
+picks among them (and text the model generates itself) for the quantizer.
 
 Statistics are collected one decoder layer at a time (`LayerRunner`): the float hidden states of every
 sample enter layer i, the observer reduces what that layer's quantization needs (per-channel abs-max,
@@ -63,21 +63,55 @@ def read_documents(files: Iterable[str | Path]) -> list[str]:
     return docs
 
 
-def pile_val_documents(max_docs: int = 20000) -> list[str]:
-    """Documents of deepcompressor's calibration set `mit-han-lab/pile-val-backup` (validation split).
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, no DNS, no route), or None. A quick probe,
+    so that an offline machine does not wait through huggingface_hub's retries; behind a proxy it answers
+    None and leaves the question to huggingface_hub."""
+    import os
+    import socket
+    from urllib.parse import urlparse
 
-    Needs network access to the Hugging Face hub and the `zstandard` package; raises QServeLiteError
-    saying so (and how to calibrate offline) when either is missing.
-    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
     try:
-        from huggingface_hub import hf_hub_download
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
 
-        path = hf_hub_download(PILE_REPO, PILE_FILE, repo_type="dataset")
+
+def pile_val_file() -> str:
+    """The local path of deepcompressor's calibration set: huggingface_hub's cached copy when there is one
+    (no network needed), else fetched once into that cache. QServeLiteError when it cannot be had."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(PILE_REPO, PILE_FILE, repo_type="dataset")
+    if isinstance(cached, str) and Path(cached).is_file():
+        return cached
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise QServeLiteError(f"{PILE_REPO} is not in the Hugging Face cache and the hub is unreachable "
+                              f"({unreachable})")
+    try:
+        return hf_hub_download(PILE_REPO, PILE_FILE, repo_type="dataset", etag_timeout=10)
     except Exception as e:  # offline, proxy, hub errors all look different
         raise QServeLiteError(
-            f"could not fetch {PILE_REPO}/{PILE_FILE} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Calibrate offline instead: the default held-out python3.11-doc files, or --calib-text FILE..."
+            f"could not fetch {PILE_REPO}/{PILE_FILE} from the Hugging Face hub ({type(e).__name__}: {e})"
         ) from None
+
+
+def pile_val_documents(max_docs: int = 20000) -> list[str]:
+    """Documents of deepcompressor's calibration set `mit-han-lab/pile-val-backup` (validation split), from
+    huggingface_hub's cache or fetched once into it (pile_val_file).
+
+    Needs the `zstandard` package; raises QServeLiteError saying so, or that the file cannot be fetched.
+    """
+    path = pile_val_file()
     try:
         import zstandard
     except ImportError:
@@ -196,7 +230,7 @@ class PointSpec:
 @dataclass
 class PointStats:
     absmax: np.ndarray | None = None  # float64 [*channels]
-    hessian: np.ndarray | None = None  # float64 [c, c], sum of x^T x
+    hessian: np.ndarray | None = None  # float64 [c, c], sum of x^T x, on the activations' device
     tokens: int = 0  # tokens reduced into hessian / absmax
     rows: np.ndarray | None = None  # float32 [m, c]
     samples: np.ndarray | None = None  # float32 [S, T, *channels]
@@ -232,7 +266,8 @@ class _PointReducer:
         flat = x.reshape(B * T, -1)
         if spec.hessian:
             # one batch's X^T X in the activations' precision (BLAS syrk / cuBLAS), accumulated in float64
-            h = _numpy(flat.T @ flat).astype(np.float64)
+            # where the activations are (on the GPU it stays there for GPTQ: no host copies)
+            h = (flat.T @ flat).astype(np.float64)
             if st.hessian is None:
                 st.hessian = h
             else:

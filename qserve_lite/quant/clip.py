@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from qserve_lite.core.backend import array_module, to_host
 from qserve_lite.core.rope import apply_rope, rope_cos_sin
 from qserve_lite.model.weights import LayerWeights
 from qserve_lite.quant.quantizers import w4_per_channel_codes, w4_per_channel_params
@@ -31,7 +32,7 @@ def rtn_w4_per_channel(w: np.ndarray, ratio=1.0) -> np.ndarray:
     """Dequantized per-channel W4 RTN of w [n, k] with clip ratio (scalar or [n]); float64."""
     scales, szeros = w4_per_channel_params(w, ratio)
     codes = w4_per_channel_codes(w, scales, szeros)
-    return codes * scales.astype(np.float64)[:, None] - szeros.astype(np.float64)[:, None]
+    return codes * scales.astype(np.float64)[:, None] - szeros.astype(np.float64)[:, None]  # on w's module
 
 
 def row_output_errors(w: np.ndarray, w_hat: np.ndarray, x_rows: np.ndarray) -> np.ndarray:
@@ -44,28 +45,33 @@ def row_output_errors(w: np.ndarray, w_hat: np.ndarray, x_rows: np.ndarray) -> n
 class _RowClipEvaluator:
     """Output error per row of w [n, k] RTN-quantized with per-row clip ratios, on rows x [m, k]."""
 
-    def __init__(self, w: np.ndarray, x_rows: np.ndarray):
-        self.w = np.asarray(w, dtype=np.float64)
+    def __init__(self, w, x_rows):
+        xp = self.xp = array_module(w)  # the weight's device; the (host) rows go there
+        self.w = xp.asarray(w, dtype=np.float64)
         self.wmax, self.wmin = self.w.max(axis=1), self.w.min(axis=1)
         self.w32 = self.w.astype(np.float32)
-        self.x = np.asarray(x_rows, dtype=np.float32)
+        self.x = xp.asarray(x_rows, dtype=np.float32)
 
-    def __call__(self, ratio: np.ndarray) -> np.ndarray:
+    def __call__(self, ratio):
+        xp = self.xp
+        ratio = xp.asarray(ratio)
         # the parameters exactly as w4_per_channel_params makes them; the codes in float32 (search only)
         scales = (self.wmax * ratio - self.wmin * ratio) / 15.0
         scales = scales.astype(np.float16).astype(np.float32)
         scales[scales == 0] = 1.0
         szeros = (-self.wmin * ratio).astype(np.float16).astype(np.float32)
         s, z = scales[:, None], szeros[:, None]
-        d = np.add(self.w32, z)
+        d = self.w32 + z
         d /= s
-        np.rint(d, out=d)
-        np.clip(d, 0, 15, out=d)
+        xp.rint(d, out=d)
+        xp.clip(d, 0, 15, out=d)
         d *= s
         d -= z
         d -= self.w32
         e = d @ self.x.T
-        return np.einsum("ij,ij->i", e, e, dtype=np.float64)
+        if xp is np:
+            return np.einsum("ij,ij->i", e, e, dtype=np.float64)
+        return (e * e).sum(axis=1, dtype=np.float64)
 
 
 def search_row_clip(w: np.ndarray, x_rows: np.ndarray, ratios: np.ndarray | None = None, stride: int = 1
@@ -80,33 +86,35 @@ def search_row_clip(w: np.ndarray, x_rows: np.ndarray, ratios: np.ndarray | None
     """
     ratios = clip_ratios() if ratios is None else np.asarray(ratios, dtype=np.float64)
     evaluate = _RowClipEvaluator(w, x_rows)
+    xp = evaluate.xp  # every candidate is evaluated for all rows at once, on the weight's device
+    ratios_x = xp.asarray(ratios)
     n = evaluate.w.shape[0]
-    best_idx = np.zeros(n, dtype=np.int64)
-    best_err = evaluate(np.full(n, ratios[0]))
+    best_idx = xp.zeros(n, dtype=np.int64)
+    best_err = evaluate(xp.full(n, ratios[0]))
     base_err = best_err.copy()
     stride = max(1, int(stride))
     for i in range(stride, len(ratios), stride):
-        err = evaluate(np.full(n, ratios[i]))
+        err = evaluate(xp.full(n, ratios[i]))
         better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_idx = np.where(better, i, best_idx)
+        best_err = xp.where(better, err, best_err)
+        best_idx = xp.where(better, i, best_idx)
     if stride > 1:
         center = best_idx.copy()
         for off in [o for o in range(-(stride - 1), stride) if o != 0]:
             idx = center + off
             valid = (idx > 0) & (idx < len(ratios))
-            if not valid.any():
+            if not bool(valid.any()):
                 continue
-            err = evaluate(ratios[np.clip(idx, 0, len(ratios) - 1)])
+            err = evaluate(ratios_x[xp.clip(idx, 0, len(ratios) - 1)])
             better = valid & (err < best_err)
-            best_err = np.where(better, err, best_err)
-            best_idx = np.where(better, idx, best_idx)
-    return ratios[best_idx], best_err, base_err
+            best_err = xp.where(better, err, best_err)
+            best_idx = xp.where(better, idx, best_idx)
+    return ratios[to_host(best_idx)], to_host(best_err), to_host(base_err)
 
 
 # ---- q/k: attention-block output error ----
 
-def _linear(x: np.ndarray, w: np.ndarray, b) -> np.ndarray:
+def _linear(x, w, b):
     y = x @ w.T
     return y + b if b is not None else y
 
@@ -116,7 +124,7 @@ def query_positions(n_tokens: int, stride: int) -> np.ndarray:
     return np.arange(n_tokens - 1, -1, -stride)[::-1].copy()
 
 
-def causal_bias(q_pos: np.ndarray, n_keys: int, group: int) -> np.ndarray:
+def causal_bias(q_pos: np.ndarray, n_keys: int, group: int) -> np.ndarray:  # host
     """Additive mask [group * Tq, n_keys]: -inf where a key lies after its query (rows: head-major)."""
     future = np.arange(n_keys)[None, :] > np.tile(q_pos, group)[:, None]
     return np.where(future, -np.inf, 0.0).astype(np.float32)
@@ -125,6 +133,7 @@ def causal_bias(q_pos: np.ndarray, n_keys: int, group: int) -> np.ndarray:
 def gqa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Causal GQA attention of queries q [S, Tq, H, D] over keys/values [S, T, KVH, D] with the additive
     mask `bias` of causal_bias -> [S, Tq, H*D]."""
+    xp = array_module(q)
     S, Tq, H, D = q.shape
     KVH = k.shape[2]
     g = H // KVH
@@ -133,7 +142,7 @@ def gqa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray)
     scores *= 1.0 / math.sqrt(D)
     scores += bias
     scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
+    xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     out = scores @ v.transpose(0, 2, 1, 3)  # [S, KVH, g*Tq, D]
     return out.reshape(S, KVH, g, Tq, D).transpose(0, 3, 1, 2, 4).reshape(S, Tq, H * D)
@@ -148,31 +157,33 @@ def search_qk_clip(lw: LayerWeights, attn_in: np.ndarray, num_heads: int, num_kv
     Only every `query_stride`-th query position is scored (all keys are used), which keeps the search cheap.
     """
     ratios = clip_ratios() if ratios is None else np.asarray(ratios, dtype=np.float64)
-    x = np.asarray(attn_in, dtype=np.float32)
+    xp = array_module(lw.q_proj.weight)  # the search runs on the weights' device
+    x = xp.asarray(attn_in, dtype=np.float32)
     S, T, _ = x.shape
     H, KVH, D = num_heads, num_kv_heads, head_dim
     q_pos = query_positions(T, query_stride)
-    cos, sin = rope_cos_sin(np.arange(T), inv_freq, np, dtype=np.float32)
-    cos_q, sin_q = cos[q_pos], sin[q_pos]
+    cos, sin = rope_cos_sin(np.arange(T), inv_freq, xp, dtype=np.float32)
+    qp = xp.asarray(q_pos)
+    cos_q, sin_q = cos[qp], sin[qp]
     f32 = np.float32
-    xq = x[:, q_pos]
+    xq = x[:, qp]
 
     def project(xin, lin, w, heads, c, s):
         y = _linear(xin, w.astype(f32), None if lin.bias is None else lin.bias.astype(f32))
         return apply_rope(y.reshape(*xin.shape[:2], heads, D), c, s)
 
-    wq, wk = np.asarray(lw.q_proj.weight, np.float64), np.asarray(lw.k_proj.weight, np.float64)
+    wq, wk = lw.q_proj.weight.astype(np.float64), lw.k_proj.weight.astype(np.float64)
     wo = lw.o_proj.weight.astype(f32)
     q = project(xq, lw.q_proj, wq, H, cos_q, sin_q)
     k = project(x, lw.k_proj, wk, KVH, cos, sin)
     v_bias = None if lw.v_proj.bias is None else lw.v_proj.bias.astype(f32)
     v = _linear(x, lw.v_proj.weight.astype(f32), v_bias).reshape(S, T, KVH, D)
-    bias = causal_bias(q_pos, T, H // KVH)
+    bias = xp.asarray(causal_bias(q_pos, T, H // KVH))
     ref = gqa_attention(q, k, v, bias) @ wo.T
 
     def mse(qq, kk) -> float:
         d = gqa_attention(qq, kk, v, bias) @ wo.T - ref
-        return float(np.mean(d.astype(np.float64) ** 2))
+        return float(xp.mean(d.astype(np.float64) ** 2))
 
     best_q, best_q_err = ratios[0], math.inf
     for r in ratios:
@@ -206,7 +217,7 @@ def search_group_clip(u: np.ndarray, h_diag: np.ndarray, group_size: int, ratios
     h = np.zeros(k)
     h[: len(h_diag)] = h_diag
     hg = xp.asarray(h.reshape(G, group_size))
-    ug = xp.asarray(np.asarray(u, dtype=np.float64)).reshape(n, G, group_size)
+    ug = xp.asarray(u, dtype=np.float64).reshape(n, G, group_size)  # u may already be on the device
     # max / min of r * u are r * max / min of u exactly (rounding is monotonic), so the group ranges are
     # taken once; s2 and z then follow progressive_group_params' formulas bit for bit
     umax, umin = ug.max(axis=2), ug.min(axis=2)

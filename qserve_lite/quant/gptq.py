@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qserve_lite.core.backend import array_module, to_host
 from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
 from qserve_lite.quant.quantizers import (
     PROTECTIVE_RANGE,
@@ -32,23 +33,24 @@ from qserve_lite.quant.quantizers import (
 ColumnQuantizer = Callable[[int, np.ndarray], np.ndarray]
 
 
-def _inverse_cholesky_upper(h: np.ndarray, damp: float, max_tries: int = 250, xp=np) -> np.ndarray:
+def _inverse_cholesky_upper(h, damp: float, max_tries: int = 250, xp=None):
     """Upper U with U^T U = (H + damping I)^-1; damping starts at damp * mean(diag H) and grows by
-    0.1 % of the mean diagonal per failed Cholesky. xp = cupy factors on the GPU (float64 cuSOLVER; the
-    result comes back to the host); numpy gives the reference result.
+    0.1 % of the mean diagonal per failed Cholesky. Runs on xp (default: H's array module; cupy factors on
+    the GPU with float64 cuSOLVER) and returns an xp array; numpy gives the reference result.
 
     With J the order reversal: J H J = L L^T gives H = (J L J)(J L J)^T with J L J upper, hence
     H^-1 = U^T U for the upper U = (J L J)^-1 = J L^-1 J: one Cholesky and one triangular inverse.
     """
-    mean_diag = float(np.mean(np.diag(h)))
-    flipped = xp.asarray(np.ascontiguousarray(h[::-1, ::-1]))
+    xp = xp or array_module(h)
+    h = xp.asarray(h, dtype=np.float64)
+    mean_diag = float(xp.mean(xp.diag(h)))
+    flipped = xp.ascontiguousarray(h[::-1, ::-1])
     eye = xp.eye(h.shape[0])
     for t in range(max_tries):
         low = _cholesky(xp, flipped + (damp + 0.001 * t) * mean_diag * eye)
         if low is None:
             continue
-        u = xp.linalg.inv(low)[::-1, ::-1]
-        return np.ascontiguousarray(u if xp is np else xp.asnumpy(u))
+        return xp.ascontiguousarray(xp.linalg.inv(low)[::-1, ::-1])
     raise np.linalg.LinAlgError(f"GPTQ: the Hessian stayed singular after {max_tries} damping increases")
 
 
@@ -70,140 +72,163 @@ def _cholesky(xp, a):
     return low if bool(xp.isfinite(low).all()) else None
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, quantize_column: ColumnQuantizer, block_size: int = 128,
-         damp: float = 0.01, act_order: bool = True, xp=np) -> np.ndarray:
-    """Dequantized GPTQ weight [n, k] (float64) of w [n, k] given H [k, k]. xp = cupy factors H on the GPU
-    (the column loop stays on the host).
+def _gptq_block(wt, qt, hinv, perm: np.ndarray, b0: int, b1: int, quantize_column, inner: int = 16) -> None:
+    """GPTQ over columns b0..b1 (rows of wt [k, n], in place into qt), then the lazy batch update of the
+    columns after the block. Inside the block the error feedback is itself batched per `inner` columns."""
+    block = wt[b0:b1].copy()
+    err = array_module(wt).empty_like(block)
+    hb = hinv[b0:b1, b0:b1]
+    nb = b1 - b0
+    for s0 in range(0, nb, inner):
+        s1 = min(s0 + inner, nb)
+        for i in range(s0, s1):
+            col = block[i]
+            q = quantize_column(int(perm[b0 + i]), col)
+            qt[b0 + i] = q
+            e = (col - q) / hb[i, i]
+            if i + 1 < s1:
+                block[i + 1:s1] -= hb[i, i + 1:s1, None] * e[None, :]
+            err[i] = e
+        if s1 < nb:
+            block[s1:] -= hb[s0:s1, s1:].T @ err[s0:s1]
+    if b1 < wt.shape[0]:
+        wt[b1:] -= hinv[b0:b1, b1:].T @ err
+
+
+def gptq(w, hessian, quantize_column: ColumnQuantizer, block_size: int = 128, damp: float = 0.01,
+         act_order: bool = True, xp=None):
+    """Dequantized GPTQ weight [n, k] (float64) of w [n, k] given H [k, k], on xp (default: w's array
+    module; cupy runs everything on the GPU: the factorization, the column loop and the lazy batch updates,
+    and returns a cupy array).
 
     Dead input channels (H_jj == 0) get H_jj = 1 and a zeroed weight column before quantization.
     Inside each block of `block_size` columns the error feedback is itself batched per 16 columns
     (the same arithmetic, fewer large temporaries).
     """
-    w = np.array(w, dtype=np.float64)
-    h = np.array(hessian, dtype=np.float64)
+    xp = xp or array_module(w)
+    w = xp.array(w, dtype=np.float64)
+    h = xp.array(hessian, dtype=np.float64)
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"Hessian shape {h.shape} does not match the weight's {k} input channels")
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    h = h[perm][:, perm]
+    diag = np.array(to_host(xp.diag(h)))
+    dead = np.flatnonzero(diag == 0)
+    if len(dead):
+        dead_x = xp.asarray(dead)
+        h[dead_x, dead_x] = 1.0
+        w[:, dead_x] = 0.0
+        diag[dead] = 1.0
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
+    perm_x = xp.asarray(perm)
+    h = h[perm_x][:, perm_x]
     hinv = _inverse_cholesky_upper(h, damp, xp=xp)
-    wt = np.ascontiguousarray(w[:, perm].T)  # [k, n]: column j of W is row j here (contiguous)
-    qt = np.empty_like(wt)
-    inner = 16
+    del h
+    wt = xp.ascontiguousarray(w[:, perm_x].T)  # [k, n]: column j of W is row j here (contiguous)
+    qt = xp.empty_like(wt)
     for b0 in range(0, k, block_size):
-        b1 = min(b0 + block_size, k)
-        block = wt[b0:b1].copy()
-        err = np.empty_like(block)
-        hb = hinv[b0:b1, b0:b1]
-        nb = b1 - b0
-        for s0 in range(0, nb, inner):
-            s1 = min(s0 + inner, nb)
-            for i in range(s0, s1):
-                col = block[i]
-                q = quantize_column(int(perm[b0 + i]), col)
-                qt[b0 + i] = q
-                e = (col - q) / hb[i, i]
-                if i + 1 < s1:
-                    block[i + 1:s1] -= hb[i, i + 1:s1, None] * e[None, :]
-                err[i] = e
-            if s1 < nb:
-                block[s1:] -= hb[s0:s1, s1:].T @ err[s0:s1]
-        if b1 < k:
-            wt[b1:] -= hinv[b0:b1, b1:].T @ err
-    out = np.empty((n, k))
-    out[:, perm] = qt.T
+        _gptq_block(wt, qt, hinv, perm, b0, min(b0 + block_size, k), quantize_column)
+    out = xp.empty((n, k))
+    out[:, perm_x] = qt.T
     return out
 
 
-# ---- per-column quantizers with fixed parameters ----
+# ---- per-column quantizers with fixed parameters (on the array module of their parameters) ----
 
-def per_channel_w4_column(scales: np.ndarray, szeros: np.ndarray) -> ColumnQuantizer:
+def per_channel_w4_column(scales, szeros) -> ColumnQuantizer:
+    xp = array_module(scales)
     s = scales.astype(np.float64)
     z = szeros.astype(np.float64)
 
-    def quantize(j: int, col: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint((col + z) / s), 0, 15) * s - z
+    def quantize(j: int, col):
+        return xp.clip(xp.rint((col + z) / s), 0, 15) * s - z
 
     return quantize
 
 
-def progressive_column(s1: np.ndarray, s2: np.ndarray, zeros: np.ndarray, group_size: int,
-                       protect: int = PROTECTIVE_RANGE) -> ColumnQuantizer:
+def progressive_column(s1, s2, zeros, group_size: int, protect: int = PROTECTIVE_RANGE) -> ColumnQuantizer:
     """Works in the level-1 domain U = W / s1 (clamped to +-protect); a column's group is its original
     index's group (the parameters came from the whole group before GPTQ)."""
+    xp = array_module(s1)
     s1_ = s1.astype(np.float64)
     s2_ = s2.astype(np.float64)
     z_ = zeros.astype(np.float64)
 
-    def quantize(j: int, col: np.ndarray) -> np.ndarray:
+    def quantize(j: int, col):
         g = j // group_size
-        u = np.clip(col / s1_, -protect, protect)
-        q = np.clip(np.rint((u + z_[:, g]) / s2_[:, g]), 0, 15)
+        u = xp.clip(col / s1_, -protect, protect)
+        q = xp.clip(xp.rint((u + z_[:, g]) / s2_[:, g]), 0, 15)
         return (q * s2_[:, g] - z_[:, g]) * s1_
 
     return quantize
 
 
-def w8_column(scales: np.ndarray) -> ColumnQuantizer:
+def w8_column(scales) -> ColumnQuantizer:
+    xp = array_module(scales)
     s = scales.astype(np.float64)
 
-    def quantize(j: int, col: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(col / s), -127, 127) * s
+    def quantize(j: int, col):
+        return xp.clip(xp.rint(col / s), -127, 127) * s
 
     return quantize
 
 
-# ---- whole-format GPTQ ----
+# ---- whole-format GPTQ (on the array module of `xp`, else of w; the formats come back on the host) ----
 
-def gptq_w4_per_channel(w: np.ndarray, hessian: np.ndarray, clip_ratio=1.0, **kw) -> W4PerChannel:
+def _on_xp(w, kw: dict):
+    xp = kw.get("xp") or array_module(w)
+    kw["xp"] = xp
+    return xp.asarray(w, dtype=np.float64), xp
+
+
+def gptq_w4_per_channel(w, hessian, clip_ratio=1.0, **kw) -> W4PerChannel:
     """Per-channel W4 with scales/zeros from w4_per_channel_params(w, clip_ratio), codes by GPTQ."""
-    w = np.asarray(w, dtype=np.float64)
+    w, xp = _on_xp(w, kw)
     scales, szeros = w4_per_channel_params(w, clip_ratio)
     q = gptq(w, hessian, per_channel_w4_column(scales, szeros), **kw)
-    return W4PerChannel(w4_per_channel_codes(q, scales, szeros), scales, szeros, in_features=w.shape[1])
+    return W4PerChannel(to_host(w4_per_channel_codes(q, scales, szeros)), to_host(scales), to_host(szeros),
+                        in_features=w.shape[1])
 
 
-def progressive_params(w: np.ndarray, group_size: int = 128, protect: int = PROTECTIVE_RANGE,
-                       group_ratio: np.ndarray | None = None):
+def progressive_params(w, group_size: int = 128, protect: int = PROTECTIVE_RANGE, group_ratio=None):
     """(padded level-1 U, s1, s2, zeros) as quantize_w4_group computes them; group_ratio [n, G] shrinks
-    each group's range first (level-2 clipping)."""
+    each group's range first (level-2 clipping). On w's array module."""
+    xp = array_module(w)
     wp = pad_columns(w, group_size)
     s1 = progressive_s1(wp, protect)
     u = to_level1(wp, s1, protect)
-    scaled = u if group_ratio is None else u * np.repeat(group_ratio, group_size, axis=1)
+    scaled = u if group_ratio is None else u * xp.repeat(xp.asarray(group_ratio), group_size, axis=1)
     s2, zeros = progressive_group_params(scaled, group_size)
     return u, s1, s2, zeros
 
 
-def rtn_w4_group(w: np.ndarray, group_size: int = 128, protect: int = PROTECTIVE_RANGE,
-                 group_ratio: np.ndarray | None = None) -> W4Group:
+def _w4_group(u, s1, s2, zeros, group_size: int, k: int) -> W4Group:
+    xp = array_module(u)
+    codes = progressive_codes(u, xp.repeat(s2, group_size, axis=1), xp.repeat(zeros, group_size, axis=1))
+    return W4Group(to_host(codes), to_host(s1), to_host(s2), to_host(zeros), group_size, in_features=k)
+
+
+def rtn_w4_group(w, group_size: int = 128, protect: int = PROTECTIVE_RANGE, group_ratio=None) -> W4Group:
     """quantize_w4_group with optional level-2 clip ratios."""
-    w = np.asarray(w, dtype=np.float64)
+    w, _ = _on_xp(w, {})
     u, s1, s2, zeros = progressive_params(w, group_size, protect, group_ratio)
-    codes = progressive_codes(u, np.repeat(s2, group_size, axis=1), np.repeat(zeros, group_size, axis=1))
-    return W4Group(codes, s1, s2, zeros, group_size, in_features=w.shape[1])
+    return _w4_group(u, s1, s2, zeros, group_size, w.shape[1])
 
 
-def gptq_w4_group(w: np.ndarray, hessian: np.ndarray, group_size: int = 128, protect: int = PROTECTIVE_RANGE,
-                  group_ratio: np.ndarray | None = None, **kw) -> W4Group:
+def gptq_w4_group(w, hessian, group_size: int = 128, protect: int = PROTECTIVE_RANGE, group_ratio=None,
+                  **kw) -> W4Group:
     """Progressive group W4 (g128): s1, s2, z as quantize_w4_group computes them (with optional level-2
     clip ratios), codes by GPTQ."""
-    w = np.asarray(w, dtype=np.float64)
-    k = w.shape[1]
+    w, _ = _on_xp(w, kw)
     _, s1, s2, zeros = progressive_params(w, group_size, protect, group_ratio)
     q = gptq(w, hessian, progressive_column(s1, s2, zeros, group_size, protect), **kw)
     u = pad_columns(q / s1.astype(np.float64)[:, None], group_size)  # q * s2 - z: integers up to rounding
-    codes = progressive_codes(u, np.repeat(s2, group_size, axis=1), np.repeat(zeros, group_size, axis=1))
-    return W4Group(codes, s1, s2, zeros, group_size, in_features=k)
+    return _w4_group(u, s1, s2, zeros, group_size, w.shape[1])
 
 
-def gptq_w8(w: np.ndarray, hessian: np.ndarray, **kw) -> W8PerChannel:
+def gptq_w8(w, hessian, **kw) -> W8PerChannel:
     """Per-channel symmetric int8 with RTN scales, codes by GPTQ."""
-    w = np.asarray(w, dtype=np.float64)
-    scales = quantize_w8_per_channel(w).scales
+    w, xp = _on_xp(w, kw)
+    scales = xp.asarray(quantize_w8_per_channel(w).scales)
     q = gptq(w, hessian, w8_column(scales), **kw)
-    codes = np.clip(np.rint(q / scales.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
-    return W8PerChannel(codes, scales, in_features=w.shape[1])
+    codes = xp.clip(xp.rint(q / scales.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
+    return W8PerChannel(to_host(codes), to_host(scales), in_features=w.shape[1])

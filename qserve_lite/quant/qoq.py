@@ -26,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from qserve_lite.core.backend import array_module, is_cupy, memory_pool_gb, to_host
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.precision import Precision
 from qserve_lite.core.rope import rope_inv_freq
-from qserve_lite.errors import QServeLiteError
-from qserve_lite.io.checkpoint import save_quantized
+from qserve_lite.errors import QServeLiteError, WeightsError
+from qserve_lite.io.atomic_dir import check_output_dir
+from qserve_lite.io.checkpoint.write import CheckpointWriter
 from qserve_lite.io.hf_weights import LayerReader, load_llama_weights
 from qserve_lite.io.loader import resolve_model
 from qserve_lite.model.linear import Linear
@@ -38,7 +40,7 @@ from qserve_lite.model.llama import LlamaModel
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
 from qserve_lite.model.tokenizer import Tokenizer
 from qserve_lite.model.weights import LayerWeights, LlamaWeights
-from qserve_lite.quant import calibrate
+from qserve_lite.quant import calib_source, calibrate
 from qserve_lite.quant.calibrate import LayerRunner, PointSpec, PointStats
 from qserve_lite.quant.clip import clip_ratios, search_group_clip, search_qk_clip, search_row_clip
 from qserve_lite.quant.gptq import (
@@ -100,7 +102,9 @@ class QoQConfig:
     # The transforms, the per-row clip searches and GPTQ's column loop run on the host either way.
     calib_device: str = "cpu"
     seed: int = 42
-    calib_source: str | list = "python-doc"  # "python-doc" (held-out split), "pile", or text files
+    # "auto" (the Pile set from huggingface_hub's cache or fetched once, else text the model generates
+    # itself), "pile", "self", "python-doc" (held-out split), or text files: see calib_source.py
+    calib_source: str | list = "auto"
     batch_size: int = 4  # calibration samples per layer forward
     propagate: bool = False  # calibrate layer i on the outputs of the quantized layers < i (GPTQ-style)
 
@@ -204,22 +208,55 @@ class QuantizeReport:
     seconds: float
     peak_rss_mb: float
     calib_tokens: int
-    layers: list[dict] = field(default_factory=list)  # per layer: what each step did
+    layers: list[dict] = field(default_factory=list)  # per layer: what each step did (and its seconds)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage of the run
+    calib_source: str | None = None  # the calibration source used (calib_source.calibration_samples)
+    gpu_pool_peak_gb: float | None = None  # cupy memory pool's high-water mark, on a GPU
+
+
+def _on(xp, a, dtype=None):
+    """a as an xp array (numpy: copied back from the device if needed); None stays None."""
+    if a is None:
+        return None
+    if xp is np:
+        if dtype is not None and is_cupy(a):
+            a = a.astype(dtype)  # narrow on the device before the copy
+        return np.asarray(to_host(a), dtype=dtype)
+    return xp.asarray(a, dtype=dtype)
+
+
+def _layer_to(lw: LayerWeights, xp) -> LayerWeights:
+    """The layer with its float arrays (norms, float weights, biases) on xp; quantized weights stay."""
+    def lin(x):
+        if isinstance(x, Linear):
+            return Linear(_on(xp, x.weight), _on(xp, x.bias))
+        x.bias = _on(xp, x.bias)
+        return x
+
+    return LayerWeights(input_norm=_on(xp, lw.input_norm), q_proj=lin(lw.q_proj), k_proj=lin(lw.k_proj),
+                        v_proj=lin(lw.v_proj), o_proj=lin(lw.o_proj),
+                        post_attn_norm=_on(xp, lw.post_attn_norm), gate_proj=lin(lw.gate_proj),
+                        up_proj=lin(lw.up_proj), down_proj=lin(lw.down_proj))
+
+
+def _ends_to(w: LlamaWeights, xp, dtype=np.float64) -> None:
+    """Embeddings, final norm and lm_head onto xp as `dtype`, in place (a tied lm_head stays tied)."""
+    tied = w.lm_head.weight is w.embed_tokens
+    w.embed_tokens = _on(xp, w.embed_tokens, dtype)
+    w.final_norm = _on(xp, w.final_norm, dtype)
+    w.lm_head = Linear(w.embed_tokens if tied else _on(xp, w.lm_head.weight, dtype),
+                       _on(xp, w.lm_head.bias, dtype))
 
 
 def _float32_layer(lw: LayerWeights, xp=np) -> LayerWeights:
     """float32 copy of a layer as xp arrays; quantized linears become their dequantized weights."""
     def lin(x) -> Linear:
         w = x.weight if isinstance(x, Linear) else x.qweight.dequantize()
-        bias = None if x.bias is None else xp.asarray(np.asarray(x.bias, np.float32))
-        return Linear(xp.asarray(np.asarray(w, np.float32)), bias)
+        return Linear(_on(xp, w, np.float32), _on(xp, x.bias, np.float32))
 
-    def norm(g):
-        return xp.asarray(np.asarray(g, np.float32))
-
-    return LayerWeights(input_norm=norm(lw.input_norm), q_proj=lin(lw.q_proj),
+    return LayerWeights(input_norm=_on(xp, lw.input_norm, np.float32), q_proj=lin(lw.q_proj),
                         k_proj=lin(lw.k_proj), v_proj=lin(lw.v_proj), o_proj=lin(lw.o_proj),
-                        post_attn_norm=norm(lw.post_attn_norm), gate_proj=lin(lw.gate_proj),
+                        post_attn_norm=_on(xp, lw.post_attn_norm, np.float32), gate_proj=lin(lw.gate_proj),
                         up_proj=lin(lw.up_proj), down_proj=lin(lw.down_proj))
 
 
@@ -238,9 +275,9 @@ def _float32_model(cfg: ModelConfig, w: LlamaWeights, xp=np, layers: bool = True
     """A float32 copy of the decoder for the calibration forward, on xp (lm_head is never run).
     layers=False copies only the embeddings: the caller puts each layer in when its turn comes."""
     blocks = [_float32_layer(lw, xp) if layers else None for lw in w.layers]
-    embed = xp.asarray(np.asarray(w.embed_tokens, np.float32))
-    f32 = LlamaWeights(embed_tokens=embed, layers=blocks, final_norm=xp.asarray(np.asarray(w.final_norm,
-                       np.float32)), lm_head=Linear(embed))
+    embed = _on(xp, w.embed_tokens, np.float32)
+    f32 = LlamaWeights(embed_tokens=embed, layers=blocks, final_norm=_on(xp, w.final_norm, np.float32),
+                       lm_head=Linear(embed))
     return LlamaModel(cfg, f32, xp)
 
 
@@ -272,19 +309,22 @@ def needs_calibration(config: QoQConfig) -> bool:
 
 def _permute_scale_stats(st: PointStats, perm: np.ndarray | None = None,
                          scale: np.ndarray | None = None) -> None:
-    """Statistics of x[:, perm] / scale from those of x (in place)."""
+    """Statistics of x[:, perm] / scale from those of x (in place; the Hessian where it is)."""
+    hx = array_module(st.hessian)
     if perm is not None:
         if st.absmax is not None:
             st.absmax = st.absmax[perm]
         if st.hessian is not None:
-            st.hessian = st.hessian[np.ix_(perm, perm)]
+            p = hx.asarray(perm)
+            st.hessian = st.hessian[p][:, p]
         if st.rows is not None:
             st.rows = st.rows[:, perm]
     if scale is not None:
         if st.absmax is not None:
             st.absmax = st.absmax / scale
         if st.hessian is not None:
-            st.hessian = st.hessian / np.outer(scale, scale)
+            s = hx.asarray(scale)
+            st.hessian = st.hessian / hx.outer(s, s)
         if st.rows is not None:
             st.rows = (st.rows / scale).astype(np.float32)
 
@@ -300,7 +340,7 @@ def transform_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSt
         if config.smooth_attention_search:
             q, k, v = (stats[p].samples for p in ("q", "k", "v"))
             k_abs = stats["k"].absmax
-            alpha, beta, err, err0 = search_smooth_attention(q, k, v, lw.o_proj.weight, k_abs, q_abs,
+            alpha, beta, err, err0 = search_smooth_attention(q, k, v, to_host(lw.o_proj.weight), k_abs, q_abs,
                                                              config.kv_bit, config.smooth_attention_grid,
                                                              k_hadamard=config.k_hadamard
                                                              and k_hadamard_supported(cfg.head_dim))
@@ -347,7 +387,7 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
             ratio = None
             if config.does_group_clip:
                 u = progressive_params(w, config.group_size)[0]
-                h_diag = np.diag(stats[INPUT_POINT[name]].hessian)
+                h_diag = to_host(xp.diag(stats[INPUT_POINT[name]].hessian))
                 grid = clip_ratios(config.group_clip_grid, config.group_clip_min_ratio)
                 ratio = search_group_clip(u, h_diag, config.group_size, grid, xp=xp)
                 info.setdefault("group_clip_ratio_mean", {})[name] = round(float(ratio.mean()), 4)
@@ -365,22 +405,31 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
 
 
 def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarray, config: QoQConfig,
-                     progress: bool = True, read_layer: Callable[[int], LayerWeights] | None = None
-                     ) -> list[dict]:
+                     progress: bool = True, read_layer: Callable[[int], LayerWeights] | None = None,
+                     sink=None) -> list[dict]:
     """The QoQ pipeline on float64 weights, in place, one decoder layer at a time: rotate it (or only fold
     its norms), calibrate, transform and quantize its linears. A layer that is None in `weights.layers` is
     read with `read_layer(i)` (float64) when its turn comes, so memory holds one float layer (and the
-    quantized ones) rather than the whole float model. Returns per-layer records of what was done."""
+    quantized ones) rather than the whole float model. With a `sink` (a CheckpointWriter), the prepared
+    embeddings / lm_head and each quantized layer are handed to `sink.add_ends` / `sink.add_layer` when
+    ready and dropped from `weights` (memory then holds one layer). Returns per-layer records."""
     from tqdm.auto import tqdm
 
+    calibrated = needs_calibration(config)
+    # RTN needs no statistics: then the calibration forward is skipped (samples may be None)
+    xp = _calibration_xp(config.calib_device) if calibrated else np
     # QServe's W4A8 runtime ignores norm weights: they are always folded into the linears
     R, Rh = rotation_matrices(cfg, seed=config.rotation_seed) if config.rotation else (None, None)
+    R, Rh = (None if m is None else xp.asarray(m) for m in (R, Rh))
+    _ends_to(weights, xp)
     prepare_ends(weights, R)
-    specs = point_specs(config)
-    # RTN needs no statistics: then the calibration forward is skipped (samples may be None)
-    xp = _calibration_xp(config.calib_device) if needs_calibration(config) else np
     runner = (LayerRunner(_float32_model(cfg, weights, xp, layers=False), samples, config.batch_size)
-              if needs_calibration(config) else None)
+              if calibrated else None)
+    # the checkpoint stores them in fp16: a sink gets (and memory keeps) only that
+    _ends_to(weights, np, np.float64 if sink is None else np.float16)
+    if sink is not None:
+        sink.add_ends(weights)
+    specs = point_specs(config)
     inv_freq = rope_inv_freq(cfg)
     layer_info = []
     bar = tqdm(range(cfg.num_layers), desc=f"QoQ {config.precision} g{config.group_size}", unit="layer",
@@ -390,31 +439,70 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
         if lw is None:
             if read_layer is None:
                 raise ValueError(f"layer {i} of the weights is None and no read_layer was given")
-            lw = weights.layers[i] = read_layer(i)
-        prepare_layer(cfg, lw, R, Rh)
-        stats = {}
-        if runner is not None:
-            runner.model.weights.layers[i] = _float32_layer(lw, xp)
-            stats = runner.run(i, specs, advance=not config.propagate)
-        info = transform_layer(cfg, lw, stats, config)
-        info.update(quantize_layer(cfg, lw, stats, config, inv_freq, xp))
+            lw = read_layer(i)
+        t0 = time.perf_counter()
+        lw = _layer_to(lw, xp)
+        info = _quantize_one_layer(cfg, i, lw, (R, Rh), runner, specs, config, inv_freq, xp)
         layer_info.append(info)
-        del stats
-        if runner is None:
-            continue
+        lw = _layer_to(lw, np)
+        if sink is not None:
+            sink.add_layer(i, lw)
+            lw = None
+        weights.layers[i] = lw
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        peak = memory_pool_gb(xp)
+        if peak is not None:
+            bar.set_postfix_str(f"GPU peak {peak:.1f} GB")
+    return layer_info
+
+
+def _quantize_one_layer(cfg: ModelConfig, i: int, lw: LayerWeights, rotations: tuple,
+                        runner: LayerRunner | None, specs: dict[str, PointSpec], config: QoQConfig,
+                        inv_freq: np.ndarray, xp) -> dict:
+    """Rotate (or only fold the norms of), calibrate, transform and quantize layer i in place (arrays on
+    xp); returns the record of what was done."""
+    prepare_layer(cfg, lw, *rotations)
+    stats = {}
+    if runner is not None:
+        runner.model.weights.layers[i] = _float32_layer(lw, xp)
+        stats = runner.run(i, specs, advance=not config.propagate)
+    info = transform_layer(cfg, lw, stats, config)
+    info.update(quantize_layer(cfg, lw, stats, config, inv_freq, xp))
+    del stats
+    if runner is not None:
         if config.propagate:  # the next layer sees this layer's quantized (dequantized-weight) outputs
             runner.model.weights.layers[i] = _float32_layer(lw, xp)
             runner.run(i)
         runner.model.weights.layers[i] = None  # the float32 copy of a done layer is no longer needed
-    return layer_info
+    return info
+
+
+def _quant_config_record(config: QoQConfig, samples: np.ndarray, source_used: str | None) -> dict:
+    n_samples = int(samples.shape[0]) if samples.size else 0
+    return {
+        "quant_method": "qoq", "w_bit": config.w_bit, "a_bit": 8, "group_size": config.group_size,
+        "kv_bit": config.kv_bit, "k_hadamard": bool(config.k_hadamard), "qoq": config.to_dict(),
+        "calibration": {"source": source_used if n_samples else None, "n_samples": n_samples,
+                        "seq_len": int(samples.shape[1]) if n_samples else 0, "tokens": int(samples.size),
+                        "seed": config.seed},
+    }
 
 
 def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig | None = None,
                    calib_files: list[str | Path] | None = None, progress: bool = True,
-                   overwrite: bool = False) -> QuantizeReport:
-    """Quantize a float Llama-family model with QoQ and write a QServe-format checkpoint to out_dir."""
+                   overwrite: bool = False, overwrite_flag: str = "overwrite=True",
+                   out_flag: str = "output directory") -> QuantizeReport:
+    """Quantize a float Llama-family model with QoQ and write a QServe-format checkpoint to out_dir.
+
+    The output target is checked before any work (check_output_dir: no file there, empty unless
+    `overwrite`, not the model's directory nor inside or around it, writable); each decoder layer is written
+    to the checkpoint when it is done (CheckpointWriter), so memory holds one float layer.
+    `overwrite_flag` / `out_flag` name the options in error messages (the CLI passes "--overwrite", "--out").
+    """
     config = config or qoq_g128()
     t0 = time.perf_counter()
+    flags = dict(overwrite=overwrite, overwrite_flag=overwrite_flag, out_flag=out_flag)
+    check_output_dir(out_dir, WeightsError, **flags)  # before resolving (maybe downloading) the model
     path = resolve_model(model_dir)
     cfg = ModelConfig.from_file(path / "config.json")
     if "quantization_config" in cfg.extra:
@@ -433,31 +521,35 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, config: QoQConfig
               file=sys.stderr)
     config = dataclasses.replace(config, calib_source=source, n_samples=n_samples, seq_len=seq_len,
                                  k_hadamard=k_hadamard)
+    writer = CheckpointWriter(out_dir, dict(cfg.extra), _quant_config_record(config, np.zeros((0, 0)), None),
+                              path, sources=(path,), **flags)
+    samples, source_used = np.zeros((0, 0), np.int64), None
+    stages = {"checks": time.perf_counter() - t0}
     if needs_calibration(config):
-        samples = calibrate.load_calibration_samples(tokenizer, source, n_samples, seq_len, config.seed,
-                                                     progress)
-        n_samples = samples.shape[0]
-    else:
-        samples, n_samples, seq_len = np.zeros((0, 0), np.int64), 0, 0
+        samples, source_used = calib_source.calibration_samples(path, tokenizer, source, n_samples, seq_len,
+                                                               config.seed, config.calib_device, progress)
+    stages["calibration_tokens"] = time.perf_counter() - t0 - sum(stages.values())
 
-    # embeddings and lm_head now, each decoder layer when the pipeline reaches it (memory: one float layer)
-    weights = load_llama_weights(cfg, path, dtype=np.float64, layers=False)
-    with LayerReader(cfg, path, dtype=np.float64) as read_layer:
-        layer_info = quantize_weights(cfg, weights, samples, config, progress, read_layer)
-
-    qc = {
-        "quant_method": "qoq", "w_bit": config.w_bit, "a_bit": 8, "group_size": config.group_size,
-        "kv_bit": config.kv_bit, "k_hadamard": bool(config.k_hadamard), "qoq": config.to_dict(),
-        "calibration": {"source": config.to_dict()["calib_source"] if n_samples else None,
-                        "n_samples": int(n_samples),
-                        "seq_len": int(seq_len), "tokens": int(samples.size), "seed": config.seed},
-    }
-    out = save_quantized(out_dir, dict(cfg.extra), weights, qc, path, overwrite=overwrite)
+    # embeddings and lm_head now, each decoder layer when the pipeline reaches it and written when done
+    # (float32 for a GPU run, widened to float64 there: exact for fp16 / bf16 / fp32 checkpoints, half the
+    # host memory)
+    ends_dtype = np.float32 if config.calib_device == "gpu" else np.float64
+    weights = load_llama_weights(cfg, path, dtype=ends_dtype, layers=False)
+    with writer, LayerReader(cfg, path, dtype=np.float64) as read_layer:
+        layer_info = quantize_weights(cfg, weights, samples, config, progress, read_layer, sink=writer)
+        writer.qc.update(_quant_config_record(config, samples, source_used))
+        stages["layers"] = time.perf_counter() - t0 - sum(stages.values())
+    stages["finish_checkpoint"] = time.perf_counter() - t0 - sum(stages.values())
+    out = writer.out_dir
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    report = QuantizeReport(Path(out), seconds, peak_mb, int(samples.size), layer_info)
+    report = QuantizeReport(Path(out), seconds, peak_mb, int(samples.size), layer_info,
+                            {k: round(v, 2) for k, v in stages.items()}, source_used,
+                            memory_pool_gb(_calibration_xp(config.calib_device)) if samples.size else None)
     if progress:
         print(f"quantized {path.name} -> {out}: {config.precision}, group size {config.group_size}, "
-              f"{n_samples} x {seq_len} calibration tokens, {seconds:.0f}s, peak memory {peak_mb:.0f} MB",
+              f"{samples.shape[0]} x {samples.shape[1]} calibration tokens, {seconds:.0f}s, "
+              f"peak memory {peak_mb:.0f} MB" + (f", GPU memory pool peak {report.gpu_pool_peak_gb:.1f} GB"
+                                                 if report.gpu_pool_peak_gb is not None else ""),
               file=sys.stderr)
     return report

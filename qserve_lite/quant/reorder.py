@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qserve_lite.core.backend import array_module, to_host
 from qserve_lite.model.weights import LayerWeights
 
 
@@ -18,16 +19,18 @@ def reorder_index(x_absmax: np.ndarray) -> np.ndarray:
 
 
 def apply_reorder(lw: LayerWeights, perm: np.ndarray) -> None:
-    """New channel c is old channel perm[c] (in place)."""
-    lw.down_proj.weight = np.ascontiguousarray(lw.down_proj.weight[:, perm])
+    """New channel c is old channel perm[c] (in place, on the weights' device)."""
+    xp = array_module(lw.down_proj.weight)
+    perm = xp.asarray(perm)
+    lw.down_proj.weight = xp.ascontiguousarray(lw.down_proj.weight[:, perm])
     for lin in (lw.gate_proj, lw.up_proj):
-        lin.weight = np.ascontiguousarray(lin.weight[perm])
+        lin.weight = xp.ascontiguousarray(lin.weight[perm])
         if lin.bias is not None:
             lin.bias = lin.bias[perm]
 
 
 def reorder_down(lw: LayerWeights, down_in_absmax: np.ndarray) -> np.ndarray:
     """Compute and apply the down_proj input reordering of one layer; returns the permutation."""
-    perm = reorder_index(down_in_absmax)
+    perm = reorder_index(to_host(down_in_absmax))
     apply_reorder(lw, perm)
     return perm

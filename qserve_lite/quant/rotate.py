@@ -20,6 +20,7 @@ import copy
 
 import numpy as np
 
+from qserve_lite.core.backend import array_module, is_cupy
 from qserve_lite.core.hadamard import hadamard
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.model.linear import Linear
@@ -61,7 +62,7 @@ def _layer_arrays(lw: LayerWeights) -> list:
 
 def _check_f64(arrays: list, what: str) -> None:
     for a in arrays:
-        if not isinstance(a, np.ndarray) or a.dtype != np.float64:
+        if not (isinstance(a, np.ndarray) or is_cupy(a)) or a.dtype != np.float64:
             raise TypeError(f"{what} needs float64 numpy weights (use weights_to_float64 first), "
                             f"found {type(a).__name__} {getattr(a, 'dtype', '')}")
 
@@ -122,11 +123,11 @@ def fold_layer_norms(lw: LayerWeights) -> LayerWeights:
     g = lw.input_norm
     for lin in (lw.q_proj, lw.k_proj, lw.v_proj):
         lin.weight = lin.weight * g[None, :]
-    lw.input_norm = np.ones_like(g)
+    lw.input_norm = array_module(g).ones_like(g)
     g = lw.post_attn_norm
     for lin in (lw.gate_proj, lw.up_proj):
         lin.weight = lin.weight * g[None, :]
-    lw.post_attn_norm = np.ones_like(g)
+    lw.post_attn_norm = array_module(g).ones_like(g)
     return lw
 
 
@@ -136,7 +137,7 @@ def fold_final_norm(weights: LlamaWeights) -> LlamaWeights:
     untie_embeddings(weights)
     g = weights.final_norm
     weights.lm_head.weight = weights.lm_head.weight * g[None, :]
-    weights.final_norm = np.ones_like(g)
+    weights.final_norm = array_module(g).ones_like(g)
     return weights
 
 
@@ -213,7 +214,7 @@ def rotate_layer_heads_vo(cfg: ModelConfig, lw: LayerWeights, Rh: np.ndarray) ->
     KVH, D = cfg.num_kv_heads, cfg.head_dim
     v = lw.v_proj
     w = v.weight.reshape(KVH, D, -1)
-    v.weight = np.matmul(Rh.T, w).reshape(KVH * D, -1)
+    v.weight = (Rh.T @ w).reshape(KVH * D, -1)
     if v.bias is not None:
         v.bias = (v.bias.reshape(KVH, D) @ Rh).reshape(KVH * D)
     o = lw.o_proj

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qserve_lite.core.backend import array_module
 from qserve_lite.core.hadamard import hadamard
 from qserve_lite.kernels.kv_quant import kv_fake_quant
 from qserve_lite.model.weights import LayerWeights
@@ -56,9 +57,10 @@ def apply_smooth_attention(lw: LayerWeights, scales: np.ndarray, num_heads: int)
     """Fold scales [KVH, D] into lw (in place): q_proj rows * lambda, k_proj rows / lambda."""
     kvh, d = scales.shape
     group = num_heads // kvh
-    q_scale = np.repeat(scales, group, axis=0).reshape(-1)  # query head h uses kv head h // group
-    k_scale = scales.reshape(-1)
     q, k = lw.q_proj, lw.k_proj
+    xp = array_module(q.weight)  # the weights' device (the scales come from host statistics)
+    q_scale = xp.asarray(np.repeat(scales, group, axis=0).reshape(-1))  # query head h uses kv head h // group
+    k_scale = xp.asarray(scales.reshape(-1))
     q.weight = (q.weight * q_scale[:, None]).astype(q.weight.dtype, copy=False)
     k.weight = (k.weight / k_scale[:, None]).astype(k.weight.dtype, copy=False)
     if q.bias is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qserve_lite.core.backend import array_module, to_host
 from qserve_lite.model.weights import LayerWeights
 
 DEFAULT_ALPHA_BETA = {128: (0.3, 0.7), -1: (0.1, 0.9)}  # keyed by group size (deepcompressor's QoQ configs)
@@ -31,6 +32,7 @@ def smooth_scales(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float, beta
 def apply_smooth_proj(lw: LayerWeights, scales: np.ndarray) -> None:
     """Fold lambda [intermediate] (in place): down_proj columns * lambda, up_proj rows (and bias) / lambda."""
     down, up = lw.down_proj, lw.up_proj
+    scales = array_module(down.weight).asarray(scales)  # onto the weights' device
     down.weight = (down.weight * scales[None, :]).astype(down.weight.dtype, copy=False)
     up.weight = (up.weight / scales[:, None]).astype(up.weight.dtype, copy=False)
     if up.bias is not None:
@@ -43,7 +45,8 @@ def smooth_proj(lw: LayerWeights, down_in_absmax: np.ndarray, alpha: float = 0.3
 
     down_in_absmax: max |x| per channel of down_proj's input, in the layer's current channel order.
     """
-    w_absmax = np.abs(np.asarray(lw.down_proj.weight, dtype=np.float64)).max(axis=0)
+    w = lw.down_proj.weight
+    w_absmax = to_host(array_module(w).abs(w.astype(np.float64)).max(axis=0))
     scales = smooth_scales(down_in_absmax, w_absmax, alpha, beta)
     apply_smooth_proj(lw, scales)
     return scales

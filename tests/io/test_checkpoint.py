@@ -190,8 +190,11 @@ def test_overwrite_and_atomicity(qwen_dir, tmp_path):
     with pytest.raises(WeightsError, match="not empty"):
         save_quantized(out, cfg_dict, weights, QUANT["w8"], qwen_dir)
     assert (out / "old.txt").read_text() == "keep"
+    (out / "model-00001-of-00002.safetensors").write_text("an older checkpoint's shard")
     save_quantized(out, cfg_dict, weights, QUANT["w8"], qwen_dir, overwrite=True)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    # overwrite replaces the checkpoint's files only: the unrelated file stays, the stale shard goes
+    assert (out / "old.txt").read_text() == "keep" and (out / "model.safetensors").is_file()
+    assert not (out / "model-00001-of-00002.safetensors").exists()
     # a failure while writing leaves neither a partial directory nor temp files
     weights.layers[1].down_proj = Linear(np.zeros((64, 160), np.float32))
     with pytest.raises(WeightsError, match="model.layers.1.mlp.down_proj is not quantized"):

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
 from qserve_lite.core.model_config import ModelConfig
 from qserve_lite.core.pack import TILE, pack_w4, to_qserve_group_params
 from qserve_lite.errors import ConfigError, WeightsError
-from qserve_lite.io.atomic_dir import atomic_output_dir
+from qserve_lite.io.atomic_dir import atomic_output_dir, check_output_dir
 from qserve_lite.io.checkpoint.layout import LINEARS, PRODUCER, linear_shapes, padded_k, validate_quant_config
 from qserve_lite.model.linear import Linear
 from qserve_lite.model.quant_linear import W4A8Linear, W8A8Linear
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_SHARD_BYTES = 2 * 1024**3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "tokenizer.model")
+_OWNED = re.compile(r"config\.json|model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -118,18 +122,6 @@ def _check_linear(name: str, lin, n: int, k: int, qc: dict):
     return q
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise WeightsError(
-            f"output path {out_dir} exists and is not a directory; choose another output directory"
-        )
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise WeightsError(
-            f"output directory {out_dir} already exists and is not empty; remove it, choose another "
-            "directory or pass overwrite=True"
-        )
-
-
 def _check_weights(cfg: ModelConfig, weights: LlamaWeights, qc: dict) -> None:
     """Every decoder linear and lm_head can be stored (so that a failure happens before writing anything)."""
     shapes = linear_shapes(cfg)
@@ -141,19 +133,6 @@ def _check_weights(cfg: ModelConfig, weights: LlamaWeights, qc: dict) -> None:
         raise WeightsError(
             "lm_head must be an unquantized Linear for QServe checkpoints, got "
             f"{type(weights.lm_head).__name__}"
-        )
-
-
-def _warn_unfolded_norms(weights: LlamaWeights, qc: dict, out_dir: Path) -> None:
-    if qc["w_bit"] != 4:
-        return
-    norms = [weights.final_norm]
-    norms += [x for lw in weights.layers for x in (lw.input_norm, lw.post_attn_norm)]
-    if not all(np.all(np.asarray(a) == 1) for a in norms):
-        log.warning(
-            "saving W4A8 checkpoint %s with norm weights that are not all ones: qserve-lite applies "
-            "them, but QServe's W4A8 runtime ignores norm weights (fold them into the linears first "
-            "for a QServe-compatible checkpoint)", out_dir,
         )
 
 
@@ -191,58 +170,72 @@ def _float_tensor(name: str, arr, shape: tuple[int, ...]) -> np.ndarray:
     return a.astype(np.float16)
 
 
-def _tensor_stream(cfg: ModelConfig, weights: LlamaWeights, qc: dict):
+def _layer_tensors(cfg: ModelConfig, i: int, layer, qc: dict) -> dict[str, np.ndarray]:
     h = cfg.hidden_size
-    yield "model.embed_tokens.weight", _float_tensor("model.embed_tokens.weight", weights.embed_tokens,
-                                                     (cfg.vocab_size, h))
     shapes = linear_shapes(cfg)
-    for i, layer in enumerate(weights.layers):
-        p = f"model.layers.{i}"
-        out = {}
-        for norm_name, arr in (("input_layernorm", layer.input_norm),
-                               ("post_attention_layernorm", layer.post_attn_norm)):
-            out[f"{p}.{norm_name}.weight"] = _float_tensor(f"{p}.{norm_name}.weight", arr, (h,))
-        for (block, lname) in LINEARS:
-            n, k = shapes[f"{block}.{lname}"]
-            out.update(_encode_linear(f"{p}.{block}.{lname}", getattr(layer, lname), n, k, qc))
-        yield from out.items()
-    yield "model.norm.weight", _float_tensor("model.norm.weight", weights.final_norm, (h,))
-    yield "lm_head.weight", _float_tensor("lm_head.weight", weights.lm_head.weight, (cfg.vocab_size, h))
+    p = f"model.layers.{i}"
+    out = {}
+    for norm_name, arr in (("input_layernorm", layer.input_norm),
+                           ("post_attention_layernorm", layer.post_attn_norm)):
+        out[f"{p}.{norm_name}.weight"] = _float_tensor(f"{p}.{norm_name}.weight", arr, (h,))
+    for (block, lname) in LINEARS:
+        n, k = shapes[f"{block}.{lname}"]
+        out.update(_encode_linear(f"{p}.{block}.{lname}", getattr(layer, lname), n, k, qc))
+    return out
 
 
-def _write_shards(tmp: Path, stream, max_shard_bytes: int) -> None:
-    from safetensors.numpy import save_file
+def _end_tensors(cfg: ModelConfig, weights: LlamaWeights) -> dict[str, np.ndarray]:
+    h = cfg.hidden_size
+    if not isinstance(weights.lm_head, Linear):
+        raise WeightsError(
+            "lm_head must be an unquantized Linear for QServe checkpoints, got "
+            f"{type(weights.lm_head).__name__}"
+        )
+    return {"model.embed_tokens.weight": _float_tensor("model.embed_tokens.weight", weights.embed_tokens,
+                                                       (cfg.vocab_size, h)),
+            "model.norm.weight": _float_tensor("model.norm.weight", weights.final_norm, (h,)),
+            "lm_head.weight": _float_tensor("lm_head.weight", weights.lm_head.weight, (cfg.vocab_size, h))}
 
-    meta = {"format": "pt"}
-    shard: dict[str, np.ndarray] = {}
-    size = 0
-    parts: list[list[str]] = []
-    total = 0
 
-    def flush():
-        nonlocal shard, size
-        if shard:
-            save_file(shard, str(tmp / f".part-{len(parts):05d}.safetensors"), metadata=meta)
-            parts.append(list(shard))
-            shard, size = {}, 0
+class _ShardWriter:
+    """Writes tensors into safetensors shards of at most max_shard_bytes as they arrive (hidden .part files
+    while writing); `finish` names them model.safetensors or model-i-of-n.safetensors + the index."""
 
-    for name, arr in stream:
-        if shard and size + arr.nbytes > max_shard_bytes:
-            flush()
-        shard[name] = np.ascontiguousarray(arr)
-        size += arr.nbytes
-        total += arr.nbytes
-    flush()
-    if len(parts) == 1:
-        os.replace(tmp / ".part-00000.safetensors", tmp / "model.safetensors")
-        return
-    weight_map = {}
-    for i, names in enumerate(parts):
-        fname = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-        os.replace(tmp / f".part-{i:05d}.safetensors", tmp / fname)
-        weight_map.update({n: fname for n in names})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.dir, self.max_bytes = directory, max_shard_bytes
+        self.shard: dict[str, np.ndarray] = {}
+        self.size = self.total = 0
+        self.parts: list[list[str]] = []
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        if self.shard and self.size + arr.nbytes > self.max_bytes:
+            self.flush()
+        self.shard[name] = np.ascontiguousarray(arr)
+        self.size += arr.nbytes
+        self.total += arr.nbytes
+
+    def flush(self) -> None:
+        from safetensors.numpy import save_file
+
+        if self.shard:
+            save_file(self.shard, str(self.dir / f".part-{len(self.parts):05d}.safetensors"),
+                      metadata={"format": "pt"})
+            self.parts.append(list(self.shard))
+            self.shard, self.size = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        tmp, parts = self.dir, self.parts
+        if len(parts) == 1:
+            os.replace(tmp / ".part-00000.safetensors", tmp / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(parts):
+            fname = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            os.replace(tmp / f".part-{i:05d}.safetensors", tmp / fname)
+            weight_map.update({n: fname for n in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- config.json
@@ -279,29 +272,112 @@ def _tokenizer_files(tokenizer_dir: str | Path | None) -> list[Path]:
     return tok_files
 
 
+def owned_by_checkpoint(name: str) -> bool:
+    """True for the file names a checkpoint consists of (what --overwrite replaces; other files are kept)."""
+    return bool(_OWNED.fullmatch(name)) or name in TOKENIZER_FILES
+
+
+class CheckpointWriter:
+    """Writes a QServe-format checkpoint as its parts arrive, so a quantizer can hand over each decoder layer
+    when it is done and drop it (host memory holds one layer, not the model):
+
+        with CheckpointWriter(out_dir, config, quant_config, tokenizer_dir) as w:
+            w.add_layer(0, layer0) ...; w.add_ends(weights)
+
+    The output target is checked when the writer is made (before any work); the files go to a temporary
+    directory beside out_dir that becomes out_dir when the block ends without error (atomic_output_dir),
+    and is removed on an error, Ctrl-C or SIGTERM.
+    """
+
+    def __init__(self, out_dir: str | Path, config: dict, quant_config: dict,
+                 tokenizer_dir: str | Path | None, *, overwrite: bool = False,
+                 max_shard_bytes: int = MAX_SHARD_BYTES, sources: tuple = (),
+                 overwrite_flag: str = "overwrite=True", out_flag: str = "output directory"):
+        self.qc = validate_quant_config(quant_config)
+        self.cfg = ModelConfig.from_dict(config, source="config")
+        self.out_dir = check_output_dir(out_dir, WeightsError, overwrite=overwrite, sources=sources,
+                                        overwrite_flag=overwrite_flag, out_flag=out_flag)
+        self.config, self.tokenizer_dir, self.max_shard_bytes = config, tokenizer_dir, max_shard_bytes
+        self._stack: ExitStack | None = None
+        self._shards: _ShardWriter | None = None
+        self._layers: set[int] = set()
+        self._ends = False
+        self._unfolded = False
+
+    def __enter__(self) -> CheckpointWriter:
+        with ExitStack() as stack:
+            tmp = stack.enter_context(atomic_output_dir(self.out_dir, WeightsError, "the checkpoint",
+                                                        owned=owned_by_checkpoint))
+            self._shards = _ShardWriter(tmp, self.max_shard_bytes)
+            self._stack = stack.pop_all()
+        return self
+
+    def add_layer(self, i: int, layer) -> None:
+        """Encode and write decoder layer i (every linear checked against the config first)."""
+        if i in self._layers or not 0 <= i < self.cfg.num_layers:
+            raise WeightsError(f"layer {i} given twice or out of range (the model has {self.cfg.num_layers})")
+        for name, arr in _layer_tensors(self.cfg, i, layer, self.qc).items():
+            self._shards.add(name, arr)
+        self._layers.add(i)
+        norms = (layer.input_norm, layer.post_attn_norm)
+        self._unfolded |= not all(np.all(np.asarray(a) == 1) for a in norms)
+
+    def add_ends(self, weights: LlamaWeights) -> None:
+        """The embeddings, the final norm and lm_head."""
+        for name, arr in _end_tensors(self.cfg, weights).items():
+            self._shards.add(name, arr)
+        self._ends = True
+        self._unfolded |= not bool(np.all(np.asarray(weights.final_norm) == 1))
+
+    def _finish(self) -> None:
+        missing = sorted(set(range(self.cfg.num_layers)) - self._layers)
+        if missing or not self._ends:
+            raise WeightsError(f"checkpoint incomplete: layers {missing} missing"
+                               if missing else "checkpoint incomplete: embeddings / lm_head missing")
+        if self._unfolded and self.qc["w_bit"] == 4:
+            log.warning(
+                "saving W4A8 checkpoint %s with norm weights that are not all ones: qserve-lite applies "
+                "them, but QServe's W4A8 runtime ignores norm weights (fold them into the linears first "
+                "for a QServe-compatible checkpoint)", self.out_dir,
+            )
+        self._shards.finish()
+        tmp = self._shards.dir
+        (tmp / "config.json").write_text(json.dumps(_output_config(self.config, self.cfg, self.qc), indent=2)
+                                         + "\n")
+        for f in _tokenizer_files(self.tokenizer_dir):
+            shutil.copyfile(f, tmp / f.name)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stack, self._stack = self._stack, None
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException:
+                if not stack.__exit__(*sys.exc_info()):
+                    raise
+                return False
+        return bool(stack.__exit__(exc_type, exc, tb))
+
+
 def save_quantized(out_dir: str | Path, config: dict, weights: LlamaWeights, quant_config: dict,
                    tokenizer_dir: str | Path | None, *, overwrite: bool = False,
-                   max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                   max_shard_bytes: int = MAX_SHARD_BYTES, overwrite_flag: str = "overwrite=True") -> Path:
     """Write a QServe-format quantized checkpoint (safetensors + config.json + tokenizer files) to out_dir.
 
     config: the model's HF config dict; quant_config: at least quant_method 'qoq', w_bit, a_bit, group_size,
-    kv_bit (other keys are kept). Written atomically: a temp directory renamed into place. An existing
-    non-empty out_dir is replaced only with overwrite=True. Returns out_dir.
+    kv_bit (other keys are kept). Written atomically: a temp directory renamed into place. A non-empty
+    out_dir is written to only with overwrite=True, which replaces the checkpoint's own files there and keeps
+    every other file. Returns out_dir.
     """
-    out_dir = Path(out_dir).expanduser()
-    qc = validate_quant_config(quant_config)
-    cfg = ModelConfig.from_dict(config, source="config")
-    if len(weights.layers) != cfg.num_layers:
-        raise WeightsError(f"weights have {len(weights.layers)} layers but the config says {cfg.num_layers}")
-    _check_out_dir(out_dir, overwrite)
-    _check_weights(cfg, weights, qc)
-    _warn_unfolded_norms(weights, qc, out_dir)
-    cfg_out = _output_config(config, cfg, qc)
-    tok_files = _tokenizer_files(tokenizer_dir)
-
-    with atomic_output_dir(out_dir, WeightsError, "the checkpoint") as tmp:
-        _write_shards(tmp, _tensor_stream(cfg, weights, qc), max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n")
-        for f in tok_files:
-            shutil.copyfile(f, tmp / f.name)
-    return out_dir
+    writer = CheckpointWriter(out_dir, config, quant_config, tokenizer_dir, overwrite=overwrite,
+                              max_shard_bytes=max_shard_bytes, overwrite_flag=overwrite_flag,
+                              sources=() if tokenizer_dir is None else (tokenizer_dir,))
+    if len(weights.layers) != writer.cfg.num_layers:
+        raise WeightsError(f"weights have {len(weights.layers)} layers but the config says "
+                           f"{writer.cfg.num_layers}")
+    _check_weights(writer.cfg, weights, writer.qc)
+    with writer:
+        writer.add_ends(weights)
+        for i, layer in enumerate(weights.layers):
+            writer.add_layer(i, layer)
+    return Path(out_dir).expanduser()
