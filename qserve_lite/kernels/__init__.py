@@ -13,6 +13,7 @@ compiled at run time with NVRTC by kernels/cuda/jit.py).
     one device linear (every mode)    linear.py                       cuda/gemm.py         cuda/gemm.cu
     W4A8 GEMM (per-channel, g128)     w4a8_gemm.py                    cuda/gemm.py         cuda/gemm.cu
       decode, M <= 16 tokens          (through cuda/gemm.py)          cuda/gemm_skinny.py  cuda/gemm_skinny.cu
+      Hopper (sm_90a), int8 modes     (through cuda/gemm.py)          cuda/gemm_sm90.py    cuda/gemm_sm90.cu
       dequantize + cuBLAS INT8        w4a8_gemm.py, method="cublas"   cuda/cublas.py       cuda/cublas.cu
     W8A8 GEMM                         w8a8_gemm.py                    cuda/gemm.py         cuda/gemm.cu
     fp16 GEMM (fp32 accumulation)     fp16_gemm.py                    cuda/gemm.py         cuda/gemm.cu
@@ -25,7 +26,8 @@ compiled at run time with NVRTC by kernels/cuda/jit.py).
 
 Shared by the launchers: cuda/device.py (device properties, Hopper checks; cuda/arch_probe.cu),
 cuda/workspace.py (split-K workspaces; `pin_workspaces` / `release_workspaces` for CUDA graphs),
-cuda/args.py (argument checks), cuda/common.cuh and cuda/w4.cuh (device helpers the .cu files include).
+cuda/args.py (argument checks), cuda/driver.py (TMA descriptors and raw launches through the CUDA driver),
+cuda/common.cuh, cuda/w4.cuh and cuda/sm90.cuh (device helpers the .cu files include).
 
 Dispatch rule: every public function takes numpy or CuPy arrays (or an `xp` module argument); numpy runs the
 twin, CuPy runs the launcher. The launchers import CuPy only when called (core.backend.import_cupy), so the
