@@ -33,7 +33,8 @@
 //   bias (fp16):    fp16(fp32(out16) + fp32(bias[n]))          (fp32 output: acc + bias)
 #include "common.cuh"
 #include "w4.cuh"
-#include "sm90.cuh"  // wgmma helpers (QS_WGMMA; plain declarations, harmless elsewhere)
+// sm90.cuh: the wgmma helpers of the QS_WGMMA path (unused functions are not emitted elsewhere)
+#include "sm90.cuh"
 
 #ifndef QS_MODE
 #define QS_MODE 1
