@@ -77,45 +77,20 @@ def sm90_supported(mode_id: int, m: int, n: int, lda: int, x_ptr: int, w_ptr: in
     return mode_id != 2 or (ldw % 16 == 0 and n > 0)
 
 
-# A rough time model of one stage on one SM (H200). Weights are read from DRAM once per group of token tiles
-# that run together (GROUP_M), activations once per few channel tiles; DRAM bandwidth is shared by the SMs at
-# work (at most PER_SM_DRAM_NS each); everything a tile reads passes through L2 at L2_NS per SM; the int8
-# wgmma runs at MACS_NS (two consumer warpgroups; one keeps ONE_WG_RATE of that). benchmarks/kernels.py
-# --tune checks the choices it leads to.
-GPU_DRAM_NS = 4000.0
-PER_SM_DRAM_NS = 90.0
-L2_NS = 80.0
-MACS_NS = 5200.0
-ONE_WG_RATE = 0.65
-
-
-def _stage_ns(cfg: Sm90Config, mode_id: int, m: int, n: int, active_sms: int) -> float:
-    w = cfg.bn * BK // 2 if mode_id in (0, 1) else cfg.bn * BK
-    x = cfg.bm * BK
-    dram = w / min(-(-m // cfg.bm), 8) + x / min(-(-n // cfg.bn), 16)
-    per_sm = min(PER_SM_DRAM_NS, GPU_DRAM_NS / max(1, active_sms))
-    rate = MACS_NS * (1.0 if cfg.nwg == 2 else ONE_WG_RATE)
-    return max(dram / per_sm, (w + x) / L2_NS, cfg.bm * cfg.bn * BK / rate)
-
-
-def predict_sm90(cfg: Sm90Config, mode_id: int, m: int, n: int, kw_bytes: int) -> float:
-    """Modelled time (ns) of the GEMM with this tile and its chosen split."""
-    sms = sm_count()
-    ns = sm90_splits(cfg, m, n, kw_bytes)
-    stages = -(-kw_bytes // BK)
-    per = -(-stages // ns)
-    units = -(-n // cfg.bn) * -(-m // cfg.bm) * ns
-    rounds = -(-units // sms)
-    stage = _stage_ns(cfg, mode_id, m, n, min(units, sms))
-    red = cfg.bm * cfg.bn * 4 / (cfg.bm * BK + cfg.bn * BK // 2) if ns > 1 else 0.0
-    return stage * (rounds * (per + 2 + red) + ns * red)
-
-
 def choose_sm90(mode_id: int, m: int, n: int, kw_bytes: int) -> Sm90Config:
-    """The tile of least modelled time among those whose token height suits M (no tile taller than needed:
-    the MMA work of padded tokens is not free)."""
-    fits = [c for c in SM90_CONFIGS.values() if c.bm <= max(16, 2 ** max(0, (m - 1).bit_length()))]
-    return min(fits, key=lambda c: predict_sm90(c, mode_id, m, n, kw_bytes))
+    """Tile by token count and width, from benchmarks/kernels.py --tune on an H200 (2026-12-02, Llama-3-8B
+    shapes): the shortest token tile that covers M up to 64 tokens, 128 tokens above; 256 channels for wide
+    layers (N >= 16384) and for M > 256, where the shared activation tile pays; at 65-256 tokens, 128 x 128
+    for N >= 6144 and 64 x 128 below (more tiles for narrow layers)."""
+    del mode_id, kw_bytes
+    wide = n >= 16384
+    if m <= 16:
+        return SM90_CONFIGS["h16x256" if wide else "h16x128"]
+    if m <= 64:
+        return SM90_CONFIGS["h64x256" if wide else "h64x128"]
+    if m <= 256 and not wide:
+        return SM90_CONFIGS["h128x128" if n >= 6144 else "h64x128"]
+    return SM90_CONFIGS["h128x256"]
 
 
 def sm90_splits(cfg: Sm90Config, m: int, n: int, kw_bytes: int) -> int:
