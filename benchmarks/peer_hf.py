@@ -28,24 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qserve_lite.bench.results import git_sha  # noqa: E402  (the checkout's commit, +dirty)
 
-CONFIGS = ROOT / "qserve_lite" / "model" / "configs"
-
 
 def resolve_config(model: str) -> Path:
-    """--model -> a config.json: a file path, a directory holding config.json, or a shipped config name."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir() and (path / "config.json").is_file():
-        return path / "config.json"
-    shipped = CONFIGS / f"{model}.json"
-    if shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json"))) or "none yet"
-    raise SystemExit(
-        f"error: --model {model!r} is neither a config.json (or a directory with one) nor a shipped config "
-        f"(in {CONFIGS.relative_to(ROOT)}: {names})"
-    )
+    """--model -> a config.json: a shipped config name, a file path, or a directory holding config.json
+    (io/shipped_configs.resolve_config_path, as the CLI resolves it)."""
+    from qserve_lite.errors import QServeLiteError
+    from qserve_lite.io.shipped_configs import resolve_config_path
+
+    try:
+        return resolve_config_path(model)
+    except QServeLiteError as e:
+        raise SystemExit(f"error: --model: {e}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
