@@ -321,9 +321,12 @@ class TPGroup:
         return replies
 
     def raise_if_failed(self, wait_s: float = 0.0) -> None:
-        """DeviceError if a worker died (waiting up to wait_s for a dying one to be seen)."""
+        """DeviceError if a worker died (waiting up to wait_s for the first dying one to be seen)."""
+        if wait_s > 0 and self.failure is None:
+            mp.connection.wait([p.sentinel for p in self.procs], timeout=wait_s)
         for rank, proc in enumerate(self.procs, start=1):
-            proc.join(wait_s)
+            if proc.exitcode is None and wait_s > 0:
+                proc.join(0.05)
             if self.failure is None and proc.exitcode is not None:
                 self.failure = f"tensor-parallel rank {rank} exited (code {proc.exitcode})"
         if self.failure is not None:
@@ -394,8 +397,13 @@ class TPModelRunner:
         try:
             self.group.send(method, *args)
             return here()
-        except Exception:
-            self.group.raise_if_failed(wait_s=1.0)
+        except Exception as e:
+            # a collective or command broken by a dying worker: name the worker (its death may take a moment
+            # to be seen), or say the group broke
+            broken = isinstance(e, (EOFError, OSError))
+            self.group.raise_if_failed(wait_s=10.0 if broken else 1.0)
+            if broken:
+                raise DeviceError(f"tensor-parallel group broke: {type(e).__name__}: {e}") from e
             raise
 
     def run(self, seqs: list[Sequence], is_prefill: bool):
