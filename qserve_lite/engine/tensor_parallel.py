@@ -322,11 +322,12 @@ class TPGroup:
 
     def raise_if_failed(self, wait_s: float = 0.0) -> None:
         """DeviceError if a worker died (waiting up to wait_s for the first dying one to be seen)."""
+        ready = []
         if wait_s > 0 and self.failure is None:
-            mp.connection.wait([p.sentinel for p in self.procs], timeout=wait_s)
+            ready = mp.connection.wait([p.sentinel for p in self.procs], timeout=wait_s)
         for rank, proc in enumerate(self.procs, start=1):
-            if proc.exitcode is None and wait_s > 0:
-                proc.join(0.05)
+            if proc.sentinel in ready:  # exiting: its status follows the closing of its sentinel shortly
+                proc.join(5.0)
             if self.failure is None and proc.exitcode is not None:
                 self.failure = f"tensor-parallel rank {rank} exited (code {proc.exitcode})"
         if self.failure is not None:
