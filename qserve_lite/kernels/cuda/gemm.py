@@ -20,7 +20,7 @@ from qserve_lite.kernels.cuda.args import aligned16, c_rows, ptr_or_null, vector
 from qserve_lite.kernels.cuda.device import sm_count, wgmma_available
 from qserve_lite.kernels.cuda.gemm_skinny import SKINNY_MAX_M, SkinnyConfig, choose_skinny, gemm_skinny
 from qserve_lite.kernels.cuda.gemm_sm90 import Sm90Config, choose_sm90, gemm_sm90, sm90_supported
-from qserve_lite.kernels.cuda.jit import get_kernel, read_global_int
+from qserve_lite.kernels.cuda.jit import get_sized_kernel
 from qserve_lite.kernels.cuda.workspace import gemm_workspace
 
 MODES = {"w4_per_channel": 0, "w4_g128": 1, "w8": 2, "f16": 3}
@@ -131,18 +131,7 @@ def choose_splits(cfg: GemmConfig, mode: int, m: int, n: int, kbytes: int, out_f
 
 def _gemm_kernel(mode: int, cfg: GemmConfig, aligned: bool, out_f32: bool):
     """(kernel, dynamic shared memory bytes) of one configuration; the module states its own smem size."""
-    defines = cfg.defines(mode, aligned, out_f32)
-    key = tuple(sorted(defines.items()))
-    smem = _smem_of.get(key)
-    if smem is None:
-        smem = read_global_int("gemm.cu", "qs_gemm_smem_bytes", defines)
-        threads = read_global_int("gemm.cu", "qs_gemm_threads", defines)
-        assert threads == cfg.threads, (cfg, threads)
-        _smem_of[key] = smem
-    return get_kernel("gemm.cu", "qs_gemm", defines, dynamic_smem=smem), smem
-
-
-_smem_of: dict[tuple, int] = {}
+    return get_sized_kernel("gemm.cu", "qs_gemm", cfg.defines(mode, aligned, out_f32), cfg.threads)
 
 
 def _output(out, m: int, n: int, out_f32: bool, cupy):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from qserve_lite.kernels.cuda.device import sm_count
 from qserve_lite.kernels.cuda.driver import SWIZZLE_128B, SWIZZLE_NONE, TMA_U8, TMA_U64, launch, tensor_map_2d
-from qserve_lite.kernels.cuda.jit import get_kernel, read_global_int
+from qserve_lite.kernels.cuda.jit import get_sized_kernel
 from qserve_lite.kernels.cuda.workspace import gemm_workspace
 
 BK = 128  # bytes of K per pipeline stage (one g128 group)
@@ -115,20 +115,9 @@ def sm90_splits(cfg: Sm90Config, m: int, n: int, kw_bytes: int) -> int:
     return best
 
 
-_smem_of: dict[tuple, int] = {}
-
-
 def _kernel(mode_id: int, cfg: Sm90Config):
     """(kernel, dynamic shared memory bytes) of one configuration; the module states its own smem size."""
-    defines = cfg.defines(mode_id)
-    key = tuple(sorted(defines.items()))
-    smem = _smem_of.get(key)
-    if smem is None:
-        smem = read_global_int("gemm_sm90.cu", "qs_gemm_sm90_smem_bytes", defines)
-        threads = read_global_int("gemm_sm90.cu", "qs_gemm_sm90_threads", defines)
-        assert threads == cfg.threads, (cfg, threads)
-        _smem_of[key] = smem
-    return get_kernel("gemm_sm90.cu", "qs_gemm_sm90", defines, dynamic_smem=smem), smem
+    return get_sized_kernel("gemm_sm90.cu", "qs_gemm_sm90", cfg.defines(mode_id), cfg.threads)
 
 
 def _maps(mode_id: int, cfg: Sm90Config, q_x, lda: int, w, ldw: int, m: int, n: int, kx_bytes: int, kw: int,

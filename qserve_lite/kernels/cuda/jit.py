@@ -112,6 +112,23 @@ def get_kernel(name: str, entry: str, defines: Mapping[str, int | str] | None = 
     return kern
 
 
+_geometry: dict[tuple, int] = {}
+
+
+def get_sized_kernel(name: str, entry: str, defines: Mapping[str, int | str], threads: int):
+    """(kernel, dynamic shared memory bytes) of a module that states its own launch geometry: `extern "C"
+    __device__ const int` symbols <entry>_smem_bytes and <entry>_threads. The module's thread count must equal
+    the launcher's `threads` (its copy of the configuration); both are read once per configuration."""
+    key = (name, entry, define_options(defines))
+    smem = _geometry.get(key)
+    if smem is None:
+        smem = read_global_int(name, f"{entry}_smem_bytes", defines)
+        module_threads = read_global_int(name, f"{entry}_threads", defines)
+        assert module_threads == threads, (name, dict(defines), module_threads, threads)
+        _geometry[key] = smem
+    return get_kernel(name, entry, defines, dynamic_smem=smem), smem
+
+
 def read_global_int(name: str, symbol: str, defines: Mapping[str, int | str] | None = None) -> int:
     """Value of an `extern "C" __device__ const int` of a module (used to check launch geometry)."""
     cupy = import_cupy()
