@@ -1,5 +1,6 @@
-"""kernels/cuda/jit.get_sized_kernel: the launch geometry a module states (<entry>_smem_bytes, <entry>_threads)
-is read once per configuration, checked against the launcher's thread count, and its shared memory passed on."""
+"""kernels/cuda/jit.get_sized_kernel: the launch geometry a module states (<entry>_smem_bytes and
+<entry>_threads) is read once per configuration, checked against the launcher's thread count, and its
+shared memory passed on."""
 
 from __future__ import annotations
 
