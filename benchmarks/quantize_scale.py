@@ -34,10 +34,12 @@ TINY = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, 
 SHARD_BYTES = 4 * 1024**3
 
 
-def _config(tiny: bool) -> dict:
+def _config(tiny: bool, layers: int | None = None) -> dict:
     cfg = json.loads((ROOT / "qserve_lite" / "io" / "configs" / "llama-3-8b.json").read_text())
     if tiny:
         cfg.update(TINY)
+    if layers:
+        cfg["num_hidden_layers"] = layers
     cfg.update(bos_token_id=256, eos_token_id=257, torch_dtype="float16")
     return cfg
 
@@ -74,13 +76,13 @@ def _tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
-def write_model(out: Path, tiny: bool, seed: int = 0) -> float:
+def write_model(out: Path, tiny: bool, seed: int = 0, layers: int | None = None) -> float:
     """Random fp16 weights as sharded safetensors; returns the seconds it took."""
     from safetensors.numpy import save_file
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _config(tiny)
+    cfg = _config(tiny, layers)
     rng = np.random.default_rng(seed)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -175,15 +177,17 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, required=True, help="where the model and the checkpoints go")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (CPU test)")
     ap.add_argument("--rewrite", action="store_true", help="write the random model again")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default: the shape's own; fewer for a quick per-layer sizing run)")
     ap.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[128, -1])
     ap.add_argument("--quantize-args", nargs=argparse.REMAINDER, default=[],
                     help="more `quantize` arguments (e.g. --calib-tokens 4096 for a quick run)")
     args = ap.parse_args()
-    model = args.dir / ("model-tiny" if args.tiny else "model")
+    model = args.dir / (("model-tiny" if args.tiny else "model") + (f"-{args.layers}l" if args.layers else ""))
     write_s = None
     if args.rewrite or not (model / "model.safetensors.index.json").is_file():
-        write_s = round(write_model(model, args.tiny), 1)
+        write_s = round(write_model(model, args.tiny, layers=args.layers), 1)
     from qserve_lite.core.backend import resolve_device
 
     device = resolve_device(args.device)
@@ -192,7 +196,7 @@ def main() -> int:
     for g in args.group_sizes:
         out = args.dir / f"q-{'tiny-' if args.tiny else ''}{'g128' if g == 128 else 'per-channel'}"
         rec = {"date": datetime.date.today().isoformat(), "machine": machine, "host": platform.node(),
-               "shape": "tiny" if args.tiny else "llama-3-8b", "device": device, "write_model_s": write_s,
+               "shape": ("tiny" if args.tiny else "llama-3-8b") + (f"-{args.layers}-layers" if args.layers else ""), "device": device, "write_model_s": write_s,
                **quantize(model, out, g, device, args.quantize_args)}
         if rec["quantize_rc"] == 0:
             rec.update(generate(out, device))
