@@ -22,7 +22,9 @@
 // epilogue. Integer sums are exact, so the result does not depend on the split or the arrival order.
 //
 // Macros: QS_MODE 0 W4 per-channel, 1 W4 g128, 2 W8; QS_BM 16, 32, 64 or 128 tokens; QS_NWG 1 or 2 consumer
-// warpgroups; QS_STAGES pipeline depth.
+// warpgroups; QS_STAGES pipeline depth; QS_KWG 2: the two consumer warpgroups share one 128-channel tile and
+// take alternate K stages (twice the tiles of 256 channels, no split-K traffic), their sums joined through
+// shared memory before the first warpgroup's epilogue.
 // Epilogues (every step rounded to nearest even, no FMA):
 //   W4 per-channel: fp16((fp32(acc) * s1[n]) * sx[m] - szeros[n] * xsum[m])
 //   W4 g128, W8:    fp16((fp32(acc) * s[n]) * sx[m])
@@ -43,22 +45,27 @@
 #ifndef QS_STAGES
 #define QS_STAGES 4
 #endif
+#ifndef QS_KWG
+#define QS_KWG 1
+#endif
 
 namespace {
 
 constexpr int MODE = QS_MODE;
 constexpr bool IS_W4 = MODE == 0 || MODE == 1;
 constexpr bool IS_G128 = MODE == 1;
-constexpr int BM = QS_BM, NWG = QS_NWG, STAGES = QS_STAGES;
-constexpr int BN = 128 * NWG;
+constexpr int BM = QS_BM, NWG = QS_NWG, STAGES = QS_STAGES, KWG = QS_KWG;
+constexpr int BN = 128 * NWG / KWG;
 constexpr int BK = 128;  // bytes of K per stage
 constexpr int NCT = 128 * NWG;  // consumer threads
+constexpr int EPI_T = NCT / KWG;  // consumer threads that own a tile's final sums (the epilogue's)
 constexpr int NTHREADS = NCT + 128;
 constexpr int HALF_ACC = BM / 2;  // accumulators per thread of one m64 x BM wgmma tile
 constexpr int ACC = 2 * HALF_ACC;
 constexpr int GROUP_M = 8;
 static_assert(BM == 16 || BM == 32 || BM == 64 || BM == 128, "BM is 16, 32, 64 or 128 tokens");
 static_assert(NWG == 1 || NWG == 2, "one or two consumer warpgroups");
+static_assert(KWG == 1 || (KWG == 2 && NWG == 2), "K shared by the warpgroups: two of them");
 static_assert(MODE >= 0 && MODE <= 2, "int8 modes only");
 
 constexpr int X_BYTES = BM * BK;
@@ -178,7 +185,7 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(&full[s], 1);
-            mbar_init(&empty[s], NWG * 4);
+            mbar_init(&empty[s], NWG / KWG * 4);  // the warps that read a stage
         }
         mbar_init_fence();
     }
@@ -228,13 +235,12 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
     // ---- consumers ----
     regs_alloc<CONSUMER_REGS>();
     const int cwg = wg - 1;
-    const int cb = cwg * 4 + warp;  // the warp's 32-channel block inside the tile
+    const int cb = (KWG == 1 ? cwg * 4 : 0) + warp;  // the warp's 32-channel block inside the tile
     const int ctid = threadIdx.x - 128;
     const int g = lane >> 2, t = lane & 3;
     u16* staged = reinterpret_cast<u16*>(smem + STAGES * STAGE_BYTES) + cwg * BM * OUT_PITCH;
     const bool vec_ok = (ldy % 8 == 0) && ((reinterpret_cast<u64>(Y) & 15) == 0);
-    int slot = 0;
-    u32 phase = 0;
+    int q0 = 0;  // stages of this block's earlier units: stage st of a unit is the (q0 + st)-th of the ring
     u32 a1[2][2][4];
 #pragma unroll
     for (int s = 0; s < 2; ++s)
@@ -254,8 +260,11 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
 #pragma unroll
             for (int e = 0; e < HALF_ACC; ++e) acc[i][e] = 0;
 
-        int prev_slot = 0;
-        for (int st = 0; st < nst; ++st) {
+        int prev_slot = -1;
+        // KWG == 2: warpgroup c takes the unit's stages c, c + 2, ... (both hold the same 128 channels)
+        for (int st = KWG == 1 ? 0 : cwg; st < nst; st += KWG) {
+            const int slot = (q0 + st) % STAGES;
+            const u32 phase = ((q0 + st) / STAGES) & 1;
             mbar_wait(&full[slot], phase);
             const u8* base = smem + slot * STAGE_BYTES;
             const u8* sw = base + X_BYTES;
@@ -270,55 +279,71 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
             issue_half(acc, a0, base, 0);
             wgmma_wait<1>();  // the previous stage's second half has retired: its slot and a1 are free
             keep_regs(a1);
-            if (st > 0 && lane == 0) mbar_arrive(&empty[prev_slot]);
+            if (prev_slot >= 0 && lane == 0) mbar_arrive(&empty[prev_slot]);
             load_a(sw, cb, 2, lane, mul, add, a1[0]);
             load_a(sw, cb, 3, lane, mul, add, a1[1]);
             issue_half(acc, a1, base, 2);
             wgmma_wait<1>();  // this stage's first half has retired: a0 is free
             keep_regs(a0);
             prev_slot = slot;
-            if (++slot == STAGES) {
-                slot = 0;
-                phase ^= 1;
-            }
         }
+        q0 += nst;
         wgmma_wait<0>();
         keep_regs(a1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int e = 0; e < HALF_ACC; ++e) keep(acc[i][e]);
-        if (nst > 0 && lane == 0) mbar_arrive(&empty[prev_slot]);
+        if (prev_slot >= 0 && lane == 0) mbar_arrive(&empty[prev_slot]);
 
-        // ---- split-K: partials out; the tile's last unit sums them ----
-        if (nsplit > 1) {
-            int* mine = ws + (long long)u * ACC * NCT + ctid;
+        // ---- KWG == 2: the second warpgroup's sums join the first's through shared memory ----
+        if (KWG == 2) {
+            int* red = reinterpret_cast<int*>(smem + STAGES * STAGE_BYTES);  // [ACC][128], over the staging tiles
+            named_bar(1, NCT);  // the first warpgroup's previous epilogue has left the staging tiles
+            if (cwg == 1) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+#pragma unroll
+                    for (int e = 0; e < HALF_ACC; ++e) red[(i * HALF_ACC + e) * 128 + tid] = acc[i][e];
+            }
+            named_bar(1, NCT);
+            if (cwg == 1) continue;
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
-                for (int e = 0; e < HALF_ACC; ++e) mine[(i * HALF_ACC + e) * NCT] = acc[i][e];
+                for (int e = 0; e < HALF_ACC; ++e) acc[i][e] += red[(i * HALF_ACC + e) * 128 + tid];
+            named_bar(2, 128);  // every sum read before the staging tile is written
+        }
+
+        // ---- split-K: partials out; the tile's last unit sums them ----
+        if (nsplit > 1) {
+            int* mine = ws + (long long)u * ACC * EPI_T + ctid;
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int e = 0; e < HALF_ACC; ++e) mine[(i * HALF_ACC + e) * EPI_T] = acc[i][e];
             __threadfence();
-            named_bar(1, NCT);
+            named_bar(4, EPI_T);
             if (ctid == 0) {
                 const int prev = atomicAdd(counters + tile, 1);
                 const int last = prev == nsplit - 1;
                 if (last) counters[tile] = 0;  // every other unit of the tile has arrived: reset for reuse
                 *last_flag = last;
             }
-            named_bar(1, NCT);
+            named_bar(4, EPI_T);
             if (!*reinterpret_cast<volatile int*>(last_flag)) continue;
             __threadfence();
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
                 for (int e = 0; e < HALF_ACC; ++e) acc[i][e] = 0;
-            const int* parts = ws + (long long)tile * nsplit * ACC * NCT + ctid;
+            const int* parts = ws + (long long)tile * nsplit * ACC * EPI_T + ctid;
             for (int sp = 0; sp < nsplit; ++sp) {
-                const int* p = parts + (long long)sp * ACC * NCT;
+                const int* p = parts + (long long)sp * ACC * EPI_T;
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
 #pragma unroll
-                    for (int e = 0; e < HALF_ACC; ++e) acc[i][e] += ld_cg(p + (i * HALF_ACC + e) * NCT);
+                    for (int e = 0; e < HALF_ACC; ++e) acc[i][e] += ld_cg(p + (i * HALF_ACC + e) * EPI_T);
             }
         }
 

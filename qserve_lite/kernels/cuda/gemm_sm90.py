@@ -24,16 +24,18 @@ SMEM_MAX = 227 * 1024  # dynamic shared memory a Hopper block may opt into
 
 @dataclass(frozen=True)
 class Sm90Config:
-    """One configuration of cuda/gemm_sm90.cu: bm tokens x 128 * nwg channels per tile, up to `stages` deep
-    (fewer where a mode's stages would not fit in shared memory)."""
+    """One configuration of cuda/gemm_sm90.cu: bm tokens x 128 * nwg / kwg channels per tile, up to `stages`
+    deep (fewer where a mode's stages would not fit in shared memory); kwg 2: the two consumer warpgroups
+    share the tile's channels and take alternate K stages."""
 
     bm: int = 128
     nwg: int = 2
     stages: int = 4
+    kwg: int = 1
 
     @property
     def bn(self) -> int:
-        return 128 * self.nwg
+        return 128 * self.nwg // self.kwg
 
     @property
     def threads(self) -> int:
@@ -52,7 +54,8 @@ class Sm90Config:
         return stages
 
     def defines(self, mode: int) -> dict[str, int]:
-        return {"QS_MODE": mode, "QS_BM": self.bm, "QS_NWG": self.nwg, "QS_STAGES": self.stages_for(mode)}
+        return {"QS_MODE": mode, "QS_BM": self.bm, "QS_NWG": self.nwg, "QS_STAGES": self.stages_for(mode),
+                "QS_KWG": self.kwg}
 
 
 SM90_CONFIGS = {
@@ -64,6 +67,9 @@ SM90_CONFIGS = {
     "h32x128": Sm90Config(32, 1, 10),
     "h16x256": Sm90Config(16, 2, 10),
     "h16x128": Sm90Config(16, 1, 12),
+    # both warpgroups on one 128-channel tile, alternate K stages (not yet measured: not chosen by default)
+    "k128x128": Sm90Config(128, 2, 6, kwg=2),
+    "k64x128": Sm90Config(64, 2, 8, kwg=2),
 }
 
 
