@@ -20,10 +20,11 @@ def h200(monkeypatch):
 def test_every_tile_fits_shared_memory(name, mode):
     cfg = g.SM90_CONFIGS[name]
     stages = cfg.stages_for(mode)
-    assert 3 <= stages <= cfg.stages
-    assert cfg.smem_bytes(mode, stages) <= g.SMEM_MAX
+    assert (3 if cfg.minb == 1 else 2) <= stages <= cfg.stages
+    assert cfg.smem_bytes(mode, stages) <= cfg.smem_limit <= g.SMEM_MAX
+    assert cfg.minb * (cfg.smem_bytes(mode, stages) + 1024) <= g.SMEM_SM  # the blocks fit on one SM
     if stages < cfg.stages:  # trimmed only because one more stage would not fit
-        assert cfg.smem_bytes(mode, stages + 1) > g.SMEM_MAX
+        assert cfg.smem_bytes(mode, stages + 1) > cfg.smem_limit
     assert cfg.defines(mode)["QS_STAGES"] == stages and cfg.threads == 128 * (cfg.nwg + 1)
 
 

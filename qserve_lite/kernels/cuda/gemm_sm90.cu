@@ -24,7 +24,9 @@
 // Macros: QS_MODE 0 W4 per-channel, 1 W4 g128, 2 W8; QS_BM 16, 32, 64 or 128 tokens; QS_NWG 1 or 2 consumer
 // warpgroups; QS_STAGES pipeline depth; QS_KWG 2: the two consumer warpgroups share one 128-channel tile and
 // take alternate K stages (twice the tiles of 256 channels, no split-K traffic), their sums joined through
-// shared memory before the first warpgroup's epilogue.
+// shared memory before the first warpgroup's epilogue; QS_MINB 2: two blocks per SM (one consumer warpgroup
+// each, half the shared memory and registers), so two tiles' dequantization and wgmmas interleave on an SM;
+// QS_DIAG (timing experiments only, wrong results): 1 no level-1 dequantization, 2 no wgmma, 3 neither.
 // Epilogues (every step rounded to nearest even, no FMA):
 //   W4 per-channel: fp16((fp32(acc) * s1[n]) * sx[m] - szeros[n] * xsum[m])
 //   W4 g128, W8:    fp16((fp32(acc) * s[n]) * sx[m])
@@ -48,13 +50,19 @@
 #ifndef QS_KWG
 #define QS_KWG 1
 #endif
+#ifndef QS_MINB
+#define QS_MINB 1
+#endif
+#ifndef QS_DIAG
+#define QS_DIAG 0
+#endif
 
 namespace {
 
 constexpr int MODE = QS_MODE;
 constexpr bool IS_W4 = MODE == 0 || MODE == 1;
 constexpr bool IS_G128 = MODE == 1;
-constexpr int BM = QS_BM, NWG = QS_NWG, STAGES = QS_STAGES, KWG = QS_KWG;
+constexpr int BM = QS_BM, NWG = QS_NWG, STAGES = QS_STAGES, KWG = QS_KWG, MINB = QS_MINB;
 constexpr int BN = 128 * NWG / KWG;
 constexpr int BK = 128;  // bytes of K per stage
 constexpr int NCT = 128 * NWG;  // consumer threads
@@ -67,6 +75,7 @@ static_assert(BM == 16 || BM == 32 || BM == 64 || BM == 128, "BM is 16, 32, 64 o
 static_assert(NWG == 1 || NWG == 2, "one or two consumer warpgroups");
 static_assert(KWG == 1 || (KWG == 2 && NWG == 2), "K shared by the warpgroups: two of them");
 static_assert(MODE >= 0 && MODE <= 2, "int8 modes only");
+static_assert(MINB == 1 || (MINB == 2 && NWG == 1), "two blocks per SM: one consumer warpgroup each");
 
 constexpr int X_BYTES = BM * BK;
 constexpr int W_BYTES = IS_W4 ? BN * BK / 2 : BN * BK;
@@ -77,8 +86,9 @@ constexpr int OUT_PITCH = 128 + 8;  // fp16 elements per staged output row of on
 constexpr int EPI_BYTES = NWG * BM * OUT_PITCH * 2;
 constexpr int BAR_OFFSET = STAGES * STAGE_BYTES + EPI_BYTES;
 constexpr int SMEM_BYTES = 1024 + BAR_OFFSET + 2 * STAGES * 8 + 16;
-constexpr int CONSUMER_REGS = NWG == 2 ? 232 : 240;
 constexpr int PRODUCER_REGS = 40;
+// a block's register file share (64K / MINB) less the producer's, over the consumer threads, multiple of 8
+constexpr int CONSUMER_REGS = MINB == 2 ? (32768 - 128 * PRODUCER_REGS) / 128 / 8 * 8 : (NWG == 2 ? 232 : 240);
 
 __device__ __forceinline__ u32 lds32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
 
@@ -105,7 +115,7 @@ __device__ __forceinline__ void load_a(const u8* sw, int cb, int s, int lane, co
         unpack_w4(q, lo, hi);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            if constexpr (IS_G128) {
+            if constexpr (IS_G128 && QS_DIAG != 1 && QS_DIAG != 3) {
                 a[0][i] = g128_level1(lo[i], mul[i & 1], add[i & 1]);
                 a[1][i] = g128_level1(hi[i], mul[2 + (i & 1)], add[2 + (i & 1)]);
             } else {
@@ -126,12 +136,20 @@ __device__ __forceinline__ void load_a(const u8* sw, int cb, int s, int lane, co
 __device__ __forceinline__ void issue_half(int (&acc)[2][HALF_ACC], const u32 (&a)[2][2][4], const u8* sx,
                                            int s0) {
     wgmma_fence();
+#if QS_DIAG == 2 || QS_DIAG == 3
+    for (int s = 0; s < 2; ++s)
+        for (int i = 0; i < 2; ++i)
+            for (int r = 0; r < 4; ++r) acc[i][r] += (int)a[s][i][r];
+    (void)sx;
+    (void)s0;
+#else
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
         const u64 desc = desc_sw128(sx + (s0 + s) * 32);
 #pragma unroll
         for (int i = 0; i < 2; ++i) wgmma_s8<BM>(acc[i], a[s][i], desc);
     }
+#endif
     wgmma_commit();
 }
 
@@ -160,7 +178,7 @@ __device__ __forceinline__ u16 out_value(int acc, float ws, float wsz, float xs,
 extern "C" __device__ const int qs_gemm_sm90_smem_bytes = SMEM_BYTES;
 extern "C" __device__ const int qs_gemm_sm90_threads = NTHREADS;
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+extern "C" __global__ void __launch_bounds__(NTHREADS, MINB)
 qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, box [BM][128], 128 B swizzle
              const __grid_constant__ TmaDesc tw,   // W4: [N/32][KW/32 * 64] u64, box [BN/32][256]; W8: [N][KW]
              const __grid_constant__ TmaDesc ts,   // g128 s2 scales [KW/128][N] u8, box [1][BN]

@@ -20,18 +20,22 @@ BK = 128  # bytes of K per pipeline stage (one g128 group)
 
 
 SMEM_MAX = 227 * 1024  # dynamic shared memory a Hopper block may opt into
+SMEM_SM = 228 * 1024  # shared memory of an SM (1 KB of it reserved per resident block)
 
 
 @dataclass(frozen=True)
 class Sm90Config:
     """One configuration of cuda/gemm_sm90.cu: bm tokens x 128 * nwg / kwg channels per tile, up to `stages`
     deep (fewer where a mode's stages would not fit in shared memory); kwg 2: the two consumer warpgroups
-    share the tile's channels and take alternate K stages."""
+    share the tile's channels and take alternate K stages; minb 2: two blocks per SM (nwg 1); diag: timing
+    experiments only (cuda/gemm_sm90.cu's QS_DIAG, wrong results)."""
 
     bm: int = 128
     nwg: int = 2
     stages: int = 4
     kwg: int = 1
+    minb: int = 1
+    diag: int = 0
 
     @property
     def bn(self) -> int:
@@ -47,15 +51,23 @@ class Sm90Config:
         stage = -(-(self.bm * BK + w + (2 * self.bn if mode == 1 else 0)) // 1024) * 1024
         return 1024 + stages * stage + self.nwg * self.bm * 136 * 2 + 16 * stages + 16
 
+    @property
+    def smem_limit(self) -> int:
+        """Dynamic shared memory one block may use with `minb` blocks resident per SM."""
+        return SMEM_MAX if self.minb == 1 else SMEM_SM // self.minb - 1024
+
     def stages_for(self, mode: int) -> int:
         stages = self.stages
-        while stages > 2 and self.smem_bytes(mode, stages) > SMEM_MAX:
+        while stages > 2 and self.smem_bytes(mode, stages) > self.smem_limit:
             stages -= 1
         return stages
 
     def defines(self, mode: int) -> dict[str, int]:
-        return {"QS_MODE": mode, "QS_BM": self.bm, "QS_NWG": self.nwg, "QS_STAGES": self.stages_for(mode),
-                "QS_KWG": self.kwg}
+        defines = {"QS_MODE": mode, "QS_BM": self.bm, "QS_NWG": self.nwg, "QS_STAGES": self.stages_for(mode),
+                   "QS_KWG": self.kwg, "QS_MINB": self.minb}
+        if self.diag:
+            defines["QS_DIAG"] = self.diag
+        return defines
 
 
 SM90_CONFIGS = {
@@ -70,6 +82,11 @@ SM90_CONFIGS = {
     # both warpgroups on one 128-channel tile, alternate K stages (not yet measured: not chosen by default)
     "k128x128": Sm90Config(128, 2, 6, kwg=2),
     "k64x128": Sm90Config(64, 2, 8, kwg=2),
+    # two blocks per SM, one consumer warpgroup each (not yet measured: not chosen by default)
+    "b128x128": Sm90Config(128, 1, 4, minb=2),
+    "b64x128": Sm90Config(64, 1, 6, minb=2),
+    "b32x128": Sm90Config(32, 1, 8, minb=2),
+    "b16x128": Sm90Config(16, 1, 10, minb=2),
 }
 
 
@@ -104,7 +121,7 @@ def sm90_splits(cfg: Sm90Config, m: int, n: int, kw_bytes: int) -> int:
     rounds x (stages per unit + 2 for the unit's fixed cost) plus, when split, each unit's write of its int32
     partial tile and the last unit's read of all of them (a partial tile costs `red` stages: its bytes over
     a stage's input bytes)."""
-    sms = sm_count()
+    sms = sm_count() * cfg.minb  # resident blocks
     tiles = -(-n // cfg.bn) * -(-m // cfg.bm)
     stages = -(-kw_bytes // BK)
     red = cfg.bm * cfg.bn * 4 / (cfg.bm * BK + cfg.bn * BK // 2)
@@ -172,6 +189,6 @@ def gemm_sm90(mode_id: int, q_x, lda: int, w, ldw: int, n: int, kw: int, kx_byte
     params = [tx, tw, ts, tz, _ptr(w_scales), _ptr(w_szeros), _ptr(x_scales), _ptr(x_sums), _ptr(bias),
               _ptr(out), ctypes.c_int64(ldy), i32(m), i32(n), i32(total_stages), i32(per_split), i32(m_tiles),
               i32(n_tiles), i32(nsplit), _ptr(ws), _ptr(counters)]
-    grid = (min(units, sm_count()), 1, 1)
+    grid = (min(units, cfg.minb * sm_count()), 1, 1)
     launch(kern, grid, cfg.threads, smem, params)
     return out
