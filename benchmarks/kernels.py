@@ -428,8 +428,8 @@ def profile_one(spec: str) -> None:
 
     parts = spec.split(":")
     sname, m, kernel = parts[0], int(parts[1]), parts[2]
-    named = NAMED_CONFIGS | TUNE_CONFIGS | SM90_CONFIGS | {f"skinny{a}x{b}x{c}": gemm_skinny.SkinnyConfig(a, b, c)
-                                                           for a, b, c in SKINNY_TUNE}
+    skinny = {f"skinny{a}x{b}x{c}": gemm_skinny.SkinnyConfig(a, b, c) for a, b, c in SKINNY_TUNE}
+    named = NAMED_CONFIGS | TUNE_CONFIGS | SM90_CONFIGS | skinny
     cfg = named[parts[3]] if len(parts) > 3 and parts[3] else None
     splits = int(parts[4]) if len(parts) > 4 else None
     n, k = SHAPES[sname]

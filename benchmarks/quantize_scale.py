@@ -77,7 +77,7 @@ def _tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _random_fp16(rng, shape, use_gpu: bool) -> np.ndarray:
-    """N(0, 0.02^2) fp16 weights: drawn on the GPU when there is one (8B parameters in seconds, not minutes)."""
+    """N(0, 0.02^2) fp16 weights: drawn on the GPU when there is one (8B in seconds, not minutes)."""
     if use_gpu:
         from qserve_lite.core.backend import import_cupy
 
@@ -89,7 +89,8 @@ def _random_fp16(rng, shape, use_gpu: bool) -> np.ndarray:
     return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
 
 
-def write_model(out: Path, tiny: bool, seed: int = 0, layers: int | None = None, use_gpu: bool = False) -> float:
+def write_model(out: Path, tiny: bool, seed: int = 0, layers: int | None = None,
+                use_gpu: bool = False) -> float:
     """Random fp16 weights as sharded safetensors; returns the seconds it took."""
     from safetensors.numpy import save_file
 
@@ -197,7 +198,8 @@ def main() -> int:
     ap.add_argument("--quantize-args", nargs=argparse.REMAINDER, default=[],
                     help="more `quantize` arguments (e.g. --calib-tokens 4096 for a quick run)")
     args = ap.parse_args()
-    model = args.dir / (("model-tiny" if args.tiny else "model") + (f"-{args.layers}l" if args.layers else ""))
+    suffix = f"-{args.layers}l" if args.layers else ""
+    model = args.dir / (("model-tiny" if args.tiny else "model") + suffix)
     from qserve_lite.core.backend import resolve_device
 
     device = resolve_device(args.device)
@@ -206,10 +208,11 @@ def main() -> int:
         write_s = round(write_model(model, args.tiny, layers=args.layers, use_gpu=device == "gpu"), 1)
     machine = _machine(device)
     results = []
+    shape = ("tiny" if args.tiny else "llama-3-8b") + (f"-{args.layers}-layers" if args.layers else "")
     for g in args.group_sizes:
         out = args.dir / f"q-{'tiny-' if args.tiny else ''}{'g128' if g == 128 else 'per-channel'}"
         rec = {"date": datetime.date.today().isoformat(), "machine": machine, "host": platform.node(),
-               "shape": ("tiny" if args.tiny else "llama-3-8b") + (f"-{args.layers}-layers" if args.layers else ""), "device": device, "write_model_s": write_s,
+               "shape": shape, "device": device, "write_model_s": write_s,
                **quantize(model, out, g, device, args.quantize_args)}
         if rec["quantize_rc"] == 0:
             rec.update(generate(out, device))
