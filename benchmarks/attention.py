@@ -1,7 +1,7 @@
 """Attention benchmark: paged decode attention (KV4 / KV8 / fp16 pages) against a device copy, causal prefill
 attention TFLOP/s, and the RoPE + KV writer, Llama-3-8B heads (32 query, 8 kv heads, head_dim 128).
 
-    python benchmarks/attention.py [--quick] [--out DIR] [--precompile-only]
+    python benchmarks/attention.py [--quick] [--prefill-only] [--out DIR] [--precompile-only]
 
 Decode: batch {1, 32, 256} x context {512, 1536, 4096, 16384}; GB/s counts the KV bytes the kernel must read
 (codes + fp16 scale and zero of every token, K and V, one layer) over its time, compared with a 1 GiB
@@ -9,8 +9,10 @@ device-to-device copy measured in the same run (bytes read + written over time).
 a random permutation, and the timed calls rotate over disjoint page sets worth 4x the L2 cache, so the
 bytes come from DRAM as in a real decode step. Batches 1 and 32 also time 1/2x and 2x the heuristic's
 split count, and a few KV4 points the kernel's alternatives (16-token subtiles per tile, warps per block).
-Prefill: one causal sequence of 1024 and 4096 tokens; effective TFLOP/s = 4 * head_dim * heads * T (T + 1)
-/ 2 (the causal half of the score and value products) over the time. Timing: CUDA events around batches of
+Prefill: one causal sequence of 1024 and 4096 tokens, head_dim 128 and 64; effective TFLOP/s = 4 * head_dim
+* heads * T (T + 1) / 2 (the causal half of the score and value products) over the time; on Hopper the
+wgmma kernel (the default route, cuda/attention_sm90.cu) and its alternatives beside the mma.sync kernel
+(4 and 8 warps). `--prefill-only` skips decode and the writer. Timing: CUDA events around batches of
 back-to-back calls queued behind a spin kernel (benchmarks/kernels.Timer), the median of 5 batches after a
 warm-up. Results: a table on stdout and JSON lines appended to
 benchmarks/results/<date>-<gpu>-attention.jsonl.
@@ -42,6 +44,8 @@ PREFILL_TOKENS = [1024, 4096]
 # KV4 decode alternatives timed at a few points (decode warps per block, 16-token subtiles per tile)
 VARIANTS = {"sub4": {"sub": 4}, "sub1": {"sub": 1}, "warps8": {"warps": 8}}
 VARIANT_POINTS = [(1, 16384), (32, 4096), (256, 1536)]
+# Hopper prefill alternatives (cuda/attention_sm90.cu): ring depth, O += P V as two 64-channel halves
+SM90_VARIANTS = {"stages3": {"stages": 3}, "pv_split": {"pv_split": True}}
 
 
 # ---- precompiling (fills CuPy's on-disk cache; the GPU tests use the same modules) ----
@@ -56,6 +60,17 @@ def all_modules() -> list[tuple[str, dict]]:
             jobs.append(("attention.cu", attention_defines(d, bits)))
             jobs.append(("kv_writer.cu", writer_defines(d, bits)))
     jobs.append(("attention.cu", attention_defines(128, 16, 8)))
+    from qserve_lite.kernels.cuda.device import wgmma_available
+
+    if wgmma_available():  # the Hopper prefill kernel: every page format, the benchmark's alternatives
+        from qserve_lite.kernels.cuda.attention_sm90 import sm90_defines
+
+        for d in (64, 128):
+            for bits in (4, 8, 16):
+                jobs.append(("attention_sm90.cu", sm90_defines(d, bits)))
+            for var in SM90_VARIANTS.values():
+                jobs.append(("attention_sm90.cu", sm90_defines(d, 16, var.get("stages"), var.get("pv_split",
+                                                                                                False))))
     for d, bits in ((128, 4), (64, 4), (128, 8)):  # the benchmark's and the GPU tests' alternatives
         for variant in ({"sub": 1}, {"sub": 2}, {"sub": 4}, {"warps": 8}):
             jobs.append(("attention.cu", attention_defines(d, bits, variant=variant)))
@@ -173,26 +188,60 @@ def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
 
 # ---- prefill and writer ----
 
-def bench_prefill(cp, timer, tokens, log):
-    from qserve_lite.kernels.attention import prefill_attention
+def prefill_kernels(d: int) -> dict:
+    """name -> keyword arguments of one prefill kernel: the Hopper wgmma kernel (the default route on sm_90)
+    with its ring depth / PV alternatives, and the mma.sync kernel with 4 and 8 warps (explicit `warps`)."""
+    from qserve_lite.kernels.cuda.attention_sm90 import sm90_prefill_enabled
 
+    kernels = {}
+    if sm90_prefill_enabled(d):
+        kernels["wgmma"] = {}
+        for name, var in SM90_VARIANTS.items():
+            kernels[f"wgmma:{name}"] = {"variant": var}
+    kernels["mma.sync 4w"] = {"warps": 4}
+    kernels["mma.sync 8w"] = {"warps": 8}
+    return kernels
+
+
+def _prefill_call(q, k, v, cu, T, out, kw):
+    from qserve_lite.kernels.attention import prefill_attention
+    from qserve_lite.kernels.cuda.args import head_rows
+    from qserve_lite.kernels.cuda.attention_sm90 import prefill_attention_sm90
+
+    if "variant" not in kw:
+        return functools.partial(prefill_attention, q, k, v, cu, max_seqlen_q=T, out=out, **kw)
+    ld = head_rows(q, "q"), head_rows(k, "k"), head_rows(v, "v")
+    lens = cu[1:] - cu[:-1]
+    scale_log2 = 1.4426950408889634 / float(np.sqrt(q.shape[2]))
+    return functools.partial(prefill_attention_sm90, q, k, v, *ld, cu, lens, None, 0, None, 0, 16, scale_log2,
+                             T, out, head_rows(out, "out"), variant=kw["variant"])
+
+
+def bench_prefill(cp, timer, tokens, log):
+    """One causal sequence of T tokens, 32 q / 8 kv heads, head_dim 128 (the acceptance point) and 64, every
+    kernel of prefill_kernels; each wgmma output is compared with the mma.sync kernel's (max abs difference
+    printed; both are held to the numpy twin's tolerance by the GPU tests)."""
     rows = []
-    for T in tokens:
-        q = cp.random.standard_normal((T, HEADS, HEAD_DIM), dtype=cp.float32).astype(cp.float16)
-        k = cp.random.standard_normal((T, KV_HEADS, HEAD_DIM), dtype=cp.float32).astype(cp.float16)
-        v = cp.random.standard_normal((T, KV_HEADS, HEAD_DIM), dtype=cp.float32).astype(cp.float16)
-        cu = cp.asarray(np.array([0, T], dtype=np.int32))
-        out = cp.empty_like(q)
-        flops = 4.0 * HEAD_DIM * HEADS * T * (T + 1) / 2
-        for warps in (4, 8):
-            call = functools.partial(prefill_attention, q, k, v, cu, max_seqlen_q=T, out=out, warps=warps)
-            t = timer(lambda i, call=call: call())
-            row = {"tokens": T, "warps": warps, "block_rows": 16 * warps, "time_us": t * 1e6,
-                   "tflops": flops / t / 1e12, "flops": flops}
-            rows.append(row)
-            log(dict(bench="prefill", **row))
-            print(f"prefill T={T:5d} causal hd{HEAD_DIM} {warps} warps ({16 * warps} rows): "
-                  f"{t * 1e6:9.1f} us {flops / t / 1e12:6.1f} TFLOP/s", flush=True)
+    for d in (HEAD_DIM, 64):
+        for T in tokens:
+            q = cp.random.standard_normal((T, HEADS, d), dtype=cp.float32).astype(cp.float16)
+            k = cp.random.standard_normal((T, KV_HEADS, d), dtype=cp.float32).astype(cp.float16)
+            v = cp.random.standard_normal((T, KV_HEADS, d), dtype=cp.float32).astype(cp.float16)
+            cu = cp.asarray(np.array([0, T], dtype=np.int32))
+            flops = 4.0 * d * HEADS * T * (T + 1) / 2
+            ref = cp.full_like(q, cp.nan)
+            _prefill_call(q, k, v, cu, T, ref, {"warps": 4})()
+            for name, kw in prefill_kernels(d).items():
+                out = cp.full_like(q, cp.nan)
+                call = _prefill_call(q, k, v, cu, T, out, kw)
+                t = timer(lambda i, call=call: call())
+                diff = float(cp.abs(out.astype(cp.float32) - ref.astype(cp.float32)).max())
+                row = {"tokens": T, "head_dim": d, "kernel": name, "time_us": t * 1e6,
+                       "tflops": flops / t / 1e12, "flops": flops, "max_abs_diff_vs_mma_sync": diff}
+                rows.append(row)
+                log(dict(bench="prefill", **row))
+                print(f"prefill T={T:5d} causal hd{d:<3d} {name:18s} {t * 1e6:9.1f} us "
+                      f"{flops / t / 1e12:6.1f} TFLOP/s  max |out - mma.sync 4w| {diff:.2e}", flush=True)
     return rows
 
 
@@ -237,9 +286,10 @@ def summary(copy_gbps, dec, pre, wri) -> None:
                              else " " * 26)
             print(f"{'KV' + str(bits) if bits < 16 else 'fp16':6s} {b:5d} | " + " | ".join(cells))
     if pre:
-        print("\n=== prefill attention, causal, hd 128, 32 q / 8 kv heads ===")
+        print("\n=== prefill attention, causal, 32 q / 8 kv heads ===")
         for r in pre:
-            print(f"T={r['tokens']:5d} {r['warps']} warps: {r['time_us']:9.1f} us {r['tflops']:6.1f} TFLOP/s")
+            print(f"T={r['tokens']:5d} hd{r['head_dim']:<3d} {r['kernel']:18s}: {r['time_us']:9.1f} us "
+                  f"{r['tflops']:6.1f} TFLOP/s")
     acc = {(r["kv_bits"], r["batch"], r["context"]): r for r in dec}
     print("\n=== acceptance ===")
     a = acc.get((4, 256, 1536))
@@ -252,11 +302,17 @@ def summary(copy_gbps, dec, pre, wri) -> None:
         frac_best = a["kv_bytes"] / (best / 1e6) / 1e9 / copy_gbps
         print(f"decode KV4 B=1 ctx=16384: {a['frac_of_copy']:.1%} of copy with the heuristic, "
               f"{frac_best:.1%} best split (>= 50%: {'PASS' if a['frac_of_copy'] >= 0.5 else 'FAIL'})")
-    p = [r for r in pre if r["tokens"] == 4096]
-    if p:
+    for d, goal in ((128, 450), (64, None)):
+        p = [r for r in pre if r["tokens"] == 4096 and r["head_dim"] == d]
+        if not p:
+            continue
         best = max(p, key=lambda r: r["tflops"])
-        print(f"prefill T=4096 causal hd128: {best['tflops']:.1f} TFLOP/s ({best['warps']} warps) (>= 200: "
-              f"{'PASS' if best['tflops'] >= 200 else 'FAIL'})")
+        default = next((r for r in p if r["kernel"] == "wgmma"), None)
+        old = max((r["tflops"] for r in p if r["kernel"].startswith("mma.sync")), default=float("nan"))
+        got = default["tflops"] if default else float("nan")
+        verdict = f" (>= {goal}: {'PASS' if got >= goal else 'FAIL'})" if goal is not None else ""
+        print(f"prefill T=4096 causal hd{d}: wgmma (default route) {got:.1f} TFLOP/s, best {best['kernel']} "
+              f"{best['tflops']:.1f}, mma.sync {old:.1f}{verdict}")
 
 
 def main() -> None:
@@ -265,6 +321,7 @@ def main() -> None:
     ap.add_argument("--precompile-only", action="store_true")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--no-tune", action="store_true", help="skip the split-count variants")
+    ap.add_argument("--prefill-only", action="store_true", help="time prefill attention only")
     ap.add_argument("--out", default=None, help="also copy the JSON lines into this folder")
     args = ap.parse_args()
     ok = precompile(args.workers)
@@ -305,8 +362,9 @@ def main() -> None:
     batches = [1, 256] if args.quick else BATCHES
     contexts = [1536, 16384] if args.quick else CONTEXTS
     pre = bench_prefill(cp, timer, PREFILL_TOKENS, log)
-    wri = bench_writer(cp, timer, log)
-    dec = bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, not args.no_tune)
+    wri = [] if args.prefill_only else bench_writer(cp, timer, log)
+    dec = [] if args.prefill_only else bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log,
+                                                    not args.no_tune)
     summary(copy_gbps, dec, pre, wri)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

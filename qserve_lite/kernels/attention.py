@@ -152,7 +152,8 @@ def prefill_attention(q, k, v, cu_seqlens, context_lens=None, pool: PagedKVPool 
     """Causal attention of packed sequences: sequence s owns rows cu_seqlens[s]:cu_seqlens[s+1] of q
     [T, H, D] and of its fresh k, v [T, KVH, D] (fp16, k already rotated). With context_lens [S] longer than
     the new tokens, positions before them (context - new) are read from the pool's pages (block_tables).
-    Returns [T, H, D] fp16."""
+    Returns [T, H, D] fp16. GPU: on Hopper the wgmma kernel (cuda/attention_sm90.cu) unless
+    QSERVE_LITE_SM90_ATTN=0; `warps` (4 or 8) asks for the mma.sync kernel (cuda/attention.cu)."""
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if is_cupy(array_module(q, k, v)):

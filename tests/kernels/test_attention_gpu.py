@@ -260,15 +260,13 @@ def test_decode_cuda_graph():
 PREFILL_SEQS = [(1, 0), (63, 0), (64, 0), (65, 0), (1000, 0), (37, 64), (100, 965), (5, 4092)]
 
 
-@pytest.mark.parametrize("bits", [4, 8, 16])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("heads", GQA)
-def test_prefill_varlen_with_cache(bits, d, heads):
-    r = np.random.default_rng()
+def prefill_case(r, seqs, heads, d, bits):
+    """Packed sequences of (new, cached) tokens over a poisoned pool: (GPU arguments of prefill_attention up
+    to block_tables, the twin's output, vmax)."""
     h, kvh = heads
-    ctx = [n + c for n, c in PREFILL_SEQS]
+    ctx = [n + c for n, c in seqs]
     np_pool, bt, vmax = build(r, ctx, kvh, d, bits)
-    new = np.array([n for n, _ in PREFILL_SEQS])
+    new = np.array([n for n, _ in seqs])
     cu = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
     T = int(cu[-1])
     q = (r.standard_normal((T, h, d)) * 1.5).astype(np.float16)
@@ -277,12 +275,27 @@ def test_prefill_varlen_with_cache(bits, d, heads):
     vmax = max(vmax, float(np.abs(v).max()))
     ctx = np.array(ctx, dtype=np.int32)
     want = prefill_attention(q, k, v, cu, ctx, np_pool, 0, bt)
-    g_pool = gpu_pool(np_pool)
+    args = (cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(cu), cp.asarray(ctx), gpu_pool(np_pool),
+            0, cp.asarray(bt))
+    return args, want, vmax
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", GQA)
+def test_prefill_varlen_with_cache(bits, d, heads):
+    args, want, vmax = prefill_case(np.random.default_rng(), PREFILL_SEQS, heads, d, bits)
     for warps in ((4, 8) if (bits, d, heads) == (16, 128, (8, 2)) else (None,)):
         poison_pool()
-        got = prefill_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(cu), cp.asarray(ctx),
-                                g_pool, 0, cp.asarray(bt), warps=warps)
+        got = prefill_attention(*args, warps=warps)
         close(got, want, vmax, f"prefill bits={bits} d={d} heads={heads} warps={warps}")
+
+
+def split_qkv(qkv, h, kvh, d):
+    """q, k, v [T, heads, d] views of a fused [T, (h + 2 kvh) d] buffer (numpy or cupy)."""
+    T = qkv.shape[0]
+    return (qkv[:, : h * d].reshape(T, h, d), qkv[:, h * d : (h + kvh) * d].reshape(T, kvh, d),
+            qkv[:, (h + kvh) * d :].reshape(T, kvh, d))
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -292,14 +305,9 @@ def test_prefill_no_cache_long(d):
     h, kvh = 8, 2
     lens = [4097, 3]
     cu = np.array([0, 4097, 4100], dtype=np.int32)
-    T = 4100
-    qkv = r.standard_normal((T, (h + 2 * kvh) * d)).astype(np.float16)
-    q = qkv[:, : h * d].reshape(T, h, d)
-    k = qkv[:, h * d : (h + kvh) * d].reshape(T, kvh, d)
-    v = qkv[:, (h + kvh) * d :].reshape(T, kvh, d)
+    qkv = r.standard_normal((4100, (h + 2 * kvh) * d)).astype(np.float16)
+    q, k, v = split_qkv(qkv, h, kvh, d)
     want = prefill_attention(q, k, v, cu)
-    g = cp.asarray(qkv)
     poison_pool()
-    got = prefill_attention(g[:, : h * d].reshape(T, h, d), g[:, h * d : (h + kvh) * d].reshape(T, kvh, d),
-                            g[:, (h + kvh) * d :].reshape(T, kvh, d), cp.asarray(cu), max_seqlen_q=max(lens))
+    got = prefill_attention(*split_qkv(cp.asarray(qkv), h, kvh, d), cp.asarray(cu), max_seqlen_q=max(lens))
     close(got, want, float(np.abs(v).max()), f"prefill long d={d}")

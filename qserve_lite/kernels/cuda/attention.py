@@ -9,6 +9,7 @@ import numpy as np
 
 from qserve_lite.core.backend import import_cupy
 from qserve_lite.kernels.cuda.args import NULL, head_rows, int32_array, pool_args
+from qserve_lite.kernels.cuda.attention_sm90 import prefill_attention_sm90, sm90_prefill_enabled
 from qserve_lite.kernels.cuda.device import sm_count
 from qserve_lite.kernels.cuda.jit import get_kernel, read_global_int
 from qserve_lite.kernels.cuda.workspace import attention_workspace
@@ -149,6 +150,9 @@ def prefill_attention(q, k, v, cu_seqlens, context_lens, pool: PagedKVPool | Non
         bt_stride = bt.shape[1] if bt.ndim == 2 else 0
     else:
         bits, bt, bt_stride = 16, NULL, 0
+    if warps is None and sm90_prefill_enabled(D):  # Hopper: cuda/attention_sm90.cu (`warps`: this kernel)
+        return prefill_attention_sm90(q, k, v, ldq, ldk, ldv, cu, ctx, pool, layer, bt, bt_stride, bits,
+                                      scale * LOG2E, max_seqlen_q, out, ldo)
     w = warps or PREFILL_WARPS
     bm = 16 * w
     defines = attention_defines(D, bits, w)

@@ -1,4 +1,4 @@
-// Hopper (sm_90a) PTX helpers: warpgroup MMA (wgmma) on int8, shared-memory matrix descriptors, mbarriers,
+// Hopper (sm_90a) PTX helpers: warpgroup MMA (wgmma) on int8 and fp16, shared-memory matrix descriptors, mbarriers,
 // bulk tensor copies (TMA) and warpgroup register reallocation. Inline PTX only (no CUDA headers), like
 // common.cuh, which must be included first.
 #pragma once
@@ -75,6 +75,98 @@ __device__ __forceinline__ void wgmma_s8(int* d, const u32* a, u64 desc) {
 }
 #undef QS_D16
 
+
+// ---- wgmma on fp16 (fp32 accumulators) ----
+// Accumulator D of m64nNk16 (f32): warp w of the warpgroup holds rows 16w + g and 16w + g + 8 (g = lane / 4,
+// t = lane % 4); d[4j + 0, 1] = row g, columns 8j + 2t, 8j + 2t + 1; d[4j + 2, 3] = row g + 8, same columns.
+// A fragment (registers, f16): a[0] = row g, k 2t..2t+1; a[1] = row g + 8, k 2t..2t+1; a[2] = row g,
+// k 2t+8..2t+9; a[3] = row g + 8, k 2t+8..2t+9 (the mma.m16n8k16 A layout per warp). So the f32 accumulators of
+// a 16-column slice, packed in pairs (d[2i], d[2i+1]) -> a[i], are the A fragment of the next product's k16 step.
+#define QS_F16(a) "+f"(d[a]), "+f"(d[a + 1]), "+f"(d[a + 2]), "+f"(d[a + 3]), "+f"(d[a + 4]), "+f"(d[a + 5]), \
+    "+f"(d[a + 6]), "+f"(d[a + 7]), "+f"(d[a + 8]), "+f"(d[a + 9]), "+f"(d[a + 10]), "+f"(d[a + 11]),       \
+    "+f"(d[a + 12]), "+f"(d[a + 13]), "+f"(d[a + 14]), "+f"(d[a + 15])
+
+// D[64 x 64] (+)= A[64 x 16] (f16, shared memory, K-major, `adesc`) * B[16 x 64] (f16, shared memory,
+// K-major: B^T rows of 16 k, `bdesc`); accumulate = 0 overwrites D.
+__device__ __forceinline__ void wgmma_f16_ss_n64(float* d, u64 adesc, u64 bdesc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : QS_F16(0), QS_F16(16)
+        : "l"(adesc), "l"(bdesc), "r"(accumulate));
+}
+// D[64 x 64] += A[64 x 16] (f16, registers, the fragment above) * B[16 x 64] (f16, shared memory, N-major:
+// rows of k with N contiguous, `bdesc`, transposed on the fly: imm-trans-b = 1).
+__device__ __forceinline__ void wgmma_f16_rs_tn_n64(float* d, const u32* a, u64 bdesc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : QS_F16(0), QS_F16(16)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(bdesc));
+}
+// D[64 x 128] (+)= A[64 x 16] (f16, shared memory, K-major, `adesc`) * B[16 x 128] (f16, shared memory,
+// K-major: B^T rows of 16 k, `bdesc`); accumulate = 0 overwrites D.
+__device__ __forceinline__ void wgmma_f16_ss_n128(float* d, u64 adesc, u64 bdesc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : QS_F16(0), QS_F16(16), QS_F16(32), QS_F16(48)
+        : "l"(adesc), "l"(bdesc), "r"(accumulate));
+}
+// D[64 x 128] += A[64 x 16] (f16, registers, the fragment above) * B[16 x 128] (f16, shared memory, N-major:
+// rows of k with N contiguous, `bdesc`, transposed on the fly: imm-trans-b = 1).
+__device__ __forceinline__ void wgmma_f16_rs_tn_n128(float* d, const u32* a, u64 bdesc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : QS_F16(0), QS_F16(16), QS_F16(32), QS_F16(48)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(bdesc));
+}
+template <int N>
+__device__ __forceinline__ void wgmma_f16_ss(float* d, u64 adesc, u64 bdesc, int accumulate) {
+    static_assert(N == 64 || N == 128, "wgmma_f16_ss: N is 64 or 128");
+    if constexpr (N == 64) {
+        wgmma_f16_ss_n64(d, adesc, bdesc, accumulate);
+    } else {
+        wgmma_f16_ss_n128(d, adesc, bdesc, accumulate);
+    }
+}
+template <int N>
+__device__ __forceinline__ void wgmma_f16_rs_tn(float* d, const u32* a, u64 bdesc) {
+    static_assert(N == 64 || N == 128, "wgmma_f16_rs_tn: N is 64 or 128");
+    if constexpr (N == 64) {
+        wgmma_f16_rs_tn_n64(d, a, bdesc);
+    } else {
+        wgmma_f16_rs_tn_n128(d, a, bdesc);
+    }
+}
+#undef QS_F16
+__device__ __forceinline__ void keep(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+// Shared-memory descriptor of an N-major (MN-major) operand with 128-byte swizzle: rows of k, each 64 fp16 of N
+// (128 bytes) per swizzle atom, 8-row groups 1024 B apart (stride byte offset), further 64-wide N blocks
+// `lbo` bytes apart (leading byte offset). The layout TMA (SWIZZLE_128B) writes for a [k][64] fp16 box.
+__device__ __forceinline__ u64 desc_sw128_mn(const void* p, u32 lbo) {
+    const u64 addr = smem_addr(p);
+    return ((addr & 0x3FFFFull) >> 4) | ((u64)((lbo & 0x3FFFFu) >> 4) << 16) | ((u64)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
 // ---- mbarriers (CTA scope) ----
 __device__ __forceinline__ void mbar_init(u64* bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
@@ -130,3 +222,9 @@ __device__ __forceinline__ void regs_alloc() {
 __device__ __forceinline__ void named_bar(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Counts this thread's arrival at named barrier `id` (of `threads`) without waiting.
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma, TMA).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
