@@ -141,14 +141,14 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 8192}
 
 
-def run_writer(qkv, pos, slots, inv_freq, h, kvh, d, bits, khad, pool_fill):
+def run_writer(qkv, pos, slots, inv_freq, h, kvh, d, bits, khad, np_pool):
     g_qkv = cp.asarray(qkv)
     width = (h + 2 * kvh) * d
     q = g_qkv[:, : h * d].reshape(-1, h, d)
     k = g_qkv[:, h * d : (h + kvh) * d].reshape(-1, kvh, d)
     v = g_qkv[:, (h + kvh) * d : width].reshape(-1, kvh, d)
-    pool = PagedKVPool(2, pool_fill.shape[1], kvh, d, bits, cp)
-    pool.pool[...] = cp.asarray(pool_fill)
+    pool = PagedKVPool(2, np_pool.num_pages, kvh, d, bits, cp)
+    pool.pool[...] = cp.asarray(np_pool.pool)
     rope_write_kv(q, k, v, cp.asarray(pos), cp.asarray(inv_freq), pool, 1, cp.asarray(slots), k_hadamard=khad)
     return cp.asnumpy(g_qkv), cp.asnumpy(pool.pool)
 
@@ -168,11 +168,10 @@ def test_writer_fused_equals_unfused_and_twin(monkeypatch, T, d, bits, khad, pad
     slots[r.integers(0, T, 5 if T > 5 else 0)] = -1
     inv_freq = rope_inv_freq(SimpleNamespace(head_dim=d, rope_theta=500000.0, rope_scaling=LLAMA3))
     np_pool = PagedKVPool(2, pages, kvh, d, bits, fill=0xFF)
-    fill = np_pool.pool.copy()
     outs = {}
     for on in (True, False):
         fusions(monkeypatch, on)
-        outs[on] = run_writer(qkv, pos, slots, inv_freq, h, kvh, d, bits, khad, fill)
+        outs[on] = run_writer(qkv, pos, slots, inv_freq, h, kvh, d, bits, khad, np_pool)
     same(outs[True][0], outs[False][0], "q / k / v, fused vs unfused")
     same(outs[True][1], outs[False][1], "pages, fused vs unfused")
     q = qkv[:, : h * d].reshape(T, h, d)
