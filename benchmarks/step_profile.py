@@ -14,17 +14,22 @@ kernels), whose kernel and copy times summed per step give gpu_ms. With --sample
 --prefill-tokens tokens is profiled the same way, with its top kernels.
 
 torch is a measuring tool here only (the package never imports it); without torch gpu_ms is left out.
-Appends one JSON line per (batch, sampling, mode) with decode_wall_ms and decode_gpu_ms, and one per prefill,
-to benchmarks/results/<date>-<gpu>-step_profile.jsonl.
+decode_non_gemm_ms is gpu_ms less the GEMM kernels (names holding "gemm" or "cutlass"). --fusions on,off
+runs everything twice, with the decode-step fusions of issue 16 and without them
+($QSERVE_LITE_STEP_FUSIONS=0, kernels/fusions.py), each with its own runner and graphs.
+Appends one JSON line per (fusions, batch, sampling, mode) with decode_wall_ms and decode_gpu_ms, and one per
+prefill, to benchmarks/results/<date>-<gpu>-step_profile.jsonl.
 
     python benchmarks/step_profile.py --batch 256,1024
     python benchmarks/step_profile.py --batch 256 --sampled --modes overlap,sync
+    python benchmarks/step_profile.py --batch 256 --modes overlap --fusions on,off
     python benchmarks/step_profile.py --device cpu --model tiny/config.json --batch 4 --prompt-len 16
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +47,7 @@ from qserve_lite.engine.config import EngineConfig  # noqa: E402
 from qserve_lite.engine.gpu_model_runner import GPUModelRunner  # noqa: E402
 from qserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
 from qserve_lite.io.shipped_configs import load_config  # noqa: E402
+from qserve_lite.kernels.fusions import FUSIONS_ENV  # noqa: E402
 from qserve_lite.model.random_weights import build_random_weights  # noqa: E402
 from qserve_lite.sampling_params import SamplingParams  # noqa: E402
 
@@ -68,6 +74,11 @@ def device_ms(prof) -> tuple[float, list[tuple[str, float]]]:
             rows.append((e.key, us / 1e3))
     rows.sort(key=lambda r: -r[1])
     return sum(ms for _, ms in rows), rows
+
+
+def non_gemm_ms(kernels: list[tuple[str, float]]) -> float:
+    """Device ms of everything but the GEMM kernels."""
+    return sum(ms for name, ms in kernels if "gemm" not in name.lower() and "cutlass" not in name.lower())
 
 
 def timed_steps(engine: LLMEngine, steps: int, sync) -> float:
@@ -130,6 +141,7 @@ def profile_batch(args, weights, xp, batch: int, base: dict) -> list[dict]:
             "kind": "decode", "mode": mode, "cuda_graphs": graphs, "async_scheduling": overlap,
             "sampled": args.sampled, "batch": batch, "context": args.prompt_len, "steps": args.steps,
             "decode_wall_ms": round(wall, 3), "decode_gpu_ms": None if gpu is None else round(gpu, 3),
+            "decode_non_gemm_ms": None if gpu is None else round(non_gemm_ms(kernels) / args.steps, 3),
             "wall_over_gpu": None if gpu is None else round(wall / gpu, 3), "top_kernels_ms": top})
     if args.prefill_tokens:
         rows.append(profile_prefill(args, engine, weights, sync, base | {"batch": batch}))
@@ -178,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed (and then profiled) decode steps per mode")
     ap.add_argument("--warmup", type=int, default=5, help="untimed decode steps per mode first")
     ap.add_argument("--modes", default="overlap,sync,eager", help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--fusions", default="off" if os.environ.get(FUSIONS_ENV) == "0" else "on",
+                    help="on, off or on,off: the decode-step fusions of issue 16 (off: "
+                         "$QSERVE_LITE_STEP_FUSIONS=0; default: that variable's choice)")
     ap.add_argument("--sampled", action="store_true", help="temperature 0.8, top_p 0.95, top_k 50, seeded")
     ap.add_argument("--prefill-tokens", type=int, default=8192,
                     help="tokens of the profiled prefill step (0: none)")
@@ -189,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown:
         ap.error(f"unknown modes {sorted(unknown)}")
+    if not set(args.fusions.split(",")) <= {"on", "off"}:
+        ap.error(f"--fusions: a comma-separated list of on and off, got {args.fusions!r}")
 
     xp = device_array_module(args.device)
     cfg = load_config(args.model)
@@ -201,17 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     base = {"date": today(), "gpu": gpu, "git_sha": git_sha(ROOT), "model": args.model,
             "precision": precision.name, "group_size": group}
     rows = []
-    for batch in (int(b) for b in args.batch.split(",")):
-        rows += profile_batch(args, weights, xp, batch, base)
+    for fusions in args.fusions.split(","):
+        os.environ[FUSIONS_ENV] = "1" if fusions == "on" else "0"
+        for batch in (int(b) for b in args.batch.split(",")):
+            rows += profile_batch(args, weights, xp, batch, base | {"fusions": fusions})
     decode = [r for r in rows if r["kind"] == "decode"]
-    print(format_table(decode, [("batch", "batch"), ("mode", "mode"), ("sampled", "sampled"),
-                                ("wall ms", "decode_wall_ms"), ("gpu ms", "decode_gpu_ms"),
+    print(format_table(decode, [("fusions", "fusions"), ("batch", "batch"), ("mode", "mode"),
+                                ("sampled", "sampled"), ("wall ms", "decode_wall_ms"),
+                                ("gpu ms", "decode_gpu_ms"), ("non-GEMM ms", "decode_non_gemm_ms"),
                                 ("wall/gpu", "wall_over_gpu")]))
     for r in rows:
         if r["kind"] == "prefill":
-            print(f"prefill {r['prefill_tokens']} tokens: wall {r['prefill_wall_ms']} ms, "
-                  f"gpu {r['prefill_gpu_ms']} ms")
-        print(f"  top kernels ({r['kind']} {r.get('mode', '')} batch {r['batch']}): "
+            print(f"prefill {r['prefill_tokens']} tokens (fusions {r['fusions']}): wall "
+                  f"{r['prefill_wall_ms']} ms, gpu {r['prefill_gpu_ms']} ms")
+        print(f"  top kernels ({r['kind']} {r.get('mode', '')} batch {r['batch']} fusions {r['fusions']}): "
               f"{r['top_kernels_ms'][:6]}")
     results_dir = args.results_dir or ROOT / "benchmarks" / "results"
     out = append_jsonl(results_file("step_profile", gpu, results_dir=results_dir), rows)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qserve_lite.core.backend import to_host
+from qserve_lite.kernels.argmax import argmax_rows
 from qserve_lite.sampling_params import SamplingParams
 
 
@@ -145,11 +146,11 @@ class Sampler:
         params = [s.params for s in seqs]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if not sampled:
-            return xp.argmax(logits, axis=-1).astype(xp.int32)
+            return argmax_rows(logits, xp)
         tokens = xp.empty(B, dtype=xp.int32)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
-            tokens[greedy] = xp.argmax(logits[greedy], axis=-1)
+            tokens[greedy] = argmax_rows(logits[greedy], xp)
         temps = xp.asarray([params[i].temperature for i in sampled], dtype=xp.float32)[:, None]
         x = filter_logits(
             logits[sampled] / temps,

@@ -109,15 +109,18 @@ def _gpu_input(x, xp) -> bool:
     return is_cupy(xp) and x.dtype in (xp.float16, xp.float32) and x.ndim >= 1
 
 
-def _run_rows(op: str, x, k: int, residual=None, **kw) -> _RowResult:
-    """Runs a row kernel of cuda/rows.cu over x [..., width] (any leading shape), restoring that shape."""
-    lead = x.shape[:-1]
+def _run_rows(op: str, x, k: int, residual=None, ids=None, **kw) -> _RowResult:
+    """Runs a row kernel of cuda/rows.cu over x [..., width] (any leading shape), restoring that shape; with
+    ids (int [...]), over the rows x[ids] of a table x [rows, width], in ids' shape."""
+    lead = x.shape[:-1] if ids is None else ids.shape
     x2 = x.reshape(-1, x.shape[-1])
+    if ids is not None:
+        ids = ids.reshape(-1)
     if op != "quant":
         x2 = x2.astype("float16", copy=False)
     if residual is not None:
         residual = residual.reshape(-1, k).astype("float16", copy=False)
-    y, q, scales, sums, res = cuda_rows.rows(op, x2, k, residual=residual, **kw)
+    y, q, scales, sums, res = cuda_rows.rows(op, x2, k, residual=residual, ids=ids, **kw)
     qa = None if q is None else QuantizedActivation(q.reshape(*lead, k), scales.reshape(lead),
                                                     sums.reshape(lead) if sums is not None else None)
     return _RowResult(None if y is None else y.reshape(*lead, k), qa,

@@ -15,7 +15,9 @@ The forward (`GPULlama`), one decoder layer on a packed batch of T tokens (kerne
     -> prefill_attention (varlen, cu_seqlens) | decode_attention (block tables) -> quantize_per_token
     -> o_proj GEMM -> rms_norm_quant(o + residual) -> gate_up GEMM -> silu_mul_quant -> down GEMM
 (with tensor parallelism, the weights are one rank's shard and o_proj's and down's outputs are all-reduced
-over the ranks: model/tp_split.py, engine/tensor_parallel.py).
+over the ranks: model/tp_split.py, engine/tensor_parallel.py). The first layer's norm reads the token
+embeddings itself (rms_norm_quant's `gather`; kernels/fusions.py switches that off) unless a VLM's image
+rows replace some of them.
 Then the final RMSNorm and the fp16 lm_head GEMM run on each sequence's last token only. Float models
 (w16a16, w16a16kv4/kv8) take the same path with fp16 GEMMs and no activation quantization. GEMM and
 attention outputs go to buffers preallocated for `max_tokens` tokens; the row kernels (norm, quantization)
@@ -295,11 +297,26 @@ class GPULlama:
             x, residual = x[last], residual[last]
         return self.logits(x, residual)
 
-    def _norm(self, x, residual, gamma):
-        """(the next linear's input, the new residual stream)."""
+    def _norm(self, x, residual, gamma, gather=None):
+        """(the next linear's input, the new residual stream); with gather, of the rows x[gather]."""
         if self.float_acts:
-            return rms_norm(x, gamma, self.eps, residual=residual, xp=self.xp)
-        return rms_norm_quant(x, gamma, self.eps, residual=residual, xp=self.xp, with_sums=self.need_sums)
+            return rms_norm(x, gamma, self.eps, residual=residual, xp=self.xp, gather=gather)
+        return rms_norm_quant(x, gamma, self.eps, residual=residual, xp=self.xp, with_sums=self.need_sums,
+                              gather=gather)
+
+    def _embed(self, inputs: StepInputs):
+        """The input embeddings [T, hidden] (a VLM's image rows replaced)."""
+        x = self.weights.embed[inputs.token_ids]
+        if inputs.embed_rows is not None:
+            x[inputs.embed_rows] = inputs.embed_values
+        return x
+
+    def _first_norm(self, inputs: StepInputs, gamma):
+        """The first layer's input norm over the embeddings: the gather is fused into the norm's row kernel
+        (norm_quant's `gather`) unless image rows replace some embeddings."""
+        if inputs.embed_rows is not None:
+            return self._norm(self._embed(inputs), None, gamma)
+        return self._norm(self.weights.embed, None, gamma, gather=inputs.token_ids)
 
     def _quantize(self, x):
         return x if self.float_acts else quantize_per_token(x, self.xp, self.need_sums)
@@ -314,12 +331,14 @@ class GPULlama:
         T, H, KVH, D = inputs.num_tokens, self.H, self.KVH, self.D
         assert T <= self.max_tokens, (T, self.max_tokens)
         qs_n, kv_n = H * D, KVH * D
-        x = self.weights.embed[inputs.token_ids]
-        if inputs.embed_rows is not None:
-            x[inputs.embed_rows] = inputs.embed_values
-        residual = None
+        if not self.weights.layers:
+            return self._embed(inputs), None
+        x = residual = None
         for i, layer in enumerate(self.weights.layers):
-            act, residual = self._norm(x, residual, layer.input_norm)
+            if i == 0:
+                act, residual = self._first_norm(inputs, layer.input_norm)
+            else:
+                act, residual = self._norm(x, residual, layer.input_norm)
             qkv = layer.qkv(act, self.qkv_buf[:T])
             q = qkv[:, :qs_n].reshape(T, H, D)
             k = qkv[:, qs_n : qs_n + kv_n].reshape(T, KVH, D)

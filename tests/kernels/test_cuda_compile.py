@@ -37,8 +37,11 @@ CONFIGS = [
                         "QS_ALIGNED": 0}),
     ("rows.cu", {"QS_ROW_OP": 0, "QS_IN_F32": 1}),
     ("rows.cu", {"QS_ROW_OP": 1, "QS_NC": 4}),
+    ("rows.cu", {"QS_ROW_OP": 1, "QS_NC": 2, "QS_PREFETCH": 1}),  # the decode norm (early residual / gamma)
     ("rows.cu", {"QS_ROW_OP": 2, "QS_NC": 2, "QS_VEC": 0}),
     ("arch_probe.cu", {}),
+    ("argmax.cu", {"QS_AM_THREADS": 512, "QS_VEC": 1}),
+    ("argmax.cu", {"QS_AM_THREADS": 512, "QS_VEC": 0}),
     ("attention.cu", {"QS_D": 128, "QS_BITS": 4, "QS_WARPS": 4, "QS_PF_WARPS": 4}),
     ("attention.cu", {"QS_D": 64, "QS_BITS": 8, "QS_WARPS": 4, "QS_PF_WARPS": 8}),
     ("attention.cu", {"QS_D": 128, "QS_BITS": 16, "QS_WARPS": 4, "QS_PF_WARPS": 4}),
@@ -47,6 +50,7 @@ CONFIGS = [
     ("attention_sm90.cu", {"QS_D": 128, "QS_BITS": 16, "QS_STAGES": 3, "QS_PV_SPLIT": 1, "QS_DEBUG": 2,
                            "QS_SM90": 1}),
     ("kv_writer.cu", {"QS_D": 128, "QS_BITS": 4, "QS_ROPE": 1}),
+    ("kv_writer.cu", {"QS_D": 128, "QS_BITS": 4, "QS_ROPE": 1, "QS_PAIRS": 1}),
     ("kv_writer.cu", {"QS_D": 64, "QS_BITS": 8, "QS_ROPE": 1}),
     ("kv_writer.cu", {"QS_D": 128, "QS_BITS": 16, "QS_ROPE": 0}),
     ("kv_writer.cu", {"QS_D": 64, "QS_BITS": 4, "QS_ROPE": 1, "QS_KHAD": 1}),  # q / k Hadamard (k_hadamard)

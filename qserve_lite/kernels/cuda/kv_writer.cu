@@ -2,7 +2,9 @@
 // The byte layout of a page is documented in qserve_lite/kernels/paged_kv.py; kernels/attention.rope_write_kv is the
 // numpy twin (bit for bit).
 //
-// One block per token, one warp per head (query heads, then kv heads of K, then of V). Lane l holds the
+// One block per token, its warps taking the heads in turn (query heads, then kv heads of K, then of V; the
+// launcher sizes the block: kernels/cuda/kv_writer.writer_warps); each warp loads its first head's row before
+// the block computes cos / sin. Lane l holds the
 // channel pairs (i, i + D/2) for i = l*P .. l*P+P-1, P = D/64 (half-split RoPE pairing, HF Llama):
 //   cos, sin  = fp32(cos / sin(fp64(position) * inv_freq[i]))      inv_freq: fp64, llama3 scaling included
 //   x1' = fp16(x1 * c - x2 * s), x2' = fp16(x2 * c + x1 * s)         each fp32 operation rounded once
@@ -17,7 +19,8 @@
 // written). kv_bits 16 stores fp16.
 //
 // Macros: QS_D head_dim (multiple of 64; a power of two with QS_KHAD), QS_BITS 4, 8 or 16, QS_ROPE 1 (apply)
-// or 0 (write only), QS_KHAD 1 (Hadamard on q and k after RoPE) or 0.
+// or 0 (write only), QS_KHAD 1 (Hadamard on q and k after RoPE) or 0, QS_PAIRS 1 (head_dim a multiple of 128,
+// 4-byte aligned q / k / v rows: two channels per load and store) or 0.
 #include "common.cuh"
 
 #ifndef QS_D
@@ -32,6 +35,9 @@
 #ifndef QS_KHAD
 #define QS_KHAD 0
 #endif
+#ifndef QS_PAIRS
+#define QS_PAIRS 0
+#endif
 
 namespace {
 
@@ -40,6 +46,7 @@ constexpr int HALF = D / 2;
 constexpr int P = D / 64;  // channel pairs per lane
 constexpr int ROW_BYTES = D * QS_BITS / 8;
 static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
+static_assert(!QS_PAIRS || P % 2 == 0, "32-bit channel pairs need head_dim a multiple of 128");
 
 #if QS_KHAD
 static_assert((D & (D - 1)) == 0, "the q / k Hadamard rotation needs a power-of-two head_dim");
@@ -89,9 +96,49 @@ __device__ __forceinline__ void fwht(float (&x1)[P], float (&x2)[P], int lane) {
 constexpr int QMAX = (1 << QS_BITS) - 1;
 #endif
 
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+
+// The lane's channels of a head row: x1[j] = channel lane * P + j, x2[j] = channel HALF + lane * P + j
+// (QS_PAIRS: two channels per 32-bit access).
+__device__ __forceinline__ void load_row(const u16* row, float (&x1)[P], float (&x2)[P]) {
+#if QS_PAIRS
+#pragma unroll
+    for (int j = 0; j < P; j += 2) {
+        const u32 a = *reinterpret_cast<const u32*>(row + lane_id() * P + j);
+        const u32 b = *reinterpret_cast<const u32*>(row + lane_id() * P + j + HALF);
+        x1[j] = h2f((u16)(a & 0xFFFFu));
+        x1[j + 1] = h2f((u16)(a >> 16));
+        x2[j] = h2f((u16)(b & 0xFFFFu));
+        x2[j + 1] = h2f((u16)(b >> 16));
+    }
+#else
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+        x1[j] = h2f(row[lane_id() * P + j]);
+        x2[j] = h2f(row[lane_id() * P + j + HALF]);
+    }
+#endif
+}
+__device__ __forceinline__ void store_row(u16* row, const u16 (&a)[P], const u16 (&b)[P]) {
+#if QS_PAIRS
+#pragma unroll
+    for (int j = 0; j < P; j += 2) {
+        *reinterpret_cast<u32*>(row + lane_id() * P + j) = (u32)a[j] | ((u32)a[j + 1] << 16);
+        *reinterpret_cast<u32*>(row + lane_id() * P + j + HALF) = (u32)b[j] | ((u32)b[j + 1] << 16);
+    }
+#else
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+        row[lane_id() * P + j] = a[j];
+        row[lane_id() * P + j + HALF] = b[j];
+    }
+#endif
+}
+
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(128) qs_rope_write_kv(
+// Block: one token; warp w handles heads w, w + warps, ... (launcher: kernels/cuda/kv_writer.writer_warps).
+extern "C" __global__ void __launch_bounds__(1024) qs_rope_write_kv(
     u16* __restrict__ q, long long ldq, u16* __restrict__ k, long long ldk, const u16* __restrict__ v,
     long long ldv, const int* __restrict__ positions, const double* __restrict__ inv_freq,
     u8* __restrict__ k_pool, u8* __restrict__ v_pool, long long page_bytes,
@@ -99,6 +146,14 @@ extern "C" __global__ void __launch_bounds__(128) qs_rope_write_kv(
     __shared__ float cos_s[HALF], sin_s[HALF];
     const int t = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int total = num_heads + 2 * num_kv_heads;
+    auto head_row = [&](int hh) -> u16* {  // query heads, then K's, then V's
+        if (hh < num_heads) return q + t * ldq + (long long)hh * D;
+        if (hh < num_heads + num_kv_heads) return k + t * ldk + (long long)(hh - num_heads) * D;
+        return const_cast<u16*>(v) + t * ldv + (long long)(hh - num_heads - num_kv_heads) * D;
+    };
+    float x1[P], x2[P];
+    if (warp < total) load_row(head_row(warp), x1, x2);  // in flight while cos / sin are computed
 #if QS_ROPE
     const double pos = (double)positions[t];
     for (int i = threadIdx.x; i < HALF; i += blockDim.x) {
@@ -109,50 +164,34 @@ extern "C" __global__ void __launch_bounds__(128) qs_rope_write_kv(
     __syncthreads();
 #endif
     const int slot = slot_mapping[t];
-    const int total = num_heads + 2 * num_kv_heads;
     for (int hh = warp; hh < total; hh += nwarps) {
-        u16* row;
-        bool rotate = QS_ROPE;
-        if (hh < num_heads) {
-            row = q + t * ldq + (long long)hh * D;
-        } else if (hh < num_heads + num_kv_heads) {
-            row = k + t * ldk + (long long)(hh - num_heads) * D;
-        } else {
-            row = const_cast<u16*>(v) + t * ldv + (long long)(hh - num_heads - num_kv_heads) * D;
-            rotate = false;
-        }
-        float x1[P], x2[P];
-#pragma unroll
-        for (int j = 0; j < P; ++j) {
-            x1[j] = h2f(row[lane * P + j]);
-            x2[j] = h2f(row[lane * P + j + HALF]);
-        }
+        u16* row = head_row(hh);
+        if (hh != warp) load_row(row, x1, x2);
+        const bool rotate = QS_ROPE && hh < num_heads + num_kv_heads;
         if (rotate) {
+            u16 a[P], b[P];
 #pragma unroll
             for (int j = 0; j < P; ++j) {
                 const float c = cos_s[lane * P + j], s = sin_s[lane * P + j];
-                const u16 a = f2h(fsub_rn(fmul_rn(x1[j], c), fmul_rn(x2[j], s)));
-                const u16 b = f2h(fadd_rn(fmul_rn(x2[j], c), fmul_rn(x1[j], s)));
-                if (!QS_KHAD) {  // else the Hadamard below stores the row
-                    row[lane * P + j] = a;
-                    row[lane * P + j + HALF] = b;
-                }
-                x1[j] = h2f(a);
-                x2[j] = h2f(b);
+                a[j] = f2h(fsub_rn(fmul_rn(x1[j], c), fmul_rn(x2[j], s)));
+                b[j] = f2h(fadd_rn(fmul_rn(x2[j], c), fmul_rn(x1[j], s)));
+                x1[j] = h2f(a[j]);
+                x2[j] = h2f(b[j]);
             }
+            if (!QS_KHAD) store_row(row, a, b);  // else the Hadamard below stores the row
         }
 #if QS_KHAD
         if (hh < num_heads + num_kv_heads) {  // q and k rows (warp-uniform)
             fwht(x1, x2, lane);
+            u16 a[P], b[P];
 #pragma unroll
             for (int j = 0; j < P; ++j) {
-                const u16 a = f2h(fmul_rn(x1[j], KHAD_SCALE));
-                const u16 b = f2h(fmul_rn(x2[j], KHAD_SCALE));
-                row[lane * P + j] = a;
-                row[lane * P + j + HALF] = b;
-                x1[j] = h2f(a);
-                x2[j] = h2f(b);
+                a[j] = f2h(fmul_rn(x1[j], KHAD_SCALE));
+                b[j] = f2h(fmul_rn(x2[j], KHAD_SCALE));
+                x1[j] = h2f(a[j]);
+                x2[j] = h2f(b[j]);
             }
+            store_row(row, a, b);
         }
 #endif
         if (hh < num_heads || slot < 0) continue;

@@ -9,13 +9,29 @@ import numpy as np
 
 from qserve_lite.core.backend import import_cupy
 from qserve_lite.kernels.cuda.args import head_rows, int32_array, pool_args
+from qserve_lite.kernels.cuda.device import sm_count
 from qserve_lite.kernels.cuda.jit import get_kernel
+from qserve_lite.kernels.fusions import step_fusions
 from qserve_lite.kernels.paged_kv import PagedKVPool
 
+NARROW_WARPS = 4  # the block of a step with enough tokens to fill the GPU (and of the unfused path)
 
-def writer_defines(head_dim: int, kv_bits: int, rope: bool = True,
-                   k_hadamard: bool = False) -> dict[str, int]:
-    return {"QS_D": head_dim, "QS_BITS": kv_bits, "QS_ROPE": int(rope), "QS_KHAD": int(k_hadamard)}
+
+def writer_defines(head_dim: int, kv_bits: int, rope: bool = True, k_hadamard: bool = False,
+                   pairs: bool = False) -> dict[str, int]:
+    return {"QS_D": head_dim, "QS_BITS": kv_bits, "QS_ROPE": int(rope), "QS_KHAD": int(k_hadamard),
+            "QS_PAIRS": int(pairs)}
+
+
+def writer_warps(tokens: int, heads: int, sms: int, wide: bool = True) -> int:
+    """Warps per block (one block per token, `heads` = q + k + v heads). A prefill-sized step (at least 16
+    four-warp blocks per SM) keeps NARROW_WARPS; a decode step gets a block as wide as its heads allow (at
+    most 32 warps), each warp taking the fewest heads in turn, so that a few hundred tokens still put
+    enough loads in flight (a 4-warp block walked 12 heads of Llama-3-8B one after the other)."""
+    if not wide or tokens >= 16 * sms:
+        return NARROW_WARPS
+    turns = -(-heads // 32)
+    return -(-heads // turns)
 
 
 def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, slot_mapping, rope: bool,
@@ -42,7 +58,12 @@ def rope_write_kv(q, k, v, positions, inv_freq, pool: PagedKVPool, layer: int, s
         raise ValueError(f"inv_freq: expected ({D // 2},), got {freq.shape}")
     if T == 0:
         return
-    kern = get_kernel("kv_writer.cu", "qs_rope_write_kv", writer_defines(D, lay.kv_bits, rope, k_hadamard))
+    fused = step_fusions()
+    pairs = fused and D % 128 == 0 and all(s % 2 == 0 and a.data.ptr % 4 == 0
+                                           for s, a in ((ldq, q), (ldk, k), (ldv, v)))
+    kern = get_kernel("kv_writer.cu", "qs_rope_write_kv",
+                      writer_defines(D, lay.kv_bits, rope, k_hadamard, pairs))
     k_pool, v_pool, page_bytes = pool_args(pool, layer)
-    kern((T,), (128,), (q, np.int64(ldq), k, np.int64(ldk), v, np.int64(ldv), pos, freq, k_pool, v_pool,
-                        np.int64(page_bytes), slots, np.int32(H), np.int32(KVH)))
+    warps = writer_warps(T, H + 2 * KVH, sm_count(), wide=fused)
+    kern((T,), (32 * warps,), (q, np.int64(ldq), k, np.int64(ldk), v, np.int64(ldv), pos, freq, k_pool,
+                               v_pool, np.int64(page_bytes), slots, np.int32(H), np.int32(KVH)))

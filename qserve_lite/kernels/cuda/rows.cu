@@ -12,6 +12,10 @@
 // IEEE division; SiLU's fp16 product may thus differ from the twin by one fp16 ulp (kernels/act_quant.py).
 //   QS_NC     16-byte chunks (8 elements) per thread: the row width is at most 8 * QS_NC * blockDim.x
 //   QS_VEC    1: 16-byte aligned rows, K % 8 == 0 (vector loads); 0: element loads with bounds checks
+//   QS_PREFETCH  op 1 with QS_VEC: the residual and gamma are loaded before x is used (one memory latency
+//                instead of three: x, then the residual, then gamma after the sum of squares)
+// ids (or null): row r of the output reads row ids[r] of x (x is then a table, e.g. the embeddings, of
+// x_rows rows; ids are clamped to it): a gather fused into the row kernel.
 #include "common.cuh"
 
 #ifndef QS_ROW_OP
@@ -25,6 +29,9 @@
 #endif
 #ifndef QS_IN_F32
 #define QS_IN_F32 0
+#endif
+#ifndef QS_PREFETCH
+#define QS_PREFETCH 0
 #endif
 
 namespace {
@@ -56,17 +63,22 @@ __device__ __forceinline__ double block_sum(double v, double* red) {
     return warp_sum(v);
 }
 
+#if QS_VEC
+__device__ __forceinline__ void unpack8_h(const uint4 q, float (&v)[8]) {
+    const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = h2f((u16)(w[i] & 0xFFFFu));
+        v[2 * i + 1] = h2f((u16)(w[i] >> 16));
+    }
+}
+#endif
+
 // Loads 8 consecutive elements [e0, e0 + 8) of a row as fp32 (fp16-exact values); out of range -> 0.
 __device__ __forceinline__ void load8_h(const u16* row, int e0, int K, float (&v)[8]) {
 #if QS_VEC
     if (e0 < K) {
-        const uint4 q = *reinterpret_cast<const uint4*>(row + e0);
-        const u32 w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v[2 * i] = h2f((u16)(w[i] & 0xFFFFu));
-            v[2 * i + 1] = h2f((u16)(w[i] >> 16));
-        }
+        unpack8_h(*reinterpret_cast<const uint4*>(row + e0), v);
     } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = 0.0f;
@@ -121,6 +133,7 @@ __device__ __forceinline__ int quant_code(float v, float s, float rs) {
 }  // namespace
 
 extern "C" __global__ void qs_rows(const void* __restrict__ x, long long ldx,      // input rows (elements)
+                                   const int* __restrict__ ids, int x_rows,         // gathered rows or null
                                    const u16* __restrict__ residual, long long ldr, // op 1: residual or null
                                    u16* __restrict__ residual_out, long long ldro,  // op 1: new residual or null
                                    const u16* __restrict__ gamma, double eps,       // op 1
@@ -131,17 +144,29 @@ extern "C" __global__ void qs_rows(const void* __restrict__ x, long long ldx,   
     __shared__ float red_f[32];
     __shared__ double red_d[32];
     const long long row = blockIdx.x;
+    const long long xrow = ids ? (long long)min(max(ids[row], 0), x_rows - 1) : row;
     float v[NC][8];
+#if QS_ROW_OP == 1 && QS_PREFETCH && QS_VEC
+    uint4 gamma_raw[NC], res_raw[NC];  // loaded with x, unpacked where they are used
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+        const int e0 = 8 * (threadIdx.x + c * blockDim.x);
+        const bool in = e0 < K;
+        gamma_raw[c] = in ? *reinterpret_cast<const uint4*>(gamma + e0) : make_uint4(0u, 0u, 0u, 0u);
+        res_raw[c] = in && residual ? *reinterpret_cast<const uint4*>(residual + row * ldr + e0)
+                                    : make_uint4(0u, 0u, 0u, 0u);
+    }
+#endif
 
     // ---- v: the fp16 row this kernel quantizes ----
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
         const int e0 = 8 * (threadIdx.x + c * blockDim.x);
         if (QS_ROW_OP == 0 && QS_IN_F32) {
-            load8_f(reinterpret_cast<const float*>(x) + row * ldx, e0, K, v[c]);
+            load8_f(reinterpret_cast<const float*>(x) + xrow * ldx, e0, K, v[c]);
         } else if (QS_ROW_OP == 2) {
             float up[8];
-            const u16* xr = reinterpret_cast<const u16*>(x) + row * ldx;
+            const u16* xr = reinterpret_cast<const u16*>(x) + xrow * ldx;
             load8_h(xr, e0, K, v[c]);
             load8_h(xr + K, e0, K, up);
 #pragma unroll
@@ -151,7 +176,7 @@ extern "C" __global__ void qs_rows(const void* __restrict__ x, long long ldx,   
                 v[c][i] = h2f(f2h(fmul_rn(silu, up[i])));
             }
         } else {
-            load8_h(reinterpret_cast<const u16*>(x) + row * ldx, e0, K, v[c]);
+            load8_h(reinterpret_cast<const u16*>(x) + xrow * ldx, e0, K, v[c]);
         }
     }
 
@@ -161,7 +186,12 @@ extern "C" __global__ void qs_rows(const void* __restrict__ x, long long ldx,   
             for (int c = 0; c < NC; ++c) {
                 const int e0 = 8 * (threadIdx.x + c * blockDim.x);
                 float r[8];
+#if QS_PREFETCH && QS_VEC
+                (void)e0;
+                unpack8_h(res_raw[c], r);
+#else
                 load8_h(residual + row * ldr, e0, K, r);
+#endif
 #pragma unroll
                 for (int i = 0; i < 8; ++i) v[c][i] = h2f(f2h(fadd_rn(v[c][i], r[i])));
             }
@@ -179,9 +209,12 @@ extern "C" __global__ void qs_rows(const void* __restrict__ x, long long ldx,   
         const float rstd = (float)ddiv_rn(1.0, dsqrt_rn(dadd_rn(ddiv_rn(ss, (double)K), eps)));
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
-            const int e0 = 8 * (threadIdx.x + c * blockDim.x);
             float gm[8];
-            load8_h(gamma, e0, K, gm);
+#if QS_PREFETCH && QS_VEC
+            unpack8_h(gamma_raw[c], gm);
+#else
+            load8_h(gamma, 8 * (threadIdx.x + c * blockDim.x), K, gm);
+#endif
 #pragma unroll
             for (int i = 0; i < 8; ++i) v[c][i] = h2f(f2h(fmul_rn(fmul_rn(v[c][i], rstd), gm[i])));
         }

@@ -1,0 +1,19 @@
+"""The switch between the fused decode-step kernels (issue 16) and the unfused path they replace.
+
+QSERVE_LITE_STEP_FUSIONS=0 selects the unfused path, for before/after measurements in one process
+(benchmarks/step_profile.py --fusions on,off): cupy's argmax instead of kernels/cuda/argmax.cu, the
+embedding gather as its own pass before the first RMSNorm, the RoPE / KV writer with one 4-warp block per
+token, and the RMSNorm row kernel without the early load of its weight. Both paths compute the same bits. The
+variable is read at each call, so a CUDA graph holds the path that was selected when it was captured.
+"""
+
+from __future__ import annotations
+
+import os
+
+FUSIONS_ENV = "QSERVE_LITE_STEP_FUSIONS"
+
+
+def step_fusions() -> bool:
+    """True unless $QSERVE_LITE_STEP_FUSIONS is "0"."""
+    return os.environ.get(FUSIONS_ENV, "1") != "0"
