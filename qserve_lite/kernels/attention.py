@@ -14,7 +14,8 @@ on numpy arrays; the twins are the specification:
   ((code - zero) * scale in fp32, or the fp16 values), the twin in float64, the output rounded to fp16.
   Tolerance of the GPU against the twin: |gpu - twin| <= 5e-3 * max|V| (+ one fp16 ulp of the output)
   elementwise. The GPU multiplies in fp16 on tensor cores with fp32 accumulation: K and V codes enter the
-  products exactly (scale and zero are applied in fp32 around them) in decode, but the probabilities
+  products exactly in decode (K as code + 1024 or + 64, the offsets removed in fp32 with the zero point after
+  the dot product; scale and zero are applied in fp32 around the products), but the probabilities
   (times the V scale) are rounded to fp16, each a relative 2^-11; prefill also rounds the dequantized
   cached K/V to fp16 (2^-11 relative), and exp2 is the hardware approximation (2 ulp).
   Prefill attends to the fresh K/V it is given (fp16, k after RoPE) for the chunk's own tokens, and to the

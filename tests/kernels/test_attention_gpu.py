@@ -6,8 +6,9 @@ Writer: rotated q / k and every byte of the page pool identical to the twin's (b
 elementwise (kernels/attention.py states why), no NaN, every output written (outputs come from a memory pool
 refilled with 0x7f bytes, fp16 NaN); unwritten page slots past each context hold 0xFF (NaN scales / values),
 so a kernel that reads them unmasked fails.
-Context lengths 1, 63, 64, 65, 1000, 4097; head_dim 64 and 128; GQA ratios 1, 3, 4, 8 (and 16); KV4, KV8,
-fp16 pages; batches up to 64; split-K forced on and off; decode replayed from a CUDA graph.
+Context lengths 1, 63, 64, 65, 1000, 4097 (and 16421 at batch 1, up to the most splits); head_dim 64 and
+128; GQA ratios 1, 3, 4, 8 (and 16); KV4, KV8, fp16 pages; batches up to 64; split-K forced on and off;
+decode replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -198,6 +199,27 @@ def test_decode_batch_64(bits, d, heads):
     decode_attention(qkv[:, : h * d].reshape(64, h, d), g_pool, 0, cp.asarray(bt), cp.asarray(ctx),
                      out=out[:, d:].reshape(64, h, d))
     close(out[:, d:].reshape(64, h, d), want, vmax, "decode strided")
+
+
+@pytest.mark.parametrize("bits,d,heads", [(4, 128, (32, 8)), (4, 128, (64, 8)), (4, 64, (8, 8)),
+                                          (8, 128, (32, 8)), (16, 64, (16, 2))])
+def test_decode_batch1_long_context(bits, d, heads):
+    """Batch 1 with a long context (not a multiple of the page) splits over the whole GPU: the heuristic's
+    split count, the most splits (the combine of 129 partials of 128 tokens), and 3 long splits."""
+    r = np.random.default_rng()
+    h, kvh = heads
+    n = 16384 + 37
+    np_pool, bt, vmax = build(r, [n], kvh, d, bits)
+    g_pool = gpu_pool(np_pool)
+    q = (r.standard_normal((1, h, d)) * 1.5).astype(np.float16)
+    ctx = np.array([n], dtype=np.int32)
+    want = decode_attention(q, np_pool, 0, bt, ctx)
+    base, _ = cuda_attention.decode_geometry(1, h, kvh, bt.shape[1] * 64)
+    assert base > 1, base  # batch 1 spreads over the SMs
+    for splits in (None, cuda_attention.MAX_SPLITS, 3):
+        poison_pool()
+        got = decode_attention(cp.asarray(q), g_pool, 0, cp.asarray(bt), cp.asarray(ctx), splits=splits)
+        close(got, want, vmax, f"decode batch 1 ctx {n} bits={bits} d={d} heads={heads} splits={splits}")
 
 
 @pytest.mark.parametrize("bits,d", [(4, 128), (4, 64), (8, 128)])

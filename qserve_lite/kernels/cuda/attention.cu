@@ -2,15 +2,19 @@
 // stated tolerances: qserve_lite/kernels/attention.py. fp16 tensor cores (mma.sync m16n8k16, fp32 accumulate).
 //
 // qs_decode_attn: one query token per sequence (flash-decoding). Block = (split of the context, kv head,
-//   sequence), QS_WARPS warps taking the split's 16-token tiles in turn; the block serves all query heads
-//   of its kv head (up to 8; more go to further blocks), so each K/V byte is read once.
-//   - S = Q K^T with Q (heads, padded to 16 rows) as A and the raw K codes as B: a byte of two 4-bit codes
-//     becomes a half2 with one `and | or` and one `sub.f16x2` (0x6400 magic), exact. The channel order
-//     inside a thread's slice of the head is permuted, and q is loaded with the same permutation. Scale
-//     and zero are applied per token after the dot product: S = s * (q.c - z * sum(q)).
-//   - O^T = V^T P^T: the V codes of two tokens are interleaved (prmt) into half2 pairs along the token
-//     axis and used as A; B = P' = p * s_v in fp16, taken straight from the S accumulators (same thread);
-//     the zero's term sum_t P'_t z_t is subtracted at the end. Online softmax in fp32 (exp2).
+//   sequence), QS_WARPS warps taking the split's tiles (16 * QS_DEC_SUB tokens) in turn; the block serves all
+//   query heads of its kv head (up to 8; more go to further blocks), so each K/V byte is read once.
+//   - S^T = K Q^T on tensor cores: the raw K codes are A (16 tokens x 16 channels, every register useful),
+//     Q^T (8 heads) is B. A byte of two 4-bit codes becomes two half2 with one LOP3 each and no subtraction:
+//     the low nibble under the 0x6400 magic (1024 + c), the high nibble read in place under 0x5400 (64 + c,
+//     ulp 1/16); KV8 bytes become 1024 + c with one PRMT. The channel order inside a thread's slice of the
+//     head is permuted, and q is loaded with the same permutation. Offsets, scale and zero are applied per
+//     (token, head) after the dot product: S = s * (q.(off + c) - sum(q * off) - z * sum(q)).
+//   - O^T = V^T P^T: the V codes of two tokens are interleaved (PRMT) into half2 pairs along the token axis
+//     and made exact codes (one LOP3 and one HSUB2 / HFMA2 each), used as A; B = P' = p * s_v in fp16, the
+//     S^T accumulators of a thread moved into B-fragment order by movmatrix (a transpose of 8x8 halves); the
+//     zero's term sum_t P'_t z_t is subtracted at the end. Online softmax in fp32 (exp2); a row of S^T is a
+//     token, so a thread holds 2 * QS_DEC_SUB consecutive tokens (one shared-memory load per scale array).
 //   - Page ids of the split are staged in shared memory; each warp streams its tiles through a private
 //     ring of cp.async stages (several tiles in flight per warp without spending registers). Warps are
 //     merged through shared memory; with one split the block writes fp16 output, otherwise fp32 partials
@@ -61,9 +65,6 @@ __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
     asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
     return r;
 }
-// half2 (c0, c1) from (x & 0x000F000F) or (x & 0x00FF00FF): integers 0..255 in the low byte of each half.
-__device__ __forceinline__ u32 nib2h(u32 x) { return hsub2((x & 0x000F000Fu) | MAGIC, MAGIC); }
-__device__ __forceinline__ u32 byte2h(u32 x) { return hsub2((x & 0x00FF00FFu) | MAGIC, MAGIC); }
 __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     u32 r;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -81,15 +82,16 @@ __device__ __forceinline__ float ex2(float x) {
 // ---------------------------------------------------------------------------------------------------------
 namespace dec {
 constexpr int W = QS_WARPS;
-constexpr int NCH = D / 16;             // k-chunks of Q K^T, and m-tiles (16 channels) of O^T
-constexpr int KWORDS = D / 4 * BITS / 32;  // K words a thread loads per token (D/4 channels)
-constexpr int VWORDS = D / 8 * BITS / 32;  // V words a thread loads per token (D/8 channels)
-// A tile is SUB 16-token subtiles sharing one softmax update (KV4 is instruction-bound: amortize it).
+constexpr int NCH = D / 16;                // k-chunks of S^T = K Q^T, and channel m-tiles of O^T = V^T P^T
+constexpr int KW = D / 4 * BITS / 32;      // K words of a thread's D/4-channel slice of one token
+constexpr int VW = D / 8 * BITS / 32;      // V words of a thread's D/8-channel slice of one token
+// A tile is SUB 16-token subtiles sharing one softmax update.
 #ifdef QS_DEC_SUB
 constexpr int SUB = QS_DEC_SUB;
 #else
 constexpr int SUB = BITS == 4 ? 2 : 1;
 #endif
+static_assert(SUB == 1 || SUB == 2 || SUB == 4, "1, 2 or 4 subtiles per decode tile");
 constexpr int TT = 16 * SUB;            // tokens per tile (divides a 64-token page)
 // Per-warp ring of cp.async stages: the bytes in flight per SM come from shared memory, not registers.
 constexpr int STAGES = (BITS == 16 || SUB > 2) ? 2 : 3;
@@ -98,12 +100,7 @@ constexpr int TILE_BYTES = 2 * TT * RB + 4 * SC_BYTES;  // K rows, V rows, then 
 constexpr int RING_BYTES = W * STAGES * TILE_BYTES;
 constexpr int MERGE_BYTES = W * (8 * D + 24) * 4;
 constexpr int FIXED_SMEM = (RING_BYTES > MERGE_BYTES ? RING_BYTES : MERGE_BYTES) + 16;
-
-struct Sub {
-    u32 k[2][KWORDS];  // tokens g and g + 8 of the subtile, channels (D/4) t ..
-    u32 v[4][VWORDS];  // tokens 2t, 2t+1, 2t+8, 2t+9, channels (D/8) g ..
-    u32 ks[2], kz[2], vs[2], vz[2];  // half2 scale / zero of tokens (2t, 2t+1) and (2t+8, 2t+9)
-};
+constexpr int MAX_SPLITS = W * D;  // the combine's weights [8][splits] reuse the merge buffer [W][8][D]
 
 // D = A * B + D (m16n8k16 f16, f32 accumulate); not volatile, so the compiler may interleave it.
 __device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -112,25 +109,53 @@ __device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+// The 8x8 b16 matrix of the warp (thread g, t holds row g, columns 2t, 2t+1), transposed.
+__device__ __forceinline__ u32 movm_trans(u32 a) {
+    u32 r;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(a));
+    return r;
+}
+// (a & B) | C in one LOP3 (C expressions with two constants compile to two).
+template <u32 B, u32 C>
+__device__ __forceinline__ u32 and_or(u32 a) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "n"(B), "n"(C));
+    return r;
+}
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
 
-// One tile of one kv head (rows entry0 .. entry0 + TT - 1 of a page) into a ring stage.
+// A lane's share of copying one tile (one kv head's rows entry0 .. entry0 + TT - 1 of a page) into a ring
+// stage: 16-byte chunks lane, lane + 32, .. of the K rows and of the V rows (constant offsets from one base,
+// folded into the instructions), and for lanes < 4 * SC_CHUNKS one chunk of the scale / zero arrays.
+constexpr int CHUNKS = TT * RB / 16;  // of the K (V) rows of a tile
+constexpr int SC_CHUNKS = SC_BYTES / 16 > 0 ? SC_BYTES / 16 : 1;  // per scale / zero array
+struct ScaleCopy {
+    long long src;  // offset within a page (kv head and entry 0 of the tile added per tile)
+    u32 dst;        // offset within a stage
+    bool live, v;   // this lane copies a chunk; of the V page
+};
+__device__ __forceinline__ ScaleCopy scale_copy(int lane, long long sc_off, long long zr_off) {
+    const int which = lane / SC_CHUNKS, part = lane % SC_CHUNKS;  // 0 K scales, 1 K zeros, 2 V scales, 3 V zeros
+    return {((which & 1) ? zr_off : sc_off) + 16 * part, (u32)(2 * TT * RB + SC_BYTES * which + 16 * part),
+            QUANT && lane < 4 * SC_CHUNKS, which >= 2};
+}
 __device__ __forceinline__ void issue_tile(u32 dst, const u8* kpage, const u8* vpage, int entry0,
-                                           long long sc_off, long long zr_off, int lane) {
-    const u8* ksrc = kpage + (long long)entry0 * RB;
-    const u8* vsrc = vpage + (long long)entry0 * RB;
+                                           const ScaleCopy& sc, int lane) {
+    const u8* ksrc = kpage + (long long)entry0 * RB + 16 * lane;
+    const u8* vsrc = vpage + (long long)entry0 * RB + 16 * lane;
+    const u32 d = dst + 16 * lane;
 #pragma unroll
-    for (int i = lane; i < TT * RB / 16; i += 32) {
-        cp_async16(dst + 16 * i, ksrc + 16 * i, 16);
-        cp_async16(dst + TT * RB + 16 * i, vsrc + 16 * i, 16);
-    }
-    if constexpr (QUANT) {
-        constexpr int PER = SC_BYTES / 16 > 0 ? SC_BYTES / 16 : 1;  // 16-byte chunks per array
-        if (lane < 4 * PER) {
-            const int which = lane / PER, part = lane % PER;  // 0 K scales, 1 K zeros, 2 V scales, 3 V zeros
-            const u8* src = (which >= 2 ? vpage : kpage) + ((which & 1) ? zr_off : sc_off) + 2 * entry0;
-            cp_async16(dst + 2 * TT * RB + SC_BYTES * which + 16 * part, src + 16 * part, 16);
+    for (int k = 0; k < (CHUNKS + 31) / 32; ++k) {
+        if (CHUNKS % 32 == 0 || lane + 32 * k < CHUNKS) {
+            cp_async16(d + 512 * k, ksrc + 512 * k, 16);
+            cp_async16(d + TT * RB + 512 * k, vsrc + 512 * k, 16);
         }
     }
+    if (sc.live) cp_async16(dst + sc.dst, (sc.v ? vpage : kpage) + sc.src + 2 * entry0, 16);
 }
 
 template <int N>
@@ -148,182 +173,211 @@ __device__ __forceinline__ void lds_words(u32* r, u32 addr) {
     }
 }
 
-__device__ __forceinline__ void smem_sub(Sub& T, u32 base, int j, int g, int t) {
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-        lds_words<KWORDS>(T.k[nt], base + (16 * j + 8 * nt + g) * RB + t * (KWORDS * 4));
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-        lds_words<VWORDS>(T.v[i], base + TT * RB + (16 * j + 8 * (i >> 1) + 2 * t + (i & 1)) * RB +
-                                      g * (VWORDS * 4));
-    if constexpr (QUANT) {
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            const u32 e = base + 2 * TT * RB + 2 * (16 * j + 8 * nt + 2 * t);
-            lds_words<1>(&T.ks[nt], e);
-            lds_words<1>(&T.kz[nt], e + SC_BYTES);
-            lds_words<1>(&T.vs[nt], e + 2 * SC_BYTES);
-            lds_words<1>(&T.vz[nt], e + 3 * SC_BYTES);
-        }
-    }
-}
-
-// Channel of q (within the head) feeding A-fragment element (chunk c, half `second` of the k range, e).
+// Channel of the head behind k index 2t + e (second 0) or 2t + 8 + e (second 1) of k-chunk c, for the
+// thread's slice t of D/4 channels: the order in which k_frag unpacks a K row.
 __device__ __forceinline__ int q_channel(int t, int c, int second, int e) {
     const int base = (D / 4) * t;
     if constexpr (BITS == 4) return base + 8 * (c >> 1) + 2 * (c & 1) + second + 4 * e;
     return base + 4 * c + 2 * second + e;
 }
+// What k_frag adds to the code of a channel (magic-number conversion without the subtraction).
+__device__ __forceinline__ float code_offset(int second) {
+    if constexpr (BITS == 4) return second ? 64.0f : 1024.0f;
+    return BITS == 8 ? 1024.0f : 0.0f;
+}
 
-// K B-fragments of chunk c. Codes come as 1024 + code (the magic exponent, no subtraction): the 1024 is
-// folded into the zero point (S = s * (q.(1024 + c) - (1024 + z) * sum(q))).
-__device__ __forceinline__ void k_frag(const u32* kw, int c, u32& b0, u32& b1) {
+// A-fragment halves of k-chunk c from one token's K words: lo = k 2t, 2t+1, hi = k 2t+8, 2t+9. Codes come
+// as offset + code, exact: KV4 even channels (low nibbles, 0x6400 magic) 1024 + c, odd channels (high
+// nibbles read in place under the 0x5400 magic, ulp 1/16) 64 + c; KV8 1024 + c. The offsets are folded into
+// the score: q.(off + c) - sum(q * off).
+__device__ __forceinline__ void k_frag(const u32* kw, int c, u32& lo, u32& hi) {
     if constexpr (BITS == 4) {
-        const u32 x = kw[c >> 1] >> (8 * (c & 1));
-        b0 = (x & 0x000F000Fu) | MAGIC;
-        b1 = ((x >> 4) & 0x000F000Fu) | MAGIC;
+        const u32 x = (c & 1) ? kw[c >> 1] >> 8 : kw[c >> 1];
+        lo = and_or<0x000F000Fu, 0x64006400u>(x);
+        hi = and_or<0x00F000F0u, 0x54005400u>(x);
     } else if constexpr (BITS == 8) {
-        b0 = byte_perm(kw[c], 0x64646464u, 0x5140);
-        b1 = byte_perm(kw[c], 0x64646464u, 0x7362);
+        lo = byte_perm(kw[c], 0x64646464u, 0x5140);
+        hi = byte_perm(kw[c], 0x64646464u, 0x7362);
     } else {
-        b0 = kw[2 * c];
-        b1 = kw[2 * c + 1];
+        lo = kw[2 * c];
+        hi = kw[2 * c + 1];
     }
 }
 
-// h[j] = half2(V[a][channel j], V[b][channel j]) for the thread's D/8 channels (j = 0 .. D/8 - 1).
+// h[j] = half2(V[a][channel j], V[b][channel j]) for the thread's D/8 channels (j = 0 .. D/8 - 1): the codes
+// exactly (the magic number subtracted: 1024 + c - 1024, or (1024 + 16 c) / 16 - 64 for the nibble read in
+// place), or the fp16 values.
 __device__ __forceinline__ void v_pairs(const u32* va, const u32* vb, u32* h) {
+    constexpr u32 SIXTEENTH = 0x2C002C00u, M64 = 0xD400D400u;  // half2(1/16), half2(-64)
     if constexpr (BITS == 4) {
 #pragma unroll
-        for (int w = 0; w < VWORDS; ++w) {
+        for (int w = 0; w < VW; ++w) {
 #pragma unroll
             for (int kk = 0; kk < 2; ++kk) {
-                const u32 x = byte_perm(va[w], vb[w], kk ? 0x7632 : 0x5410);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) h[8 * w + 4 * kk + e] = nib2h(x >> (4 * e));
+                const u32 x = byte_perm(va[w], vb[w], kk ? 0x7632 : 0x5410);  // channels 8w + 4kk + 0..3
+                const u32 y = x >> 8;
+                h[8 * w + 4 * kk + 0] = hsub2(and_or<0x000F000Fu, MAGIC>(x), MAGIC);
+                h[8 * w + 4 * kk + 1] = hfma2(and_or<0x00F000F0u, MAGIC>(x), SIXTEENTH, M64);
+                h[8 * w + 4 * kk + 2] = hsub2(and_or<0x000F000Fu, MAGIC>(y), MAGIC);
+                h[8 * w + 4 * kk + 3] = hfma2(and_or<0x00F000F0u, MAGIC>(y), SIXTEENTH, M64);
             }
         }
     } else if constexpr (BITS == 8) {
 #pragma unroll
-        for (int w = 0; w < VWORDS; ++w) {
+        for (int w = 0; w < VW; ++w) {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
-                h[4 * w + kk] = byte2h(byte_perm(va[w], vb[w], kk | (kk << 4) | ((4 + kk) << 8) | ((4 + kk) << 12)));
+                h[4 * w + kk] = hsub2(and_or<0x00FF00FFu, MAGIC>(byte_perm(va[w], vb[w], kk | ((4 + kk) << 8))),
+                                      MAGIC);
         }
     } else {
 #pragma unroll
-        for (int w = 0; w < VWORDS; ++w) {
+        for (int w = 0; w < VW; ++w) {
             h[2 * w] = byte_perm(va[w], vb[w], 0x5410);
             h[2 * w + 1] = byte_perm(va[w], vb[w], 0x7632);
         }
     }
 }
 
-struct State {
-    float m, l, corr;        // running max (log2 units), partial sum, partial zero term (head g)
-    float acc[NCH][4];       // O^T: channels (D/8) g + 2i (+1), heads 2t, 2t+1
+struct Qf {
+    u32 b[NCH][2];           // B fragments of Q^T: head g, channels q_channel(t, c, second, 0 / 1)
+    float qsum[2], qoff[2];  // heads 2t, 2t+1: sum of q, and sum of q times its channel's code offset
 };
 
+struct State {
+    float m[2];          // heads 2t, 2t+1: running max (log2 units; the same in the 8 lanes of a head)
+    float l[2], corr[2]; // partial sum of p and of p * s_v * z_v over this thread's tokens
+    float acc[NCH][4];   // O^T: channels (D/8) g + 2i (+1), heads 2t, 2t+1
+};
+
+__device__ __forceinline__ float half_of(u32 w, int h) { return h ? hi_h(w) : lo_h(w); }
+
 // One tile (SUB subtiles) read from ring stage `base`: scores, one online-softmax update, P V.
-__device__ __forceinline__ void compute_tile(u32 base, State& st, const u32 (*qa)[2], float qsum,
-                                             int tok0, int ctx, float scale_log2, int lane) {
+// S^T = K Q^T: A = K (16 tokens x 16 channels), B = Q^T (16 channels x 8 heads); row g (g + 8) of subtile j
+// is token 2 SUB g + 2j (+ 1), so a thread's tokens are 2 SUB consecutive ones (one load per scale array).
+// O^T = V^T P^T: A = V^T (16 channels x 16 tokens), B = P^T from S^T's accumulators by movmatrix.
+template <bool TAIL>
+__device__ __forceinline__ void compute_tile(u32 base, State& st, const Qf& qf, int tok0, int ctx,
+                                             float scale_log2, int lane) {
     const int g = lane >> 2, t = lane & 3;
-    Sub T[SUB];
-#pragma unroll
-    for (int j = 0; j < SUB; ++j) smem_sub(T[j], base, j, g, t);
-    float s[SUB][2][4];
+    u32 kw[SUB][2][KW];
 #pragma unroll
     for (int j = 0; j < SUB; ++j) {
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            s[j][nt][0] = s[j][nt][1] = s[j][nt][2] = s[j][nt][3] = 0.0f;
+        for (int h = 0; h < 2; ++h)
+            lds_words<KW>(kw[j][h], base + (2 * SUB * g + 2 * j + h) * RB + t * (KW * 4));
+    }
+    u32 ks[SUB], kz[SUB], vs[SUB], vz[SUB];  // half2 of tokens 2 SUB g + 2j, + 2j + 1
+    if constexpr (QUANT) {
+        const u32 e = base + 2 * TT * RB + 4 * SUB * g;
+        lds_words<SUB>(ks, e);
+        lds_words<SUB>(kz, e + SC_BYTES);
+        lds_words<SUB>(vs, e + 2 * SC_BYTES);
+        lds_words<SUB>(vz, e + 3 * SC_BYTES);
+    }
+    u32 vw[4 * SUB][VW];  // tokens 4 SUB t + i
 #pragma unroll
-            for (int c = 0; c < NCH; ++c) {
-                u32 b0, b1;
-                k_frag(T[j].k[nt], c, b0, b1);
-                mma16816(s[j][nt], qa[c][0], 0u, qa[c][1], 0u, b0, b1);
-            }
+    for (int i = 0; i < 4 * SUB; ++i)
+        lds_words<VW>(vw[i], base + TT * RB + (4 * SUB * t + i) * RB + g * (VW * 4));
+
+    float x[SUB][4];  // S^T: (token row g, heads 2t, 2t+1), (token row g + 8, heads 2t, 2t+1)
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) {
+            u32 a0, a1, a2, a3;
+            k_frag(kw[j][0], c, a0, a2);
+            k_frag(kw[j][1], c, a1, a3);
+            mma16816(x[j], a0, a1, a2, a3, qf.b[c][0], qf.b[c][1]);
         }
     }
-    float tmax = NEG_INF;
+    float tmax[2] = {NEG_INF, NEG_INF};
 #pragma unroll
     for (int j = 0; j < SUB; ++j) {
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
+        for (int h = 0; h < 2; ++h) {
+            const bool valid = !TAIL || tok0 + 2 * SUB * g + 2 * j + h < ctx;
+            float sk = scale_log2, zk = 0.0f;
+            if constexpr (QUANT) {
+                sk *= half_of(ks[j], h);
+                zk = half_of(kz[j], h);
+            }
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const bool valid = tok0 + 16 * j + 8 * nt + 2 * t + e < ctx;
-                float x = s[j][nt][e];
-                if constexpr (QUANT) {
-                    const float sc = e ? hi_h(T[j].ks[nt]) : lo_h(T[j].ks[nt]);
-                    const float zr = (e ? hi_h(T[j].kz[nt]) : lo_h(T[j].kz[nt])) + 1024.0f;
-                    x = sc * (x - zr * qsum);
-                }
-                x = valid ? x * scale_log2 : NEG_INF;
-                s[j][nt][e] = x;
-                tmax = fmaxf(tmax, x);
+                float v = x[j][2 * h + e];
+                v = QUANT ? sk * (v - (zk * qf.qsum[e] + qf.qoff[e])) : v * sk;
+                v = valid ? v : NEG_INF;
+                x[j][2 * h + e] = v;
+                tmax[e] = fmaxf(tmax[e], v);
             }
         }
     }
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-    const float m_new = fmaxf(st.m, tmax);
-    const float m_use = m_new == NEG_INF ? 0.0f : m_new;
-    const float alpha = ex2(st.m - m_use);
-    float psum = 0.0f, zsum = 0.0f;
-    u32 pb[SUB][2];
+    float m_use[2], alpha[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) tmax[e] = fmaxf(tmax[e], __shfl_xor_sync(0xffffffffu, tmax[e], o));
+        const float m_new = fmaxf(st.m[e], tmax[e]);
+        m_use[e] = m_new == NEG_INF ? 0.0f : m_new;
+        alpha[e] = ex2(st.m[e] - m_use[e]);
+        st.m[e] = m_new;
+    }
+    float psum[2] = {0.0f, 0.0f}, zsum[2] = {0.0f, 0.0f};
+    u32 pb[SUB][2];  // B fragments of P^T (times the V scale): tokens (k) 2t, 2t+1 / 2t+8, 2t+9, head g
 #pragma unroll
     for (int j = 0; j < SUB; ++j) {
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            float pp[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const float pe = ex2(s[j][nt][e] - m_use);
-                psum += pe;
-                pp[e] = pe;
-                if constexpr (QUANT) {
-                    const bool valid = tok0 + 16 * j + 8 * nt + 2 * t + e < ctx;
-                    const float sv = valid ? (e ? hi_h(T[j].vs[nt]) : lo_h(T[j].vs[nt])) : 0.0f;
-                    const float zv = valid ? (e ? hi_h(T[j].vz[nt]) : lo_h(T[j].vz[nt])) : 0.0f;
-                    pp[e] = h2f(f2h(pe * sv));
-                    zsum += pp[e] * zv;
-                }
+        for (int h = 0; h < 2; ++h) {
+            const float p0 = ex2(x[j][2 * h] - m_use[0]), p1 = ex2(x[j][2 * h + 1] - m_use[1]);
+            psum[0] += p0;
+            psum[1] += p1;
+            u32 r;
+            if constexpr (QUANT) {
+                const bool valid = !TAIL || tok0 + 2 * SUB * g + 2 * j + h < ctx;  // unwritten: NaN scales
+                const float sv = valid ? half_of(vs[j], h) : 0.0f, zv = valid ? half_of(vz[j], h) : 0.0f;
+                r = pack_h2(p0 * sv, p1 * sv);
+                zsum[0] += lo_h(r) * zv;
+                zsum[1] += hi_h(r) * zv;
+            } else {
+                r = pack_h2(p0, p1);
             }
-            pb[j][nt] = pack_h2(pp[0], pp[1]);
+            pb[j][h] = movm_trans(r);
         }
     }
-    st.l = st.l * alpha + psum;
-    st.corr = st.corr * alpha + zsum;
-    st.m = m_new;
-    if (__any_sync(0xffffffffu, alpha != 1.0f)) {  // rescale only when some head's max moved
-        const float a_lo = __shfl_sync(0xffffffffu, alpha, 8 * t);
-        const float a_hi = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        st.l[e] = st.l[e] * alpha[e] + psum[e];
+        st.corr[e] = st.corr[e] * alpha[e] + zsum[e];
+    }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {  // only when some max moved
 #pragma unroll
         for (int i = 0; i < NCH; ++i) {
-            st.acc[i][0] *= a_lo;
-            st.acc[i][1] *= a_hi;
-            st.acc[i][2] *= a_lo;
-            st.acc[i][3] *= a_hi;
+            st.acc[i][0] *= alpha[0];
+            st.acc[i][1] *= alpha[1];
+            st.acc[i][2] *= alpha[0];
+            st.acc[i][3] *= alpha[1];
+        }
+    }
+    if constexpr (TAIL && !QUANT) {  // unwritten slots past the context may hold NaN: zero those tokens
+#pragma unroll
+        for (int i = 0; i < 4 * SUB; ++i) {
+            if (tok0 + 4 * SUB * t + i >= ctx) {
+#pragma unroll
+                for (int w = 0; w < VW; ++w) vw[i][w] = 0u;
+            }
         }
     }
 #pragma unroll
     for (int j = 0; j < SUB; ++j) {
-        if constexpr (!QUANT) {  // unwritten slots past the context may hold NaN: zero those tokens
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                if (tok0 + 16 * j + 8 * (i >> 1) + 2 * t + (i & 1) >= ctx) {
-#pragma unroll
-                    for (int w = 0; w < VWORDS; ++w) T[j].v[i][w] = 0u;
-                }
-            }
-        }
-        u32 h0[D / 8], h1[D / 8];
-        v_pairs(T[j].v[0], T[j].v[1], h0);
-        v_pairs(T[j].v[2], T[j].v[3], h1);
+        // k 2t, 2t+1 are S^T rows 2t, 2t+1 of subtile j: tokens 4 SUB t + 2j and 4 SUB t + 2 SUB + 2j (+ 1 for
+        // k 2t + 8, 2t + 9)
+        u32 ha[D / 8], hb[D / 8];
+        v_pairs(vw[2 * j], vw[2 * SUB + 2 * j], ha);
+        v_pairs(vw[2 * j + 1], vw[2 * SUB + 2 * j + 1], hb);
 #pragma unroll
         for (int i = 0; i < NCH; ++i)
-            mma16816(st.acc[i], h0[2 * i], h0[2 * i + 1], h1[2 * i], h1[2 * i + 1], pb[j][0], pb[j][1]);
+            mma16816(st.acc[i], ha[2 * i], ha[2 * i + 1], hb[2 * i], hb[2 * i + 1], pb[j][0], pb[j][1]);
     }
 }
 
@@ -332,12 +386,13 @@ __device__ __forceinline__ void compute_tile(u32 base, State& st, const u32 (*qa
 }  // namespace
 
 extern "C" __device__ const int qs_decode_smem_fixed = dec::FIXED_SMEM;
+extern "C" __device__ const int qs_decode_max_splits = dec::MAX_SPLITS;
 
 // Grid (num_splits, num_kv_heads * head_chunks, batch); block 32 * QS_WARPS; dynamic shared memory
-// qs_decode_smem_fixed + (tokens_per_split / 64) * 4 bytes. With several splits, every block writes fp32
-// partials (o, m, l) and the last block of a (sequence, kv head) to finish (a counter per pair, reset by that
-// block) combines them: one launch, no host synchronisation.
-extern "C" __global__ void __launch_bounds__(32 * QS_WARPS) qs_decode_attn(
+// qs_decode_smem_fixed + (tokens_per_split / 64) * 4 bytes; num_splits <= qs_decode_max_splits. With several
+// splits, every block writes fp32 partials (o, m, l) and the last block of a (sequence, kv head) to finish (a
+// counter per pair, reset by that block) combines them: one launch, no host synchronisation.
+extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_decode_attn(
     const u16* __restrict__ q, long long ldq, const u8* __restrict__ k_pool, const u8* __restrict__ v_pool,
     long long page_bytes, const int* __restrict__ block_tables, int bt_stride,
     const int* __restrict__ context_lens, int num_heads, int num_kv_heads, float scale_log2,
@@ -372,31 +427,45 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS) qs_decode_attn(
     for (int i = threadIdx.x; i < npages; i += blockDim.x)
         sm_pages[i] = block_tables[(long long)b * bt_stride + (start >> 6) + i];
 
-    // Q fragments (rows = heads h0 + g, rows 8..15 zero) in the K channel permutation; sum of q per head.
-    u32 qa[NCH][2];
-    float qsum = 0.0f;
+    // Q^T fragments (columns = heads h0 + g, those past nh zero) in the K channel order; per head the sum
+    // of q and of q times the code offsets, then moved to the lanes holding heads 2t, 2t+1 of S^T.
+    Qf qf;
     {
         const u16* qrow = q + (long long)b * ldq + (long long)(h0 + g) * D;
         const bool live = g < nh;
+        float qs = 0.0f, qo = 0.0f;
 #pragma unroll
         for (int c = 0; c < NCH; ++c) {
 #pragma unroll
             for (int second = 0; second < 2; ++second) {
                 const u16 x0 = live ? qrow[q_channel(t, c, second, 0)] : (u16)0;
                 const u16 x1 = live ? qrow[q_channel(t, c, second, 1)] : (u16)0;
-                qa[c][second] = (u32)x0 | ((u32)x1 << 16);
-                qsum += h2f(x0) + h2f(x1);
+                qf.b[c][second] = (u32)x0 | ((u32)x1 << 16);
+                const float pair = h2f(x0) + h2f(x1);
+                qs += pair;
+                qo += pair * code_offset(second);
             }
         }
-        qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
-        qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            qs += __shfl_xor_sync(0xffffffffu, qs, o);
+            qo += __shfl_xor_sync(0xffffffffu, qo, o);
+        }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            qf.qsum[e] = __shfl_sync(0xffffffffu, qs, 4 * (2 * t + e));
+            qf.qoff[e] = __shfl_sync(0xffffffffu, qo, 4 * (2 * t + e));
+        }
     }
     __syncthreads();
 
     State st;
-    st.m = NEG_INF;
-    st.l = 0.0f;
-    st.corr = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        st.m[e] = NEG_INF;
+        st.l[e] = 0.0f;
+        st.corr[e] = 0.0f;
+    }
 #pragma unroll
     for (int i = 0; i < NCH; ++i) st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.0f;
 
@@ -405,11 +474,12 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS) qs_decode_attn(
     const int ntiles = end > start ? (end - start + TT - 1) / TT : 0;
     const int mine = ntiles > warp ? (ntiles - warp + W - 1) / W : 0;  // tiles warp, warp + W, ...
     const u32 ring = smem_addr(smem) + warp * (STAGES * TILE_BYTES);
+    const ScaleCopy sc = scale_copy(lane, sc_off, zr_off);
     auto issue = [&](int k) {
         const int it = warp + W * k;
         const long long page = sm_pages[it / (64 / TT)];
         issue_tile(ring + (k % STAGES) * TILE_BYTES, k_pool + page * page_bytes, v_pool + page * page_bytes,
-                   kvh * 64 + TT * (it % (64 / TT)), sc_off, zr_off, lane);
+                   kvh * 64 + TT * (it % (64 / TT)), sc, lane);
     };
 #pragma unroll
     for (int k = 0; k < STAGES - 1; ++k) {
@@ -419,8 +489,12 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS) qs_decode_attn(
     for (int k = 0; k < mine; ++k) {
         cp_async_wait<STAGES - 2>();
         __syncwarp();
-        compute_tile(ring + (k % STAGES) * TILE_BYTES, st, qa, qsum, start + TT * (warp + W * k), ctx,
-                     scale_log2, lane);
+        const u32 stage = ring + (k % STAGES) * TILE_BYTES;
+        const int tok0 = start + TT * (warp + W * k);
+        if (tok0 + TT <= ctx)
+            compute_tile<false>(stage, st, qf, tok0, ctx, scale_log2, lane);
+        else
+            compute_tile<true>(stage, st, qf, tok0, ctx, scale_log2, lane);
         __syncwarp();
         if (k + STAGES - 1 < mine) issue(k + STAGES - 1);
         cp_async_commit();
@@ -428,15 +502,22 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS) qs_decode_attn(
     cp_async_wait<0>();
 
     // merge the warps (shared memory of the rings is reused)
-    st.l += __shfl_xor_sync(0xffffffffu, st.l, 1);
-    st.l += __shfl_xor_sync(0xffffffffu, st.l, 2);
-    st.corr += __shfl_xor_sync(0xffffffffu, st.corr, 1);
-    st.corr += __shfl_xor_sync(0xffffffffu, st.corr, 2);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+            st.l[e] += __shfl_xor_sync(0xffffffffu, st.l[e], o);
+            st.corr[e] += __shfl_xor_sync(0xffffffffu, st.corr[e], o);
+        }
+    }
     __syncthreads();
-    if (t == 0) {
-        sm_stat[warp * 24 + g] = st.m;
-        sm_stat[warp * 24 + 8 + g] = st.l;
-        sm_stat[warp * 24 + 16 + g] = st.corr;
+    if (g == 0) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            sm_stat[warp * 24 + 2 * t + e] = st.m[e];
+            sm_stat[warp * 24 + 8 + 2 * t + e] = st.l[e];
+            sm_stat[warp * 24 + 16 + 2 * t + e] = st.corr[e];
+        }
     }
     float* my_o = sm_o + warp * 8 * D;
 #pragma unroll
@@ -488,7 +569,7 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS) qs_decode_attn(
     __syncthreads();
     if (!*sm_flag) return;
     __threadfence();
-    float* sm_ml = sm_stat;  // [8][2]: the combined max and sum of each head
+    float* sm_w = sm_o;  // [8][num_splits]: each split's weight exp2(m_s - m) / l (the merge buffer is free)
     for (int hl = warp; hl < nh; hl += W) {
         const float* ml = part_ml + 2 * ((long long)b * num_heads + h0 + hl) * num_splits;
         float mx = NEG_INF;
@@ -502,21 +583,21 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS) qs_decode_attn(
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-        if (lane == 0) {
-            sm_ml[2 * hl] = mx;
-            sm_ml[2 * hl + 1] = l;
+        const float r = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int sp = lane; sp < n_valid; sp += 32) {
+            const float ms = ld_cg(ml + 2 * sp);
+            sm_w[hl * num_splits + sp] = ms == NEG_INF ? 0.0f : ex2(ms - mx) * r;
         }
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < nh * (D / 4); idx += blockDim.x) {
         const int hl = idx / (D / 4), d4 = idx - hl * (D / 4);
         const long long row0 = ((long long)b * num_heads + h0 + hl) * num_splits;
-        const float mx = sm_ml[2 * hl], l = sm_ml[2 * hl + 1];
+        const float* wt = sm_w + hl * num_splits;
         float o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;
-#pragma unroll 4
+#pragma unroll 8
         for (int sp = 0; sp < n_valid; ++sp) {
-            const float ms = ld_cg(part_ml + 2 * (row0 + sp));
-            const float f = ms == NEG_INF ? 0.0f : ex2(ms - mx);
+            const float f = wt[sp];
             float v0, v1, v2, v3;
             asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
                          : "=f"(v0), "=f"(v1), "=f"(v2), "=f"(v3)
@@ -526,9 +607,8 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS) qs_decode_attn(
             o2 += f * v2;
             o3 += f * v3;
         }
-        const float r = l > 0.0f ? 1.0f / l : 0.0f;
         u16* dst = out + (long long)b * ldo + (long long)(h0 + hl) * D + 4 * d4;
-        *reinterpret_cast<uint2_t*>(dst) = uint2_t{pack_h2(o0 * r, o1 * r), pack_h2(o2 * r, o3 * r)};
+        *reinterpret_cast<uint2_t*>(dst) = uint2_t{pack_h2(o0, o1), pack_h2(o2, o3)};
     }
 }
 

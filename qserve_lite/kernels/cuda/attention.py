@@ -18,7 +18,9 @@ from qserve_lite.kernels.paged_kv import PagedKVPool
 LOG2E = 1.4426950408889634
 DECODE_WARPS = 4
 PREFILL_WARPS = 4
-MIN_SPLIT_TOKENS = 256  # a split gives each of the block's warps at least 4 tiles of 16 tokens
+MIN_SPLIT_TOKENS = 256  # a split gives each of the block's 4 warps at least 64 tokens
+RESIDENT_BLOCKS = 4  # decode blocks of 4 warps an SM holds (<= 128 registers, ~52 KB of ring per block)
+MAX_SPLITS = 256  # the combine keeps a weight per (head, split) in the merge buffer of 4 warps x 8 x D floats
 
 
 def attention_defines(head_dim: int, kv_bits: int, prefill_warps: int = PREFILL_WARPS,
@@ -37,14 +39,15 @@ def attention_defines(head_dim: int, kv_bits: int, prefill_warps: int = PREFILL_
 
 def decode_geometry(batch: int, num_heads: int, num_kv_heads: int, max_context: int,
                     splits: int | None = None) -> tuple[int, int]:
-    """(num_splits, tokens_per_split): split the context so that about 1.5 blocks per SM run, each split at
-    least MIN_SPLIT_TOKENS long; tokens_per_split is a multiple of 64 (whole pages)."""
+    """(num_splits, tokens_per_split): as many splits as fill one wave of resident blocks (RESIDENT_BLOCKS
+    per SM, so batch 1 with a long context streams from every SM), each split at least MIN_SPLIT_TOKENS long,
+    at most MAX_SPLITS; tokens_per_split is a multiple of 64 (whole pages)."""
     group = num_heads // num_kv_heads
     blocks = batch * num_kv_heads * -(-group // 8)
     max_context = max(1, int(max_context))
     if splits is None:
-        splits = min(-(-3 * sm_count() // (2 * max(1, blocks))), -(-max_context // MIN_SPLIT_TOKENS))
-    splits = max(1, int(splits))
+        splits = min(RESIDENT_BLOCKS * sm_count() // max(1, blocks), -(-max_context // MIN_SPLIT_TOKENS))
+    splits = min(MAX_SPLITS, max(1, int(splits)))
     tps = -(-max_context // splits)
     tps = -(-tps // 64) * 64
     return -(-max_context // tps), tps
