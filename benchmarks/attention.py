@@ -46,7 +46,7 @@ PREFILL_TOKENS = [1024, 4096]
 VARIANTS = {"sub4": {"sub": 4}, "sub1": {"sub": 1}, "warps8": {"warps": 8}}
 VARIANT_POINTS = [(1, 16384), (32, 4096), (256, 1536), (256, 16384)]
 # Hopper prefill alternatives (cuda/attention_sm90.cu): ring depth, O += P V as two 64-channel halves
-SM90_VARIANTS = {"stages3": {"stages": 3}, "pv_split": {"pv_split": True}}
+SM90_VARIANTS = {"stages2": {"stages": 2}, "pv_split": {"pv_split": True}}
 
 
 # ---- precompiling (fills CuPy's on-disk cache; the GPU tests use the same modules) ----

@@ -22,9 +22,9 @@ def test_switch_off_routes_to_mma_sync(monkeypatch):
 
 
 def test_defines():
-    """Default ring depths 2 (head_dim 128) and 4 (64) (the .cu asserts they fit in shared memory, compiled in
+    """Default ring depths 3 (head_dim 128) and 4 (64) (the .cu asserts they fit in shared memory, compiled in
     test_cuda_compile); alternatives and debug entries only add macros."""
-    for d, stages in ((128, 2), (64, 4)):
+    for d, stages in ((128, 3), (64, 4)):
         assert attention_sm90.sm90_defines(d, 4) == {"QS_D": d, "QS_BITS": 4, "QS_STAGES": stages}
     defs = attention_sm90.sm90_defines(128, 16, 3, pv_split=True, debug=attention_sm90.DEBUG_PV)
     assert defs == {"QS_D": 128, "QS_BITS": 16, "QS_STAGES": 3, "QS_PV_SPLIT": 1, "QS_DEBUG": 2}

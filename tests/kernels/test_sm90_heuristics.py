@@ -33,11 +33,13 @@ def test_tile_rules():
     assert pick(1, 8, 6144, 4096).bm == 16
     assert (pick(1, 64, 4096, 4096).bm, pick(1, 64, 4096, 4096).bn) == (64, 128)
     assert (pick(1, 64, 28672, 4096).bm, pick(1, 64, 28672, 4096).bn) == (64, 256)
-    assert (pick(1, 256, 6144, 4096).bm, pick(1, 256, 6144, 4096).bn) == (128, 128)
+    qkv256 = pick(1, 256, 6144, 4096)
+    assert (qkv256.bm, qkv256.bn, qkv256.kwg) == (128, 128, 2)  # both warpgroups on one tile
+    assert pick(1, 256, 4096, 14336).kwg == 2  # long K
     assert (pick(1, 256, 4096, 4096).bm, pick(1, 256, 4096, 4096).bn) == (64, 128)
     for n, k in LLAMA3_8B.values():
         c = pick(1, 4096, n, k)
-        assert (c.bm, c.bn) == (128, 256)
+        assert (c.bm, c.bn, c.minb) == ((128, 128, 2) if n >= 16384 else (128, 256, 1))
         assert pick(1, 1000, n, k).bm >= 64  # no token tile is taller than needed, none far too short
 
 

@@ -27,10 +27,11 @@ DEBUG_S, DEBUG_PV = 1, 2  # debug entries: the raw S tile, or fp16(S) V, of the 
 
 def sm90_defines(head_dim: int, kv_bits: int, stages: int | None = None, pv_split: bool = False,
                  debug: int = 0) -> dict[str, int]:
-    """Macros of one cuda/attention_sm90.cu module: head_dim 128 keeps two (K, V) stages in shared memory
-    beside the Q tile, head_dim 64 four."""
+    """Macros of one cuda/attention_sm90.cu module: head_dim 128 keeps three (K, V) stages in shared memory
+    beside the Q tile, head_dim 64 four (H200, 2026-12-02, benchmarks/attention.py: hd128 T=4096 566 TFLOP/s
+    with three stages, 464 with two; hd64 390 with three or four)."""
     if stages is None:
-        stages = 2 if head_dim == 128 else 4
+        stages = 3 if head_dim == 128 else 4
     defines = {"QS_D": head_dim, "QS_BITS": kv_bits, "QS_STAGES": stages}
     if pv_split:
         defines["QS_PV_SPLIT"] = 1

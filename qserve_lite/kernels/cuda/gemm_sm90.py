@@ -79,10 +79,10 @@ SM90_CONFIGS = {
     "h32x128": Sm90Config(32, 1, 10),
     "h16x256": Sm90Config(16, 2, 10),
     "h16x128": Sm90Config(16, 1, 12),
-    # both warpgroups on one 128-channel tile, alternate K stages (not yet measured: not chosen by default)
+    # both warpgroups on one 128-channel tile, alternate K stages
     "k128x128": Sm90Config(128, 2, 6, kwg=2),
     "k64x128": Sm90Config(64, 2, 8, kwg=2),
-    # two blocks per SM, one consumer warpgroup each (not yet measured: not chosen by default)
+    # two blocks per SM, one consumer warpgroup each
     "b128x128": Sm90Config(128, 1, 4, minb=2),
     "b64x128": Sm90Config(64, 1, 6, minb=2),
     "b32x128": Sm90Config(32, 1, 8, minb=2),
@@ -101,19 +101,21 @@ def sm90_supported(mode_id: int, m: int, n: int, lda: int, x_ptr: int, w_ptr: in
 
 
 def choose_sm90(mode_id: int, m: int, n: int, kw_bytes: int) -> Sm90Config:
-    """Tile by token count and width, from benchmarks/kernels.py --tune on an H200 (2026-12-02, Llama-3-8B
-    shapes): the shortest token tile that covers M up to 64 tokens, 128 tokens above; 256 channels for wide
-    layers (N >= 16384) and for M > 256, where the shared activation tile pays; at 65-256 tokens, 128 x 128
-    for N >= 6144 and 64 x 128 below (more tiles for narrow layers)."""
-    del mode_id, kw_bytes
+    """Tile by token count and width, from benchmarks/kernels.py --tune and scratch sweeps on an H200
+    (2026-12-02, Llama-3-8B shapes): the shortest token tile that covers M up to 64 tokens; at 65-256 tokens,
+    both warpgroups on one 128 x 128 tile with alternate K stages for N >= 6144 or long K (qkv 23.4 -> 21.9
+    us, down 43.4 -> 36.1 us at 256 tokens), 64 x 128 for the rest (more tiles for narrow layers); above
+    256 tokens 128 x 256, except wide layers (N >= 16384), where two 128 x 128 blocks per SM overlap one's
+    epilogue with the other's main loop (gate_up at 4096 tokens 834 -> 756 us)."""
+    del mode_id
     wide = n >= 16384
     if m <= 16:
         return SM90_CONFIGS["h16x256" if wide else "h16x128"]
     if m <= 64:
         return SM90_CONFIGS["h64x256" if wide else "h64x128"]
     if m <= 256 and not wide:
-        return SM90_CONFIGS["h128x128" if n >= 6144 else "h64x128"]
-    return SM90_CONFIGS["h128x256"]
+        return SM90_CONFIGS["k128x128" if n >= 6144 or kw_bytes >= 8192 else "h64x128"]
+    return SM90_CONFIGS["b128x128" if wide and m > 256 else "h128x256"]
 
 
 def sm90_splits(cfg: Sm90Config, m: int, n: int, kw_bytes: int) -> int:
