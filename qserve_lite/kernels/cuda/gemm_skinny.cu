@@ -138,13 +138,15 @@ qs_gemm_skinny(const u8* __restrict__ X, long long lda, const uint4* __restrict_
     for (int d = 0; d < DEPTH; ++d)
         load_chunk(cur[d], kw + d * KW, chan_ok ? nch : 0, ntiles, wrow, s2s, s2z, goff, N);
 
-    // ---- stage the activations of this split, permuted (zero past M and K) ----
+    // ---- stage the activations of this split's M rows, permuted (zero past K; rows past M are never read:
+    // the main loop takes zeros for them from registers) ----
     const int kb0 = c0 * 128;
-    for (int idx = threadIdx.x; idx < nch * MPAD * 8; idx += THREADS) {
-        const int q16 = idx & 7, row = (idx >> 3) % MPAD, ch = idx / (8 * MPAD);
+    const int mrows = min(M, MPAD);
+    for (int idx = threadIdx.x; idx < nch * mrows * 8; idx += THREADS) {
+        const int q16 = idx & 7, row = (idx >> 3) % mrows, ch = idx / (8 * mrows);
         const int k = kb0 + ch * 128 + 16 * q16;
         u32 w[4] = {0, 0, 0, 0};
-        if (row < M && k < KX) {
+        if (k < KX) {
 #if QS_ALIGNED
             const uint4 v = *reinterpret_cast<const uint4*>(X + row * lda + k);
             w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
@@ -177,8 +179,11 @@ qs_gemm_skinny(const u8* __restrict__ X, long long lda, const uint4* __restrict_
 #pragma unroll
                 for (int j = 0; j < NJ; ++j) {
                     const int row = 8 * j + g;
-                    const uint4 lo = *reinterpret_cast<const uint4*>(xs + xs_offset(ch, row, t, 0));
-                    const uint4 hi = *reinterpret_cast<const uint4*>(xs + xs_offset(ch, row, t, 1));
+                    uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+                    if (row < M) {
+                        lo = *reinterpret_cast<const uint4*>(xs + xs_offset(ch, row, t, 0));
+                        hi = *reinterpret_cast<const uint4*>(xs + xs_offset(ch, row, t, 1));
+                    }
                     bx[j][0] = lo.x; bx[j][1] = lo.y; bx[j][2] = lo.z; bx[j][3] = lo.w;
                     bx[j][4] = hi.x; bx[j][5] = hi.y; bx[j][6] = hi.z; bx[j][7] = hi.w;
                 }
