@@ -326,9 +326,12 @@ class TPGroup:
         if wait_s > 0 and self.failure is None:
             ready = mp.connection.wait([p.sentinel for p in self.procs], timeout=wait_s)
         for rank, proc in enumerate(self.procs, start=1):
-            if proc.sentinel in ready:  # exiting: its status follows the closing of its sentinel shortly
+            gone = proc.sentinel in ready
+            if gone:  # exiting: its status follows the closing of its sentinel shortly
                 proc.join(5.0)
-            if self.failure is None and proc.exitcode is not None:
+            # a closed sentinel means the process is gone even when its exit status reads None here (the
+            # watchdog thread may have reaped it first: then this thread's waitpid finds no child)
+            if self.failure is None and (gone or proc.exitcode is not None):
                 self.failure = f"tensor-parallel rank {rank} exited (code {proc.exitcode})"
         if self.failure is not None:
             raise DeviceError(self.failure)

@@ -470,3 +470,38 @@ def test_pin_and_release_workspaces():
     assert attention_bufs is None  # no decode attention ran on this stream
     release_workspaces(stream)
     assert pin_workspaces(stream) == [None, None]
+
+
+@pytest.mark.parametrize("out_dtype", [np.float16, np.float32])
+def test_fp16_gemm_cublas_route_and_capture(monkeypatch, out_dtype):
+    """fp16 GEMMs of >= CUBLAS_F16_MIN_M tokens go to cuBLAS outside capture (strided rows, K < the weight's
+    K, bias) and to our kernel inside a CUDA graph; both within the twin's tolerance, and equal to each other
+    within it."""
+    import qserve_lite.kernels.cuda.gemm as cg
+
+    r = rng()
+    m, n, k, kw = 300, 1000, 600, 640
+    w = (r.standard_normal((n, kw)) / np.sqrt(k)).astype(np.float16)
+    w[:, k:] = 0
+    b = r.standard_normal(n).astype(np.float16)
+    xs = activations(r, m, k + 24)
+    x = xs[:, :k]  # strided rows
+    gx, gw, gb = cp.asarray(xs)[:, :k], cp.asarray(w), cp.asarray(b)
+    out32 = out_dtype == np.float32
+    calls = []
+    real = cg.fp16_matmul_cublas
+    monkeypatch.setattr(cg, "fp16_matmul_cublas", lambda *a, **kw_: calls.append(1) or real(*a, **kw_))
+    got = cp.asnumpy(cg.gemm("f16", gx, gw, n, kw, bias=gb, out_f32=out32))
+    assert calls, "an uncaptured fp16 GEMM of 300 tokens should use cuBLAS"
+    check_fp16_gemm(got, x, w[:, :k], b, out_dtype)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            y = cg.gemm("f16", gx, gw, n, kw, bias=gb, out_f32=out32)
+        finally:
+            graph = stream.end_capture()
+    assert len(calls) == 1, "inside capture the fp16 GEMM must be our kernel"
+    graph.launch(stream)
+    stream.synchronize()
+    check_fp16_gemm(cp.asnumpy(y), x, w[:, :k], b, out_dtype)

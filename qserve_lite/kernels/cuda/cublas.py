@@ -9,6 +9,7 @@ import numpy as np
 
 from qserve_lite.core.backend import import_cupy
 from qserve_lite.kernels.cuda.args import NULL, ptr_or_null, vector
+from qserve_lite.kernels.cuda.blas import cublas_lib, handle_on_current_stream
 from qserve_lite.kernels.cuda.gemm import MODES
 from qserve_lite.kernels.cuda.jit import get_kernel
 
@@ -30,14 +31,6 @@ def w4_to_int8(qweight, s2_scales=None, s2_zeros=None):
     return out
 
 
-def _cublas():
-    try:
-        from cupy_backends.cuda.libs import cublas
-    except ImportError:  # pragma: no cover - older CuPy
-        from cupy.cuda import cublas
-    return cublas
-
-
 CUDA_R_8I, CUDA_R_32I, CUBLAS_COMPUTE_32I, CUBLAS_GEMM_DEFAULT = 3, 10, 72, -1
 _ONE = np.ones(1, dtype=np.int32)
 _ZERO = np.zeros(1, dtype=np.int32)
@@ -48,7 +41,7 @@ def int8_matmul_cublas(q_x, w8, out=None):
 
     Not capturable in a CUDA graph (CuPy refuses cuBLAS during capture). K must be a multiple of 4."""
     cupy = import_cupy()
-    cublas = _cublas()
+    cublas = cublas_lib()
     q_x = cupy.ascontiguousarray(q_x)
     w8 = cupy.ascontiguousarray(w8)
     m, k = q_x.shape
@@ -57,7 +50,7 @@ def int8_matmul_cublas(q_x, w8, out=None):
         raise ValueError(f"int8 GEMM: K must match and be a multiple of 4, got {q_x.shape} x {w8.shape}")
     if out is None:
         out = cupy.empty((m, n), dtype=cupy.int32)
-    handle = cupy.cuda.device.get_cublas_handle()
+    handle = handle_on_current_stream()
     # Row-major Y[M, N] = X W^T is column-major Y^T[N, M] = op(W) X with op = T on W stored [N, K].
     cublas.gemmEx(handle, 1, 0, n, m, k, _ONE.ctypes.data, w8.data.ptr, CUDA_R_8I, k, q_x.data.ptr, CUDA_R_8I,
                   k, _ZERO.ctypes.data, out.data.ptr, CUDA_R_32I, n, CUBLAS_COMPUTE_32I, CUBLAS_GEMM_DEFAULT)

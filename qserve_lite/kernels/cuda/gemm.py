@@ -17,6 +17,7 @@ import numpy as np
 
 from qserve_lite.core.backend import import_cupy
 from qserve_lite.kernels.cuda.args import aligned16, c_rows, ptr_or_null, vector
+from qserve_lite.kernels.cuda.blas import fp16_matmul_cublas, stream_is_capturing
 from qserve_lite.kernels.cuda.device import sm_count, wgmma_available
 from qserve_lite.kernels.cuda.gemm_skinny import SKINNY_MAX_M, SkinnyConfig, choose_skinny, gemm_skinny
 from qserve_lite.kernels.cuda.gemm_sm90 import Sm90Config, choose_sm90, gemm_sm90, sm90_supported
@@ -27,6 +28,10 @@ MODES = {"w4_per_channel": 0, "w4_g128": 1, "w8": 2, "f16": 3}
 # The Hopper kernel (cuda/gemm_sm90.cu) serves the int8 modes on sm_90 unless QSERVE_LITE_SM90_GEMM=0 (a
 # measuring switch: before/after comparisons in one process tree).
 USE_SM90 = os.environ.get("QSERVE_LITE_SM90_GEMM", "1") != "0"
+# fp16 GEMMs of at least CUBLAS_F16_MIN_M tokens outside CUDA-graph capture go to cuBLAS (cuda/blas.py)
+# unless QSERVE_LITE_CUBLAS_F16=0 (a measuring switch).
+USE_CUBLAS_F16 = os.environ.get("QSERVE_LITE_CUBLAS_F16", "1") != "0"
+CUBLAS_F16_MIN_M = 256
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,12 @@ def _epilogue_vectors(mode_id: int, m: int, n: int, x_scales, w_scales, x_sums, 
     return x_scales, w_scales, x_sums, w_szeros, bias
 
 
+def _cublas_f16(mode_id: int, config, m: int) -> bool:
+    """The fp16 GEMM goes to cuBLAS: large enough, no configuration asked for, not inside graph capture."""
+    return (mode_id == 3 and config is None and USE_CUBLAS_F16 and m >= CUBLAS_F16_MIN_M
+            and not stream_is_capturing())
+
+
 def gemm(mode: str, q_x, w, n: int, kw: int, *, x_scales=None, x_sums=None, w_scales=None, w_szeros=None,
          s2_scales=None, s2_zeros=None, bias=None, out_f32: bool = False, config=None,
          splits: int | None = None, out=None):
@@ -230,6 +241,8 @@ def gemm(mode: str, q_x, w, n: int, kw: int, *, x_scales=None, x_sums=None, w_sc
     x_scales, w_scales, x_sums, w_szeros, bias = _epilogue_vectors(
         mode_id, m, n, x_scales, w_scales, x_sums, w_szeros, bias, cupy)
 
+    if _cublas_f16(mode_id, config, m):
+        return fp16_matmul_cublas(q_x, lda // 2, w, ldw // 2, k, out, bias)
     if mode_id in (0, 1) and (isinstance(config, SkinnyConfig) or (config is None and m <= SKINNY_MAX_M)):
         return gemm_skinny(mode_id, q_x, w, n, kw, lda, out, config or choose_skinny(m, n, kw), splits,
                            s2_scales, s2_zeros, w_scales, w_szeros, x_scales, x_sums, bias)
@@ -244,6 +257,16 @@ def gemm(mode: str, q_x, w, n: int, kw: int, *, x_scales=None, x_sums=None, w_sc
     if cfg.wgmma and (mode_id == 3 or not wgmma_available()):
         raise ValueError(f"{cfg} needs a Hopper GPU and an int8 mode")
     nsplit = splits if splits is not None else choose_splits(cfg, mode_id, m, n, kw_bytes, out_f32)
+    vectors = (s2_scales, s2_zeros, w_scales, w_szeros, x_scales, x_sums, bias)
+    return _launch_mma(mode, mode_id, cfg, nsplit, aligned, out_f32, q_x, lda, w, ldw, n, k, kx_bytes,
+                       kw_bytes, vectors, out)
+
+
+def _launch_mma(mode: str, mode_id: int, cfg, nsplit: int, aligned: bool, out_f32: bool, q_x, lda: int, w,
+                ldw: int, n: int, k: int, kx_bytes: int, kw_bytes: int, vectors: tuple, out):
+    """cuda/gemm.cu's qs_gemm (mma.sync / sm_90 wgmma tiles) on checked operands."""
+    s2_scales, s2_zeros, w_scales, w_szeros, x_scales, x_sums, bias = vectors
+    m = q_x.shape[0]
     if not cfg.splitk:
         nsplit = 1
     total_stages = -(-kw_bytes // cfg.bk)
