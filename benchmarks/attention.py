@@ -8,7 +8,9 @@ Decode: batch {1, 32, 256} x context {512, 1536, 4096, 16384}; GB/s counts the K
 device-to-device copy measured in the same run (bytes read + written over time). Each sequence's pages are
 a random permutation, and the timed calls rotate over disjoint page sets worth 4x the L2 cache, so the
 bytes come from DRAM as in a real decode step. A few KV4 points always time the kernel's alternatives
-(16-token subtiles per tile, warps per block; at batch 1 also 1/2x and 2x the heuristic's split count);
+(16-token subtiles per tile, warps per block, ring depth, persistent one-split blocks at batch 256, the
+faster combine at batch 1, and there also 1/2x and 2x the heuristic's split count), each listed on one line
+with its time in us and its max |difference| from the default launch's output where nonzero;
 without --no-tune, batches 1 and 32 also time 1/2x and 2x the split count at every point.
 Prefill: one causal sequence of 1024 and 4096 tokens, head_dim 128 and 64; effective TFLOP/s = 4 * head_dim
 * heads * T (T + 1) / 2 (the causal half of the score and value products) over the time; on Hopper the
@@ -45,6 +47,19 @@ PREFILL_TOKENS = [1024, 4096]
 # KV4 decode alternatives timed at a few points (decode warps per block, 16-token subtiles per tile)
 VARIANTS = {"sub4": {"sub": 4}, "sub1": {"sub": 1}, "warps8": {"warps": 8}}
 VARIANT_POINTS = [(1, 16384), (32, 4096), (256, 1536), (256, 16384)]
+# issue-16 alternatives, always timed (KV4): large batches (one split) on persistent blocks whose cp.async
+# rings run on across (sequence, kv head) items, or deeper rings; batch 1 with fewer, longer splits
+# (deeper rings, so fewer resident blocks) and the last split's combine with fewer round trips.
+BIG_POINTS = [(256, 1536), (256, 4096)]
+BIG_VARIANTS = {"persist": {"persist": 1}, "persist+stages4": {"persist": 1, "stages": 4},
+                "persist+warps8": {"persist": 1, "warps": 8}, "stages4": {"stages": 4}}
+SMALL_POINTS = [(1, 16384), (1, 1536)]
+SMALL_VARIANTS = {"combine": {"combine": 1}, "stages4+combine": {"stages": 4, "combine": 1},
+                  "stages6+combine": {"stages": 6, "combine": 1},
+                  "stages8+combine": {"stages": 8, "combine": 1}}
+# modules of the GPU tests' decode variants (tests/kernels/test_attention_gpu.py), precompiled with the rest
+TEST_VARIANTS = [{"persist": 1}, {"persist": 1, "warps": 8}, {"persist": 1, "stages": 4}, {"combine": 1},
+                 {"stages": 6, "combine": 1}, {"stages": 8, "combine": 1}]
 # Hopper prefill alternatives (cuda/attention_sm90.cu): ring depth, O += P V as two 64-channel halves
 SM90_VARIANTS = {"stages2": {"stages": 2}, "pv_split": {"pv_split": True}}
 
@@ -75,6 +90,14 @@ def all_modules() -> list[tuple[str, dict]]:
     for d, bits in ((128, 4), (64, 4), (128, 8)):  # the benchmark's and the GPU tests' alternatives
         for variant in ({"sub": 1}, {"sub": 2}, {"sub": 4}, {"warps": 8}):
             jobs.append(("attention.cu", attention_defines(d, bits, variant=variant)))
+    seen = set()
+    for d, bits, variants in ((128, 4, [*BIG_VARIANTS.values(), *SMALL_VARIANTS.values(), *TEST_VARIANTS]),
+                              (64, 4, TEST_VARIANTS), (128, 8, TEST_VARIANTS), (64, 16, TEST_VARIANTS)):
+        for variant in variants:
+            defines = attention_defines(d, bits, variant=variant)
+            if tuple(sorted(defines.items())) not in seen:
+                seen.add(tuple(sorted(defines.items())))
+                jobs.append(("attention.cu", defines))
     return jobs
 
 
@@ -137,9 +160,23 @@ def decode_variants(bits: int, b: int, ctx: int, base: int, tune: bool) -> dict:
             variants[vname] = (None, var)
             if tune and b == 1:
                 variants[f"{vname}:splits{base * 2}"] = (base * 2, var)
-        if b == 1:
-            for sp in (max(1, base // 2), base * 2):
-                variants[f"splits{sp}"] = (sp, None)
+    if bits == 4:
+        variants.update(issue16_variants(b, ctx, base))
+    return variants
+
+
+def issue16_variants(b: int, ctx: int, base: int) -> dict:
+    """The always-timed KV4 alternatives of a point: 1/2x and 2x the split count at batch 1, BIG_VARIANTS /
+    SMALL_VARIANTS at their points (and the faster combine at half the split count)."""
+    variants = {}
+    if b == 1 and (b, ctx) in VARIANT_POINTS + SMALL_POINTS:
+        for sp in (max(1, base // 2), base * 2):
+            variants[f"splits{sp}"] = (sp, None)
+    for points, named in ((BIG_POINTS, BIG_VARIANTS), (SMALL_POINTS, SMALL_VARIANTS)):
+        if (b, ctx) in points:
+            variants.update({name: (None, var) for name, var in named.items()})
+    if (b, ctx) in SMALL_POINTS:
+        variants[f"combine:splits{max(1, base // 2)}"] = (max(1, base // 2), {"combine": 1})
     return variants
 
 
@@ -167,17 +204,22 @@ def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
                 lens = cp.full((b,), ctx, dtype=cp.int32)
                 base, tps = cuda_attention.decode_geometry(b, HEADS, KV_HEADS, ctx)
                 variants = decode_variants(bits, b, ctx, base, tune)
-                times = {}
+                times, diffs, ref = {}, {}, None
                 for name, (sp, var) in variants.items():
                     if var is None:
                         call = functools.partial(decode_attention, q, pool, 0, max_context=ctx, splits=sp,
                                                  out=out)
                     else:
-                        call = functools.partial(cuda_attention.decode_attention, q, pool, 0, scale=0.088,
-                                                 max_context=ctx, splits=sp, out=out, workspace=None,
-                                                 variant=var)
+                        call = functools.partial(cuda_attention.decode_attention, q, pool, 0,
+                                                 scale=HEAD_DIM**-0.5, max_context=ctx, splits=sp, out=out,
+                                                 workspace=None, variant=var)
                     times[name] = timer(lambda i, c=call, bts=bts, lens=lens: c(bts[i % len(bts)],
                                                                                  context_lens=lens))
+                    if len(variants) > 1:  # each alternative's output against the default launch's
+                        call(bts[0], context_lens=lens)
+                        got = out.astype(cp.float32)
+                        ref = got if ref is None else ref
+                        diffs[name] = float(cp.abs(got - ref).max())
                 t = times["heuristic"]
                 best = min(times, key=lambda k: times[k] if times[k] == times[k] else 1e9)
                 gbps = kv_bytes / t / 1e9
@@ -185,12 +227,16 @@ def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
                        "kv_bytes": kv_bytes, "time_us": t * 1e6, "gbps": gbps,
                        "frac_of_copy": gbps / copy_gbps,
                        "variants_us": {k: v * 1e6 for k, v in times.items()}, "best": best,
-                       "l2_rotation_copies": copies}
+                       "variants_max_abs_diff": diffs, "l2_rotation_copies": copies}
                 rows.append(row)
                 log(dict(bench="decode", **row))
                 extra = f"  best {best} {times[best] * 1e6:.1f} us" if len(times) > 1 else ""
                 print(f"decode KV{bits:<2d} B={b:4d} ctx={ctx:6d} splits={base:3d} {t * 1e6:9.1f} us "
                       f"{gbps:7.0f} GB/s {gbps / copy_gbps:6.1%} of copy{extra}", flush=True)
+                if len(times) > 1:
+                    print("    " + ", ".join(f"{k} {v * 1e6:.1f}" + (f" (diff {diffs[k]:.0e})" if diffs.get(k)
+                                                                     else "") for k, v in times.items()),
+                          flush=True)
         pool = None
         cp.get_default_memory_pool().free_all_blocks()
     return rows
@@ -330,7 +376,7 @@ def summary(copy_gbps, dec, pre, wri) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="batches 1 and 256, contexts 1536 and 16384")
+    ap.add_argument("--quick", action="store_true", help="batches 1 and 256, contexts 1536, 4096 and 16384")
     ap.add_argument("--precompile-only", action="store_true")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--no-tune", action="store_true", help="skip the split-count variants")
@@ -373,7 +419,7 @@ def main() -> None:
     log(dict(bench="copy", bytes=2 * half, time_us=t_copy * 1e6, gbps=copy_gbps))
     print(f"device-to-device copy (1 GiB): {copy_gbps:.0f} GB/s read+write", flush=True)
     batches = [1, 256] if args.quick else BATCHES
-    contexts = [1536, 16384] if args.quick else CONTEXTS
+    contexts = [1536, 4096, 16384] if args.quick else CONTEXTS
     pre = bench_prefill(cp, timer, PREFILL_TOKENS, log)
     wri = [] if args.prefill_only else bench_writer(cp, timer, log)
     dec = [] if args.prefill_only else bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log,

@@ -241,8 +241,62 @@ def test_decode_variants(bits, d, variant):
         close(got, want, vmax, f"decode variant {variant} bits={bits} d={d} splits={splits}")
 
 
-def test_decode_cuda_graph():
-    """Capture once, then replay with new queries and longer contexts written into the same buffers."""
+# issue-16 alternatives: persistent one-split blocks (large batches), deeper rings with fewer, longer splits
+# and the faster last-split combine (batch 1)
+PERSIST_VARIANTS = [{"persist": 1}, {"persist": 1, "warps": 8}, {"persist": 1, "stages": 4}]
+SPLIT_VARIANTS = [{"combine": 1}, {"stages": 6, "combine": 1}, {"stages": 8, "combine": 1}]
+
+
+@pytest.mark.parametrize("variant", PERSIST_VARIANTS)
+@pytest.mark.parametrize("bits,d,heads", [(4, 128, (32, 8)), (4, 64, (4, 4)), (8, 128, (16, 2)),
+                                          (16, 64, (32, 4))])
+def test_decode_persist_variants(variant, bits, d, heads):
+    """Persistent one-split blocks: more (sequence, kv head) items than resident blocks (each block loops,
+    its rings crossing items of different lengths, some with no tile for some warps), a zero context, GQA
+    1 / 4 / 8; with splits (None: the heuristic's split-K, where "persist" does not apply) unchanged."""
+    r = np.random.default_rng()
+    h, kvh = heads
+    B = 640 // kvh + 3  # > 4 resident blocks x 132 SMs of items
+    lens = CONTEXTS + [int(x) for x in r.integers(1, 400, B - len(CONTEXTS))]
+    np_pool, bt, vmax = build(r, lens, kvh, d, bits)
+    g_pool = gpu_pool(np_pool)
+    q = (r.standard_normal((B, h, d)) * 1.5).astype(np.float16)
+    ctx = np.array(lens, dtype=np.int32)
+    ctx[7] = 0
+    want = decode_attention(q, np_pool, 0, bt, ctx)
+    for splits in (1, None):
+        poison_pool()
+        got = cuda_attention.decode_attention(cp.asarray(q), g_pool, 0, cp.asarray(bt), cp.asarray(ctx),
+                                              1 / np.sqrt(d), None, splits, None, None, variant=variant)
+        close(got, want, vmax, f"decode variant {variant} bits={bits} d={d} heads={heads} splits={splits}")
+
+
+@pytest.mark.parametrize("variant", SPLIT_VARIANTS)
+@pytest.mark.parametrize("bits,d,heads", [(4, 128, (32, 8)), (8, 64, (16, 2))])
+def test_decode_split_variants_batch1(variant, bits, d, heads):
+    """Batch 1 with a long context (not a multiple of the page): the variant's own split count (from its
+    resident blocks), the most splits, and 3; plus a small batch of odd contexts with 5 splits."""
+    r = np.random.default_rng()
+    h, kvh = heads
+    lens = [16384 + 37, *CONTEXTS]
+    np_pool, bt, vmax = build(r, lens, kvh, d, bits)
+    g_pool = gpu_pool(np_pool)
+    q = (r.standard_normal((len(lens), h, d)) * 1.5).astype(np.float16)
+    ctx = np.array(lens, dtype=np.int32)
+    want = decode_attention(q, np_pool, 0, bt, ctx)
+    for rows, splits in ((slice(0, 1), None), (slice(0, 1), cuda_attention.MAX_SPLITS), (slice(0, 1), 3),
+                         (slice(1, None), 5)):
+        poison_pool()
+        got = cuda_attention.decode_attention(cp.asarray(q[rows]), g_pool, 0, cp.asarray(bt[rows]),
+                                              cp.asarray(ctx[rows]), 1 / np.sqrt(d), None, splits, None, None,
+                                              variant=variant)
+        close(got, want[rows], vmax, f"decode variant {variant} bits={bits} d={d} splits={splits}")
+
+
+@pytest.mark.parametrize("variant", [None, {"persist": 1}, {"stages": 6, "combine": 1}])
+def test_decode_cuda_graph(variant):
+    """Capture once, then replay with new queries and longer contexts written into the same buffers; the
+    split-K counters are back at zero after every call."""
     r = np.random.default_rng()
     h, kvh, d, bits, B = 32, 8, 128, 4, 8
     lens = [int(x) for x in r.integers(1, 3000, B)]
@@ -255,15 +309,23 @@ def test_decode_cuda_graph():
     max_ctx = bt.shape[1] * 64
     splits, _ = cuda_attention.decode_geometry(B, h, kvh, max_ctx)
     assert splits > 1
+    if variant and variant.get("persist"):
+        splits = 1
     out = cp.empty((B, h, d), dtype=cp.float16)
     ws = cuda_attention.decode_workspace(B, h, d, splits)
+
+    def call():
+        cuda_attention.decode_attention(g_q, g_pool, 0, g_bt, g_ctx, 1 / np.sqrt(d), max_ctx, splits, out, ws,
+                                        variant=variant)
+
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
-        decode_attention(g_q, g_pool, 0, g_bt, g_ctx, max_context=max_ctx, out=out, workspace=ws)
+        call()
         stream.synchronize()
+        assert not ws[1].any(), "split-K counters left nonzero"
         stream.begin_capture()
         try:
-            decode_attention(g_q, g_pool, 0, g_bt, g_ctx, max_context=max_ctx, out=out, workspace=ws)
+            call()
         finally:
             graph = stream.end_capture()
         new_lens = np.array(lens, dtype=np.int32) + 40
@@ -272,7 +334,8 @@ def test_decode_cuda_graph():
         out[...] = cp.nan
         graph.launch(stream)
         stream.synchronize()
-    close(out, decode_attention(q2, np_pool, 0, bt, new_lens), vmax, "decode graph replay")
+        assert not ws[1].any(), "split-K counters left nonzero"
+    close(out, decode_attention(q2, np_pool, 0, bt, new_lens), vmax, f"decode graph replay {variant}")
 
 
 # ---- prefill ----

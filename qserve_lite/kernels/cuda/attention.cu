@@ -29,7 +29,10 @@
 //   from the fresh fp16 K/V of the chunk.
 //
 // Macros: QS_D head_dim (64 or 128), QS_BITS page format 4, 8 or 16, QS_WARPS decode warps per block,
-// QS_PF_WARPS prefill warps per block, QS_DEC_SUB (optional) 16-token subtiles per decode tile (1, 2, 4).
+// QS_PF_WARPS prefill warps per block; decode tuning alternatives (optional): QS_DEC_SUB 16-token subtiles
+// per decode tile (1, 2, 4), QS_DEC_STAGES cp.async ring stages per warp (2..8), QS_DEC_COMBINE 1 (the
+// last-split combine reads the (m, l) partials once and keeps 16 output partials in flight per thread),
+// QS_DEC_PERSIST 1 (adds qs_decode_attn_persist, the one-split kernel below).
 #include "common.cuh"
 
 #ifndef QS_D
@@ -94,7 +97,12 @@ constexpr int SUB = BITS == 4 ? 2 : 1;
 static_assert(SUB == 1 || SUB == 2 || SUB == 4, "1, 2 or 4 subtiles per decode tile");
 constexpr int TT = 16 * SUB;            // tokens per tile (divides a 64-token page)
 // Per-warp ring of cp.async stages: the bytes in flight per SM come from shared memory, not registers.
+#ifdef QS_DEC_STAGES
+constexpr int STAGES = QS_DEC_STAGES;  // tuning: a deeper ring (fewer resident blocks) or a shallower one
+#else
 constexpr int STAGES = (BITS == 16 || SUB > 2) ? 2 : 3;
+#endif
+static_assert(STAGES >= 2 && STAGES <= 8, "2 to 8 ring stages per warp");
 constexpr int SC_BYTES = QUANT ? 2 * TT : 0;  // one of: K scales, K zeros, V scales, V zeros
 constexpr int TILE_BYTES = 2 * TT * RB + 4 * SC_BYTES;  // K rows, V rows, then the scale / zero arrays
 constexpr int RING_BYTES = W * STAGES * TILE_BYTES;
@@ -250,6 +258,63 @@ struct State {
     float acc[NCH][4];   // O^T: channels (D/8) g + 2i (+1), heads 2t, 2t+1
 };
 
+// Q^T fragments (columns = heads h0 + g, those past nh zero) in the K channel order; per head the sum of q
+// and of q times the code offsets, then moved to the lanes holding heads 2t, 2t+1 of S^T.
+__device__ __forceinline__ Qf load_q(const u16* __restrict__ q, long long ldq, int b, int h0, int nh,
+                                     int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    Qf qf;
+    const u16* qrow = q + (long long)b * ldq + (long long)(h0 + g) * D;
+    const bool live = g < nh;
+    float qs = 0.0f, qo = 0.0f;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+#pragma unroll
+        for (int second = 0; second < 2; ++second) {
+            const u16 x0 = live ? qrow[q_channel(t, c, second, 0)] : (u16)0;
+            const u16 x1 = live ? qrow[q_channel(t, c, second, 1)] : (u16)0;
+            qf.b[c][second] = (u32)x0 | ((u32)x1 << 16);
+            const float pair = h2f(x0) + h2f(x1);
+            qs += pair;
+            qo += pair * code_offset(second);
+        }
+    }
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        qs += __shfl_xor_sync(0xffffffffu, qs, o);
+        qo += __shfl_xor_sync(0xffffffffu, qo, o);
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        qf.qsum[e] = __shfl_sync(0xffffffffu, qs, 4 * (2 * t + e));
+        qf.qoff[e] = __shfl_sync(0xffffffffu, qo, 4 * (2 * t + e));
+    }
+    return qf;
+}
+
+__device__ __forceinline__ void init_state(State& st) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        st.m[e] = NEG_INF;
+        st.l[e] = 0.0f;
+        st.corr[e] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < NCH; ++i) st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.0f;
+}
+
+// l and corr of heads 2t, 2t+1 summed over the 8 lanes (token rows g) that hold parts of them.
+__device__ __forceinline__ void sum_lanes_of_head(State& st) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+            st.l[e] += __shfl_xor_sync(0xffffffffu, st.l[e], o);
+            st.corr[e] += __shfl_xor_sync(0xffffffffu, st.corr[e], o);
+        }
+    }
+}
+
 __device__ __forceinline__ float half_of(u32 w, int h) { return h ? hi_h(w) : lo_h(w); }
 
 // One tile (SUB subtiles) read from ring stage `base`: scores, one online-softmax update, P V.
@@ -385,6 +450,79 @@ __device__ __forceinline__ void compute_tile(u32 base, State& st, const Qf& qf, 
 
 }  // namespace
 
+#ifdef QS_DEC_COMBINE
+namespace {
+namespace dec {
+__device__ __forceinline__ void ld_cg_v2(const float* p, float& a, float& b) {
+    asm volatile("ld.global.cg.v2.f32 {%0, %1}, [%2];" : "=f"(a), "=f"(b) : "l"(p));
+}
+__device__ __forceinline__ void ld_cg_v4(const float* p, float* v) {
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+                 : "l"(p));
+}
+// The last split's combine with fewer round trips: a warp per head reads every split's (m, l) once into
+// registers (one load per 32 splits, all in flight), then each thread sums 4 channels over the splits 16
+// partial rows at a time (16 loads in flight). Same weights and order of summation as the default.
+constexpr int ML_REGS = (MAX_SPLITS + 31) / 32;
+constexpr int DEPTH = 16;
+__device__ __forceinline__ void combine_fast(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                                             float* sm_w, u16* __restrict__ out, long long ldo, int b,
+                                             int num_heads, int h0, int nh, int num_splits, int n_valid,
+                                             int warp, int lane) {
+    for (int hl = warp; hl < nh; hl += W) {
+        const float* ml = part_ml + 2 * ((long long)b * num_heads + h0 + hl) * num_splits;
+        float ms[ML_REGS], ls[ML_REGS];
+#pragma unroll
+        for (int r = 0; r < ML_REGS; ++r) {
+            ms[r] = NEG_INF;
+            ls[r] = 0.0f;
+            if (lane + 32 * r < n_valid) ld_cg_v2(ml + 2 * (lane + 32 * r), ms[r], ls[r]);
+        }
+        float mx = NEG_INF;
+#pragma unroll
+        for (int r = 0; r < ML_REGS; ++r) mx = fmaxf(mx, ms[r]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float l = 0.0f;
+#pragma unroll
+        for (int r = 0; r < ML_REGS; ++r)
+            if (ms[r] != NEG_INF) l += ex2(ms[r] - mx) * ls[r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        const float rl = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+        for (int r = 0; r < ML_REGS; ++r)
+            if (lane + 32 * r < n_valid)
+                sm_w[hl * num_splits + lane + 32 * r] = ms[r] == NEG_INF ? 0.0f : ex2(ms[r] - mx) * rl;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nh * (D / 4); idx += blockDim.x) {
+        const int hl = idx / (D / 4), d4 = idx - hl * (D / 4);
+        const long long row0 = ((long long)b * num_heads + h0 + hl) * num_splits;
+        const float* wt = sm_w + hl * num_splits;
+        float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int sp0 = 0; sp0 < n_valid; sp0 += DEPTH) {
+            float v[DEPTH][4];
+#pragma unroll
+            for (int j = 0; j < DEPTH; ++j)
+                if (sp0 + j < n_valid) ld_cg_v4(part_o + (row0 + sp0 + j) * D + 4 * d4, v[j]);
+#pragma unroll
+            for (int j = 0; j < DEPTH; ++j) {
+                if (sp0 + j < n_valid) {
+                    const float f = wt[sp0 + j];
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) o[c] += f * v[j][c];
+                }
+            }
+        }
+        u16* dst = out + (long long)b * ldo + (long long)(h0 + hl) * D + 4 * d4;
+        *reinterpret_cast<uint2_t*>(dst) = uint2_t{pack_h2(o[0], o[1]), pack_h2(o[2], o[3])};
+    }
+}
+}  // namespace dec
+}  // namespace
+#endif
+
 extern "C" __device__ const int qs_decode_smem_fixed = dec::FIXED_SMEM;
 extern "C" __device__ const int qs_decode_max_splits = dec::MAX_SPLITS;
 
@@ -427,47 +565,11 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_de
     for (int i = threadIdx.x; i < npages; i += blockDim.x)
         sm_pages[i] = block_tables[(long long)b * bt_stride + (start >> 6) + i];
 
-    // Q^T fragments (columns = heads h0 + g, those past nh zero) in the K channel order; per head the sum
-    // of q and of q times the code offsets, then moved to the lanes holding heads 2t, 2t+1 of S^T.
-    Qf qf;
-    {
-        const u16* qrow = q + (long long)b * ldq + (long long)(h0 + g) * D;
-        const bool live = g < nh;
-        float qs = 0.0f, qo = 0.0f;
-#pragma unroll
-        for (int c = 0; c < NCH; ++c) {
-#pragma unroll
-            for (int second = 0; second < 2; ++second) {
-                const u16 x0 = live ? qrow[q_channel(t, c, second, 0)] : (u16)0;
-                const u16 x1 = live ? qrow[q_channel(t, c, second, 1)] : (u16)0;
-                qf.b[c][second] = (u32)x0 | ((u32)x1 << 16);
-                const float pair = h2f(x0) + h2f(x1);
-                qs += pair;
-                qo += pair * code_offset(second);
-            }
-        }
-#pragma unroll
-        for (int o = 1; o < 4; o <<= 1) {
-            qs += __shfl_xor_sync(0xffffffffu, qs, o);
-            qo += __shfl_xor_sync(0xffffffffu, qo, o);
-        }
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            qf.qsum[e] = __shfl_sync(0xffffffffu, qs, 4 * (2 * t + e));
-            qf.qoff[e] = __shfl_sync(0xffffffffu, qo, 4 * (2 * t + e));
-        }
-    }
+    const Qf qf = load_q(q, ldq, b, h0, nh, lane);
     __syncthreads();
 
     State st;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-        st.m[e] = NEG_INF;
-        st.l[e] = 0.0f;
-        st.corr[e] = 0.0f;
-    }
-#pragma unroll
-    for (int i = 0; i < NCH; ++i) st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.0f;
+    init_state(st);
 
     const long long sc_off = (long long)num_kv_heads * 64 * RB;
     const long long zr_off = sc_off + (long long)num_kv_heads * 128;
@@ -502,14 +604,7 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_de
     cp_async_wait<0>();
 
     // merge the warps (shared memory of the rings is reused)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) {
-            st.l[e] += __shfl_xor_sync(0xffffffffu, st.l[e], o);
-            st.corr[e] += __shfl_xor_sync(0xffffffffu, st.corr[e], o);
-        }
-    }
+    sum_lanes_of_head(st);
     __syncthreads();
     if (g == 0) {
 #pragma unroll
@@ -569,6 +664,9 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_de
     __syncthreads();
     if (!*sm_flag) return;
     __threadfence();
+#ifdef QS_DEC_COMBINE
+    combine_fast(part_o, part_ml, sm_o, out, ldo, b, num_heads, h0, nh, num_splits, n_valid, warp, lane);
+#else
     float* sm_w = sm_o;  // [8][num_splits]: each split's weight exp2(m_s - m) / l (the merge buffer is free)
     for (int hl = warp; hl < nh; hl += W) {
         const float* ml = part_ml + 2 * ((long long)b * num_heads + h0 + hl) * num_splits;
@@ -610,7 +708,209 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_de
         u16* dst = out + (long long)b * ldo + (long long)(h0 + hl) * D + 4 * d4;
         *reinterpret_cast<uint2_t*>(dst) = uint2_t{pack_h2(o0, o1), pack_h2(o2, o3)};
     }
+#endif
 }
+
+#ifdef QS_DEC_PERSIST
+// ---------------------------------------------------------------------------------------------------------
+// Decode, one split, persistent blocks (tuning alternative for large batches)
+// ---------------------------------------------------------------------------------------------------------
+// qs_decode_attn_persist: the same per-warp tile loop as qs_decode_attn without split-K, but each block
+// loops over (sequence, kv head block) items blockIdx.x, + gridDim.x, ... and every warp's cp.async ring runs
+// on across item boundaries: the first tiles of the next item are in flight while the warp finishes the
+// current one, merges it and loads the next q. The warps of an item are merged in a fixed order (warp 0,
+// 1, .., W-1: deterministic) through a [8][D/2] fp32 buffer outside the ring, one half of the channels at a
+// time, handed on by named barriers (warp w waits on barrier w; the last warp writes the fp16 output and
+// frees the buffer on barrier W), so no warp waits for the whole block.
+namespace {
+namespace dec {
+static_assert(W >= 2 && W <= 8, "the persistent decode chains 2 to 8 warps");
+constexpr int HALF = D / 2;
+constexpr int PERSIST_SMEM = W * STAGES * TILE_BYTES + (8 * HALF + 2 * 16) * 4;
+// Named barriers 1 .. W of two warps (64 threads); the id is dispatched to immediates so that the kernel
+// declares W + 1 barriers rather than all 16.
+#define QS_BAR_CASES(op)                                                               \
+    switch (id) {                                                                      \
+    case 1: asm volatile(op " 1, 64;" ::: "memory"); break;                            \
+    case 2: asm volatile(op " 2, 64;" ::: "memory"); break;                            \
+    case 3: asm volatile(op " 3, 64;" ::: "memory"); break;                            \
+    case 4: asm volatile(op " 4, 64;" ::: "memory"); break;                            \
+    case 5: if (W >= 5) asm volatile(op " 5, 64;" ::: "memory"); break;                \
+    case 6: if (W >= 6) asm volatile(op " 6, 64;" ::: "memory"); break;                \
+    case 7: if (W >= 7) asm volatile(op " 7, 64;" ::: "memory"); break;                \
+    default: if (W >= 8) asm volatile(op " 8, 64;" ::: "memory"); break;               \
+    }
+__device__ __forceinline__ void bar_sync64(int id) { QS_BAR_CASES("bar.sync") }
+__device__ __forceinline__ void bar_arrive64(int id) { QS_BAR_CASES("bar.arrive") }
+#undef QS_BAR_CASES
+// Tiles warp, warp + W, .. of a context of ctx tokens that this warp computes.
+__device__ __forceinline__ int warp_tiles(int ctx, int warp) {
+    const int nt = ctx > 0 ? (ctx + TT - 1) / TT : 0;
+    return nt > warp ? (nt - warp + W - 1) / W : 0;
+}
+// Warp `warp`'s share of one item merged into the chain for channel half r (lanes g in [4r, 4r + 4) hold
+// those channels); the last warp writes out[.., heads h0 .. h0 + nh - 1, half r].
+__device__ __forceinline__ void chain_round(const State& st, int r, float* buf, float* ml, u16* orow, int nh,
+                                            int warp, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const bool live = (g >> 2) == r;
+    const int c0 = (D / 8) * g - r * HALF;  // this lane's first channel within the half
+    if (warp == 0) {
+        if (live) {
+#pragma unroll
+            for (int i = 0; i < NCH; ++i) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    buf[(2 * t + e) * HALF + c0 + 2 * i] = st.acc[i][e] - st.corr[e];
+                    buf[(2 * t + e) * HALF + c0 + 2 * i + 1] = st.acc[i][2 + e] - st.corr[e];
+                }
+            }
+        }
+        if (g == 4 * r) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                ml[2 * (2 * t + e)] = st.m[e];
+                ml[2 * (2 * t + e) + 1] = st.l[e];
+            }
+        }
+        bar_arrive64(1);
+        return;
+    }
+    bar_sync64(warp);
+    float fb[2], fw[2], mn[2], ln[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const float mb = ml[2 * (2 * t + e)], lb = ml[2 * (2 * t + e) + 1];
+        mn[e] = fmaxf(mb, st.m[e]);
+        fb[e] = mb == NEG_INF ? 0.0f : ex2(mb - mn[e]);
+        fw[e] = st.m[e] == NEG_INF ? 0.0f : ex2(st.m[e] - mn[e]);
+        ln[e] = lb * fb[e] + st.l[e] * fw[e];
+    }
+    if (warp < W - 1) {
+        if (live) {
+#pragma unroll
+            for (int i = 0; i < NCH; ++i) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float* p = buf + (2 * t + e) * HALF + c0 + 2 * i;
+                    p[0] = p[0] * fb[e] + (st.acc[i][e] - st.corr[e]) * fw[e];
+                    p[1] = p[1] * fb[e] + (st.acc[i][2 + e] - st.corr[e]) * fw[e];
+                }
+            }
+        }
+        __syncwarp();  // every lane has read the running (m, l) before it is replaced
+        if (g == 4 * r) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                ml[2 * (2 * t + e)] = mn[e];
+                ml[2 * (2 * t + e) + 1] = ln[e];
+            }
+        }
+        bar_arrive64(warp + 1);
+        return;
+    }
+    if (live) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            if (2 * t + e >= nh) continue;
+#pragma unroll
+            for (int i = 0; i < NCH; ++i) {
+                const float* p = buf + (2 * t + e) * HALF + c0 + 2 * i;
+                const float o0 = p[0] * fb[e] + (st.acc[i][e] - st.corr[e]) * fw[e];
+                const float o1 = p[1] * fb[e] + (st.acc[i][2 + e] - st.corr[e]) * fw[e];
+                *reinterpret_cast<u32*>(orow + (2 * t + e) * D + c0 + r * HALF + 2 * i) =
+                    ln[e] > 0.0f ? pack_h2(o0 / ln[e], o1 / ln[e]) : 0u;
+            }
+        }
+    }
+    bar_arrive64(W);  // the buffer is free for the next round
+}
+}  // namespace dec
+}  // namespace
+
+extern "C" __device__ const int qs_decode_persist_smem = dec::PERSIST_SMEM;
+
+// Grid (blocks: any count, e.g. one wave of resident blocks), block 32 * QS_WARPS, dynamic shared memory
+// qs_decode_persist_smem. Arguments as qs_decode_attn without the split-K ones, plus the batch size.
+extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_decode_attn_persist(
+    const u16* __restrict__ q, long long ldq, const u8* __restrict__ k_pool, const u8* __restrict__ v_pool,
+    long long page_bytes, const int* __restrict__ block_tables, int bt_stride,
+    const int* __restrict__ context_lens, int num_heads, int num_kv_heads, float scale_log2, int batch,
+    u16* __restrict__ out, long long ldo) {
+    using namespace dec;
+    extern __shared__ __align__(128) unsigned char smem[];
+    float* sm_buf = reinterpret_cast<float*>(smem + W * STAGES * TILE_BYTES);  // [8][D/2]
+    float* sm_ml = sm_buf + 8 * HALF;                                            // [2 halves][8][m, l]
+    const int group = num_heads / num_kv_heads;
+    const int chunks = (group + 7) >> 3;
+    const int per_seq = num_kv_heads * chunks;
+    const int n_items = batch * per_seq;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long sc_off = (long long)num_kv_heads * 64 * RB;
+    const long long zr_off = sc_off + (long long)num_kv_heads * 128;
+    const u32 ring = smem_addr(smem) + warp * (STAGES * TILE_BYTES);
+    const ScaleCopy sc = scale_copy(lane, sc_off, zr_off);
+
+    // issue side: (item, k) of the next tile to fetch, skipping items where this warp has no tiles
+    int ic_item = blockIdx.x - gridDim.x, ic_k = 0, ic_mine = 0, ic_b = 0, ic_kvh = 0, ic_stage = 0;
+    auto issue_next = [&]() {
+        while (ic_k >= ic_mine) {
+            ic_item += gridDim.x;
+            if (ic_item >= n_items) return;
+            ic_b = ic_item / per_seq;
+            ic_kvh = (ic_item - ic_b * per_seq) / chunks;
+            ic_mine = warp_tiles(__ldg(context_lens + ic_b), warp);
+            ic_k = 0;
+        }
+        const int it = warp + W * ic_k;
+        const long long page = __ldg(block_tables + (long long)ic_b * bt_stride + it / (64 / TT));
+        issue_tile(ring + ic_stage * TILE_BYTES, k_pool + page * page_bytes, v_pool + page * page_bytes,
+                   ic_kvh * 64 + TT * (it % (64 / TT)), sc, lane);
+        ++ic_k;
+        ic_stage = ic_stage + 1 == STAGES ? 0 : ic_stage + 1;
+    };
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) {
+        issue_next();
+        cp_async_commit();
+    }
+    int cs = 0;  // ring stage of the next tile to compute (tiles are computed in the order they are issued)
+    for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+        const int b = item / per_seq, y = item - b * per_seq;
+        const int kvh = y / chunks;
+        const int h0 = kvh * group + (y - kvh * chunks) * 8;
+        const int nh = min(8, kvh * group + group - h0);
+        const int ctx = __ldg(context_lens + b);
+        const Qf qf = load_q(q, ldq, b, h0, nh, lane);
+        State st;
+        init_state(st);
+        const int mine = warp_tiles(ctx, warp);
+        for (int k = 0; k < mine; ++k) {
+            cp_async_wait<STAGES - 2>();
+            __syncwarp();
+            const u32 stage = ring + cs * TILE_BYTES;
+            const int tok0 = TT * (warp + W * k);
+            if (tok0 + TT <= ctx)
+                compute_tile<false>(stage, st, qf, tok0, ctx, scale_log2, lane);
+            else
+                compute_tile<true>(stage, st, qf, tok0, ctx, scale_log2, lane);
+            __syncwarp();
+            issue_next();
+            cp_async_commit();
+            cs = cs + 1 == STAGES ? 0 : cs + 1;
+        }
+        sum_lanes_of_head(st);
+        u16* orow = out + (long long)b * ldo + (long long)h0 * D;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (warp == 0 && (item != blockIdx.x || r > 0)) bar_sync64(W);  // the last warp freed the buffer
+            chain_round(st, r, sm_buf, sm_ml + 16 * r, orow, nh, warp, lane);
+        }
+    }
+    cp_async_wait<0>();
+    if (warp == 0 && blockIdx.x < n_items) bar_sync64(W);  // pairs the last round's arrival
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // Prefill

@@ -10,7 +10,7 @@ import numpy as np
 from qserve_lite.core.backend import import_cupy
 from qserve_lite.kernels.cuda.args import NULL, head_rows, int32_array, pool_args
 from qserve_lite.kernels.cuda.attention_sm90 import prefill_attention_sm90, sm90_prefill_enabled
-from qserve_lite.kernels.cuda.device import sm_count
+from qserve_lite.kernels.cuda.device import sm_count, smem_per_sm
 from qserve_lite.kernels.cuda.jit import get_kernel, read_global_int
 from qserve_lite.kernels.cuda.workspace import attention_workspace
 from qserve_lite.kernels.paged_kv import PagedKVPool
@@ -26,27 +26,39 @@ MAX_SPLITS = 256  # the combine keeps a weight per (head, split) in the merge bu
 def attention_defines(head_dim: int, kv_bits: int, prefill_warps: int = PREFILL_WARPS,
                       variant: dict | None = None) -> dict[str, int]:
     """Macros of one cuda/attention.cu module (decode and prefill kernels of a page format). `variant`
-    ({"warps": decode warps, "sub": 16-token subtiles per decode tile}) selects tuning alternatives."""
+    selects decode tuning alternatives: {"warps": warps per block, "sub": 16-token subtiles per tile,
+    "stages": cp.async ring stages per warp (the split count then fills the blocks that fit), "combine": 1
+    (fewer round trips in the last split's combine), "persist": 1 (one-split launches use persistent blocks
+    whose rings run on across (sequence, kv head) items)}."""
     variant = variant or {}
+    unknown = set(variant) - set(_VARIANT_MACROS) - {"warps"}
+    if unknown:
+        raise ValueError(f"unknown decode attention variant keys {sorted(unknown)}")
     defines = {"QS_D": head_dim, "QS_BITS": kv_bits, "QS_WARPS": variant.get("warps", DECODE_WARPS),
                "QS_PF_WARPS": prefill_warps}
-    if "sub" in variant:
-        defines["QS_DEC_SUB"] = variant["sub"]
+    for key, macro in _VARIANT_MACROS.items():
+        if key in variant:
+            defines[macro] = int(variant[key])
     return defines
+
+
+_VARIANT_MACROS = {"sub": "QS_DEC_SUB", "stages": "QS_DEC_STAGES", "combine": "QS_DEC_COMBINE",
+                   "persist": "QS_DEC_PERSIST"}
 
 
 # ---- decode ----
 
 def decode_geometry(batch: int, num_heads: int, num_kv_heads: int, max_context: int,
-                    splits: int | None = None) -> tuple[int, int]:
-    """(num_splits, tokens_per_split): as many splits as fill one wave of resident blocks (RESIDENT_BLOCKS
-    per SM, so batch 1 with a long context streams from every SM), each split at least MIN_SPLIT_TOKENS long,
-    at most MAX_SPLITS; tokens_per_split is a multiple of 64 (whole pages)."""
+                    splits: int | None = None, resident: int | None = None) -> tuple[int, int]:
+    """(num_splits, tokens_per_split): as many splits as fill one wave of resident blocks (`resident` per SM,
+    default RESIDENT_BLOCKS, so batch 1 with a long context streams from every SM), each split at least
+    MIN_SPLIT_TOKENS long, at most MAX_SPLITS; tokens_per_split is a multiple of 64 (whole pages)."""
     group = num_heads // num_kv_heads
     blocks = batch * num_kv_heads * -(-group // 8)
     max_context = max(1, int(max_context))
     if splits is None:
-        splits = min(RESIDENT_BLOCKS * sm_count() // max(1, blocks), -(-max_context // MIN_SPLIT_TOKENS))
+        splits = min((resident or RESIDENT_BLOCKS) * sm_count() // max(1, blocks),
+                     -(-max_context // MIN_SPLIT_TOKENS))
     splits = min(MAX_SPLITS, max(1, int(splits)))
     tps = -(-max_context // splits)
     tps = -(-tps // 64) * 64
@@ -86,16 +98,17 @@ def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_len
         return out
     if max_context is None:
         max_context = bt.shape[1] * 64
-    nsplit, tps = decode_geometry(B, H, KVH, max_context, splits)
-    group = H // KVH
-    chunks = -(-group // 8)
     defines = attention_defines(D, lay.kv_bits, variant=variant)
     warps = defines["QS_WARPS"]
-    key = tuple(sorted(defines.items()))
-    fixed = _decode_smem.get(key)
-    if fixed is None:
-        fixed = _decode_smem[key] = read_global_int("attention.cu", "qs_decode_smem_fixed", defines)
+    fixed = _module_int(defines, "qs_decode_smem_fixed")
+    resident = decode_resident(fixed, warps) if "QS_DEC_STAGES" in defines else None
+    nsplit, tps = decode_geometry(B, H, KVH, max_context, splits, resident)
+    group = H // KVH
+    chunks = -(-group // 8)
+    if nsplit == 1 and "QS_DEC_PERSIST" in defines:
+        return _decode_persist(q, ldq, pool, layer, bt, ctx, scale, out, ldo, defines)
     smem = fixed + (tps // 64) * 4
+    _check_smem(smem, defines)
     kern = get_kernel("attention.cu", "qs_decode_attn", defines, dynamic_smem=smem)
     part_o = part_ml = counters = NULL
     if nsplit > 1:
@@ -115,6 +128,45 @@ def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_len
 
 
 _decode_smem: dict[tuple, int] = {}
+
+
+def _module_int(defines: dict, symbol: str) -> int:
+    key = (symbol, *sorted(defines.items()))
+    value = _decode_smem.get(key)
+    if value is None:
+        value = _decode_smem[key] = read_global_int("attention.cu", symbol, defines)
+    return value
+
+
+def _check_smem(smem: int, defines: dict) -> None:
+    if smem > smem_per_sm() - 1024:
+        raise ValueError(f"decode attention variant {defines} needs {smem} bytes of shared memory per block, "
+                         f"more than this GPU's {smem_per_sm() - 1024}")
+
+
+def decode_resident(smem: int, warps: int) -> int:
+    """Decode blocks an SM holds: the launch bounds give each block of `warps` warps 16 / warps slots of
+    registers; shared memory (plus the 1 KiB the runtime reserves per block) may allow fewer."""
+    return max(1, min(16 // warps, smem_per_sm() // (smem + 1024)))
+
+
+def _decode_persist(q, ldq, pool, layer, bt, ctx, scale, out, ldo, defines):
+    """One-split decode on persistent blocks (variant "persist"): one wave of resident blocks, each looping
+    over (sequence, kv head block) items; host-side geometry only (CUDA-graph safe), no workspace."""
+    lay = pool.layout
+    B, H = q.shape[0], q.shape[1]
+    KVH = lay.num_kv_heads
+    items = B * KVH * -(-(H // KVH) // 8)
+    smem = _module_int(defines, "qs_decode_persist_smem")
+    warps = defines["QS_WARPS"]
+    _check_smem(smem, defines)
+    grid = min(items, decode_resident(smem, warps) * sm_count())
+    kern = get_kernel("attention.cu", "qs_decode_attn_persist", defines, dynamic_smem=smem)
+    k_pool, v_pool, page_bytes = pool_args(pool, layer)
+    kern((grid,), (32 * warps,), (
+        q, np.int64(ldq), k_pool, v_pool, np.int64(page_bytes), bt, np.int32(bt.shape[1]), ctx, np.int32(H),
+        np.int32(KVH), np.float32(scale * LOG2E), np.int32(B), out, np.int64(ldo)), shared_mem=smem)
+    return out
 
 
 # ---- prefill ----
