@@ -6,8 +6,6 @@ Per row, in order: log-probabilities for `logprobs` (the model's own distributio
 and frequency penalties; then greedy rows take the argmax (exact), and sampled rows apply temperature,
 top-k, top-p (over the top-k renormalized distribution), min-p, and draw by inverse CDF with one uniform
 from the request's own generator: a seeded request samples the same tokens whatever else is in the batch.
-The filtered draw is kernels/sample.py (exact integer masses, so every backend draws the same token; one
-kernel per batch on the GPU, no sort).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import numpy as np
 
 from qserve_lite.core.backend import to_host
 from qserve_lite.kernels.argmax import argmax_rows
-from qserve_lite.kernels.sample import sample_rows
 from qserve_lite.sampling_params import SamplingParams
 
 
@@ -77,6 +74,31 @@ def apply_penalties(logits, seqs, xp):
     return logits
 
 
+def filter_logits(x, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray, xp):
+    """Set to -inf, per row of temperature-scaled logits x [R, V], what top_k (0 = off), top_p (1 = off)
+    and min_p (0 = off) exclude. Ties at a threshold are kept."""
+    R, V = x.shape
+    top_k = np.where((top_k <= 0) | (top_k >= V), V, top_k)
+    rows = np.nonzero((top_k < V) | (top_p < 1.0))[0]
+    if len(rows):
+        xs = x[rows]
+        k = xp.asarray(top_k[rows])[:, None]
+        ordered = -xp.sort(-xs, axis=-1)  # descending
+        ordered = xp.where(xp.arange(V)[None, :] < k, ordered, -xp.inf)
+        probs = xp.exp(ordered - ordered[:, :1])
+        probs /= probs.sum(axis=-1, keepdims=True)
+        keep = xp.cumsum(probs, axis=-1) - probs < xp.asarray(top_p[rows], dtype=xp.float32)[:, None]
+        last = xp.minimum(keep.sum(axis=-1) - 1, k[:, 0] - 1)  # the kept prefix, never past top_k
+        threshold = xp.take_along_axis(ordered, last[:, None], axis=-1)
+        x[rows] = xp.where(xs >= threshold, xs, -xp.inf)
+    rows = np.nonzero(min_p > 0.0)[0]
+    if len(rows):
+        xs = x[rows]  # p >= min_p * p_max  <=>  x >= x_max + log(min_p)
+        threshold = xs.max(axis=-1, keepdims=True) + xp.asarray(np.log(min_p[rows]), dtype=xs.dtype)[:, None]
+        x[rows] = xp.where(xs >= threshold, xs, -xp.inf)
+    return x
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -129,18 +151,19 @@ class Sampler:
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
             tokens[greedy] = argmax_rows(logits[greedy], xp)
-        # u in (0, 1]: one uniform per sampled row from its request's generator, in batch order
-        u = np.array([1.0 - seqs[i].generator.random() for i in sampled], dtype=np.float32)
-        tokens[sampled] = sample_rows(
-            logits,
-            sampled,
-            [params[i].temperature for i in sampled],
-            [params[i].top_k for i in sampled],
-            [params[i].top_p for i in sampled],
-            [params[i].min_p for i in sampled],
-            u,
+        temps = xp.asarray([params[i].temperature for i in sampled], dtype=xp.float32)[:, None]
+        x = filter_logits(
+            logits[sampled] / temps,
+            np.array([params[i].top_k for i in sampled]),
+            np.array([params[i].top_p for i in sampled]),
+            np.array([params[i].min_p for i in sampled]),
             xp,
         )
+        probs = xp.exp(x - x.max(axis=-1, keepdims=True))
+        cdf = xp.cumsum(probs, axis=-1)
+        # u in (0, 1]: the first token whose cdf reaches u * total has positive probability
+        u = xp.asarray([1.0 - seqs[i].generator.random() for i in sampled], dtype=xp.float32)[:, None]
+        tokens[sampled] = xp.minimum(xp.sum(cdf < u * cdf[:, -1:], axis=-1), V - 1)
         return tokens
 
     def _top_logprobs(self, logprobs, ns: list[int], chosen: np.ndarray) -> list[dict[int, float]]:

@@ -22,14 +22,11 @@ compiled at run time with NVRTC by kernels/cuda/jit.py).
     KV4 / KV8 quantization            kv_quant.py                     (fused into the writer and attention)
     paged KV pool (page layout)       paged_kv.py                     (a buffer: no kernel of its own)
     greedy choice: argmax per row     argmax.py                       cuda/argmax.py       cuda/argmax.cu
-    filtered sampling (top-k/p,       sample.py                       cuda/sample.py       cuda/sample.cu
-      min-p; radix select, no sort)
     vision tower: LayerNorm, GELU,    vision.py                       (CuPy ops, one ElementwiseKernel, cuBLAS
       unmasked attention                                                batched products; eager only)
 
 The decode-step fusions (the embedding gather inside the first RMSNorm, the wide RoPE / KV writer block, the
-early loads of the RMSNorm kernel, the argmax and sampling kernels) can be switched off for measurements:
-fusions.py.
+early loads of the RMSNorm kernel, the argmax kernel) can be switched off for measurements: fusions.py.
 
 Shared by the launchers: cuda/device.py (device properties, Hopper checks; cuda/arch_probe.cu),
 cuda/workspace.py (split-K workspaces; `pin_workspaces` / `release_workspaces` for CUDA graphs),

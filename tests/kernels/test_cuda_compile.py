@@ -42,7 +42,6 @@ CONFIGS = [
     ("arch_probe.cu", {}),
     ("argmax.cu", {"QS_AM_THREADS": 512, "QS_VEC": 1}),
     ("argmax.cu", {"QS_AM_THREADS": 512, "QS_VEC": 0}),
-    ("sample.cu", {"QS_SP_THREADS": 512}),
     ("attention.cu", {"QS_D": 128, "QS_BITS": 4, "QS_WARPS": 4, "QS_PF_WARPS": 4}),
     ("attention.cu", {"QS_D": 64, "QS_BITS": 8, "QS_WARPS": 4, "QS_PF_WARPS": 8}),
     ("attention.cu", {"QS_D": 128, "QS_BITS": 16, "QS_WARPS": 4, "QS_PF_WARPS": 4}),

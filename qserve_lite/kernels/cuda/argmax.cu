@@ -30,6 +30,14 @@ __device__ __forceinline__ u64 argmax_key(float v, int idx) {
     if (v == 0.0f) key = 0x80000000u;
     return ((u64)key << 32) | (u64)(0xFFFFFFFFu - (u32)idx);
 }
+__device__ __forceinline__ u64 warp_max_u64(u64 k) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const u64 other = __shfl_xor_sync(0xffffffffu, k, o);
+        k = other > k ? other : k;
+    }
+    return k;
+}
 // Strictly greater, or the first NaN over a number (nothing replaces a NaN).
 __device__ __forceinline__ void take(float v, int i, float& best, int& bi) {
     if (v > best || (v != v && best == best)) {
@@ -89,13 +97,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) qs_argmax(const float* __r
 #endif
     if (bi < 0 && first < end) bi = first;  // every element -inf: the first
     u64 key = bi < 0 ? 0ull : argmax_key(best, bi);
-    key = warp_max(key);
+    key = warp_max_u64(key);
     const int lane = tid & 31, warp = tid >> 5;
     if (lane == 0) red[warp] = key;
     __syncthreads();
     if (warp == 0) {
         key = lane < THREADS / 32 ? red[lane] : 0ull;
-        key = warp_max(key);
+        key = warp_max_u64(key);
         if (lane == 0) {
             if (gridDim.y == 1) {
                 out[row] = (int)(0xFFFFFFFFu - (u32)key);
@@ -115,6 +123,6 @@ extern "C" __global__ void qs_argmax_combine(const u64* __restrict__ partial, in
         const u64 k = partial[(long long)row * splits + s];
         key = k > key ? k : key;
     }
-    key = warp_max(key);
+    key = warp_max_u64(key);
     if (lane == 0) out[row] = (int)(0xFFFFFFFFu - (u32)key);
 }

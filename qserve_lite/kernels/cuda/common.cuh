@@ -78,33 +78,6 @@ __device__ __forceinline__ double dsqrt_rn(double a) {
     return r;
 }
 
-// ---- bit casts and exact conversions ----
-__device__ __forceinline__ u32 f2u(float v) {
-    u32 b;
-    asm("mov.b32 %0, %1;" : "=r"(b) : "f"(v));
-    return b;
-}
-__device__ __forceinline__ float u2f(u32 b) {
-    float v;
-    asm("mov.b32 %0, %1;" : "=f"(v) : "r"(b));
-    return v;
-}
-__device__ __forceinline__ u32 f2u_rz(float a) {  // truncation toward zero, saturating
-    u32 r;
-    asm("cvt.rzi.u32.f32 %0, %1;" : "=r"(r) : "f"(a));
-    return r;
-}
-__device__ __forceinline__ double u2d(u64 a) {  // exact below 2^53
-    double r;
-    asm("cvt.rn.f64.u64 %0, %1;" : "=d"(r) : "l"(a));
-    return r;
-}
-__device__ __forceinline__ double f2d(float a) {
-    double r;
-    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(a));
-    return r;
-}
-
 // ---- whole-warp reductions (every lane gets the result) ----
 __device__ __forceinline__ float warp_min(float v) {
 #pragma unroll
@@ -114,19 +87,6 @@ __device__ __forceinline__ float warp_min(float v) {
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ __forceinline__ u64 warp_max(u64 v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const u64 w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = w > v ? w : v;
-    }
-    return v;
-}
-__device__ __forceinline__ u64 warp_sum(u64 v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
