@@ -15,8 +15,9 @@ from qserve_lite.core.backend import is_cupy
 from qserve_lite.kernels.cuda import gemm as cuda_gemm
 
 
-def fp16_gemm(x, w, bias=None, out_dtype=np.float16, xp=np):
-    """x [M, K] and w [N, K] (fp16, or float values rounded to fp16) -> [M, N] in out_dtype (fp16 or fp32)."""
+def fp16_gemm(x, w, bias=None, out_dtype=np.float16, xp=np, cublas: bool = False):
+    """x [M, K] and w [N, K] (fp16, or float values rounded to fp16) -> [M, N] in out_dtype (fp16 or fp32).
+    `cublas`: on the device, large products outside CUDA graphs may run on cuBLAS (same spec)."""
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in (np.float16, np.float32):
         raise ValueError(f"fp16_gemm: out_dtype must be float16 or float32, got {out_dtype}")
@@ -24,7 +25,7 @@ def fp16_gemm(x, w, bias=None, out_dtype=np.float16, xp=np):
         x = x.astype(xp.float16, copy=False)
         w = w.astype(xp.float16, copy=False)
         return cuda_gemm.gemm("f16", x, w, w.shape[0], w.shape[1], bias=bias,
-                              out_f32=out_dtype == np.float32)
+                              out_f32=out_dtype == np.float32, cublas=cublas)
     if x.shape[-1] != w.shape[-1]:
         raise ValueError(f"fp16_gemm: K mismatch, x {x.shape} w {w.shape}")
     acc = x.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T

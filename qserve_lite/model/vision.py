@@ -8,9 +8,9 @@ The forward, per chunk of images, fp16 activations:
     patches (c, kh, kw order, K zero-padded to a multiple of 8) -> patch GEMM + bias + position embeddings
     layers_run x [h += out(attn(LN1(h))); h += fc2(gelu_tanh(fc1(LN2(h))))]     (pre-LN, no mask)
     2x2 merge (odd grids zero-padded) -> LN(eps 1e-5) -> fc1 -> exact GELU -> fc2
-Every GEMM is an fp16 GEMM of kernels/fp16_gemm.py (mode 'f16': fp32 accumulation, our kernel on the device,
-its float64 twin on the host) or, with mode 'w8', a per-token INT8 quantization and the W8A8 GEMM of
-kernels/linear.py over per-channel INT8 weights (quantized here from the float weights). LayerNorm, GELU and
+Every GEMM is an fp16 GEMM of kernels/fp16_gemm.py (mode 'f16': fp32 accumulation, cuBLAS on the device
+for batches of >= 256 tokens, else our kernel; its float64 twin on the host) or, with mode 'w8', a
+per-token INT8 quantization and the W8A8 GEMM of kernels/linear.py over per-channel INT8 weights (quantized here from the float weights). LayerNorm, GELU and
 attention are kernels/vision.py. numpy arrays run the twins; CuPy arrays the device.
 """
 
@@ -53,7 +53,7 @@ class VisionLinear:
     def __call__(self, x, xp):
         """fp16 [M, k] -> fp16 [M, n]."""
         if self.mode == "f16":
-            return fp16_gemm(x, self.weight, self.bias, xp=xp)
+            return fp16_gemm(x, self.weight, self.bias, xp=xp, cublas=True)  # never inside a CUDA graph
         qa = quantize_per_token(x, xp, with_sums=False)
         return linear("w8", qa, self.weight, self.n, self.k, scales=self.scales, bias=self.bias)
 

@@ -474,9 +474,9 @@ def test_pin_and_release_workspaces():
 
 @pytest.mark.parametrize("out_dtype", [np.float16, np.float32])
 def test_fp16_gemm_cublas_route_and_capture(monkeypatch, out_dtype):
-    """fp16 GEMMs of >= CUBLAS_F16_MIN_M tokens go to cuBLAS outside capture (strided rows, K < the weight's
-    K, bias) and to our kernel inside a CUDA graph; both within the twin's tolerance, and equal to each other
-    within it."""
+    """fp16 GEMMs that ask for cuBLAS (`cublas=True`) of >= CUBLAS_F16_MIN_M tokens run on it outside capture
+    (strided rows, K < the weight's K, bias); without asking, or inside a CUDA graph, our kernel runs; all
+    within the twin's tolerance."""
     import qserve_lite.kernels.cuda.gemm as cg
 
     r = rng()
@@ -491,14 +491,17 @@ def test_fp16_gemm_cublas_route_and_capture(monkeypatch, out_dtype):
     calls = []
     real = cg.fp16_matmul_cublas
     monkeypatch.setattr(cg, "fp16_matmul_cublas", lambda *a, **kw_: calls.append(1) or real(*a, **kw_))
-    got = cp.asnumpy(cg.gemm("f16", gx, gw, n, kw, bias=gb, out_f32=out32))
-    assert calls, "an uncaptured fp16 GEMM of 300 tokens should use cuBLAS"
+    ours = cp.asnumpy(cg.gemm("f16", gx, gw, n, kw, bias=gb, out_f32=out32))  # also loads our kernel
+    assert not calls, "without cublas=True the fp16 GEMM is our kernel"
+    check_fp16_gemm(ours, x, w[:, :k], b, out_dtype)
+    got = cp.asnumpy(cg.gemm("f16", gx, gw, n, kw, bias=gb, out_f32=out32, cublas=True))
+    assert calls, "an uncaptured fp16 GEMM of 300 tokens with cublas=True should use cuBLAS"
     check_fp16_gemm(got, x, w[:, :k], b, out_dtype)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
         try:
-            y = cg.gemm("f16", gx, gw, n, kw, bias=gb, out_f32=out32)
+            y = cg.gemm("f16", gx, gw, n, kw, bias=gb, out_f32=out32, cublas=True)
         finally:
             graph = stream.end_capture()
     assert len(calls) == 1, "inside capture the fp16 GEMM must be our kernel"

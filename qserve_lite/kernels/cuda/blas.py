@@ -1,5 +1,5 @@
 """cuBLAS through CuPy's bindings: the library handle on the current stream, and the fp16 GEMM (fp32
-accumulation) that gemm.gemm("f16") uses for large uncaptured products (the vision tower, w16a16 prefill):
+accumulation) that gemm.gemm("f16", cublas=True) uses for large products outside CUDA graphs (vision tower):
 cuBLAS reaches ~2.3x our mma.sync fp16 kernel there (H200, 2026-12-02, benchmarks/kernels.py: ~700-780 vs
 ~310-335 TFLOP/s at 1024-4096 tokens). Not capturable in a CUDA graph (CuPy refuses cuBLAS during capture):
 gemm.gemm keeps our kernel while the stream is capturing."""

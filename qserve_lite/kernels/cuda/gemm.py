@@ -28,8 +28,10 @@ MODES = {"w4_per_channel": 0, "w4_g128": 1, "w8": 2, "f16": 3}
 # The Hopper kernel (cuda/gemm_sm90.cu) serves the int8 modes on sm_90 unless QSERVE_LITE_SM90_GEMM=0 (a
 # measuring switch: before/after comparisons in one process tree).
 USE_SM90 = os.environ.get("QSERVE_LITE_SM90_GEMM", "1") != "0"
-# fp16 GEMMs of at least CUBLAS_F16_MIN_M tokens outside CUDA-graph capture go to cuBLAS (cuda/blas.py)
-# unless QSERVE_LITE_CUBLAS_F16=0 (a measuring switch).
+# fp16 GEMMs that ask for it (`cublas=True`: the vision tower, which never runs inside a CUDA graph) of at
+# least CUBLAS_F16_MIN_M tokens outside graph capture go to cuBLAS (cuda/blas.py) unless
+# QSERVE_LITE_CUBLAS_F16=0. Not the default: a step whose eager warm-up ran cuBLAS would first load our kernel
+# (and its split-K workspace) inside the capture that follows, which CuPy refuses.
 USE_CUBLAS_F16 = os.environ.get("QSERVE_LITE_CUBLAS_F16", "1") != "0"
 CUBLAS_F16_MIN_M = 256
 
@@ -207,19 +209,20 @@ def _epilogue_vectors(mode_id: int, m: int, n: int, x_scales, w_scales, x_sums, 
     return x_scales, w_scales, x_sums, w_szeros, bias
 
 
-def _cublas_f16(mode_id: int, config, m: int) -> bool:
-    """The fp16 GEMM goes to cuBLAS: large enough, no configuration asked for, not inside graph capture."""
-    return (mode_id == 3 and config is None and USE_CUBLAS_F16 and m >= CUBLAS_F16_MIN_M
+def _cublas_f16(mode_id: int, config, m: int, cublas: bool) -> bool:
+    """The fp16 GEMM goes to cuBLAS: asked for, large enough, no configuration named, not inside capture."""
+    return (cublas and mode_id == 3 and config is None and USE_CUBLAS_F16 and m >= CUBLAS_F16_MIN_M
             and not stream_is_capturing())
 
 
 def gemm(mode: str, q_x, w, n: int, kw: int, *, x_scales=None, x_sums=None, w_scales=None, w_szeros=None,
          s2_scales=None, s2_zeros=None, bias=None, out_f32: bool = False, config=None,
-         splits: int | None = None, out=None):
+         splits: int | None = None, out=None, cublas: bool = False):
     """Y [M, n] = epilogue(q_x [M, K] . W^T) on the GPU; see cuda/gemm.cu for the modes and epilogues.
 
     `kw` is W's K (int8 / fp16 elements; W4: K_pad of the packed weight), K <= kw (the rest is zero).
-    W4 with M <= 16 runs cuda/gemm_skinny.cu unless `config` names a GemmConfig."""
+    W4 with M <= 16 runs cuda/gemm_skinny.cu unless `config` names a GemmConfig; `cublas`: an fp16 GEMM
+    outside any CUDA graph may run on cuBLAS (see USE_CUBLAS_F16)."""
     cupy = import_cupy()
     mode_id = MODES[mode]
     elem = 2 if mode_id == 3 else 1
@@ -241,7 +244,7 @@ def gemm(mode: str, q_x, w, n: int, kw: int, *, x_scales=None, x_sums=None, w_sc
     x_scales, w_scales, x_sums, w_szeros, bias = _epilogue_vectors(
         mode_id, m, n, x_scales, w_scales, x_sums, w_szeros, bias, cupy)
 
-    if _cublas_f16(mode_id, config, m):
+    if _cublas_f16(mode_id, config, m, cublas):
         return fp16_matmul_cublas(q_x, lda // 2, w, ldw // 2, k, out, bias)
     if mode_id in (0, 1) and (isinstance(config, SkinnyConfig) or (config is None and m <= SKINNY_MAX_M)):
         return gemm_skinny(mode_id, q_x, w, n, kw, lda, out, config or choose_skinny(m, n, kw), splits,
