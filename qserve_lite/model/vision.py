@@ -11,7 +11,8 @@ The forward, per chunk of images, fp16 activations:
 Every GEMM is an fp16 GEMM of kernels/fp16_gemm.py (mode 'f16': fp32 accumulation, cuBLAS on the device
 for batches of >= 256 tokens, else our kernel; its float64 twin on the host) or, with mode 'w8', a
 per-token INT8 quantization and the W8A8 GEMM of kernels/linear.py over per-channel INT8 weights (quantized
-here from the float weights). LayerNorm, GELU and attention are kernels/vision.py. numpy arrays run the twins; CuPy arrays the device.
+here from the float weights). LayerNorm, GELU and attention are kernels/vision.py. numpy arrays run the
+twins; CuPy arrays the device.
 """
 
 from __future__ import annotations
