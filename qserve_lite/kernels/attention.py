@@ -108,13 +108,13 @@ def _attend(q, k, v, start: int, scale: float) -> np.ndarray:
     KVH, S = k.shape[0], k.shape[1]
     group = H // KVH
     qg = q.astype(np.float64).reshape(T, KVH, group, D).transpose(1, 2, 0, 3)  # [KVH, G, T, D]
-    scores = np.einsum("hgtd,hsd->hgts", qg, k.astype(np.float64)) * scale
+    scores = (qg @ k.astype(np.float64)[:, None].transpose(0, 1, 3, 2)) * scale  # [KVH, G, T, S] (BLAS)
     visible = (start + np.arange(T))[:, None] >= np.arange(S)[None, :]
     scores = np.where(visible, scores, -np.inf)
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
-    o = np.einsum("hgts,hsd->hgtd", p, v.astype(np.float64))
+    o = p @ v.astype(np.float64)[:, None]  # [KVH, G, T, D]
     return o.transpose(2, 0, 1, 3).reshape(T, H, D)
 
 
