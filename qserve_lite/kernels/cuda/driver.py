@@ -29,6 +29,32 @@ class DriverError(QServeLiteError):
 
 _lock = threading.Lock()
 _lib = None
+CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+
+
+class _LaunchAttr(ctypes.Structure):
+    """CUlaunchAttribute: an id, padding, then a 64-byte value union (here the cluster dimensions x, y, z)."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint32 * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig of cuLaunchKernelEx."""
+
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttr)), ("numAttrs", ctypes.c_uint)]
+
+
+def _cluster_config(grid, block: int, smem: int, stream: int, cluster: int):
+    """(config, attribute) of a launch in clusters of `cluster` blocks along x (keep both alive)."""
+    attr = _LaunchAttr()
+    attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    attr.value[0], attr.value[1], attr.value[2] = cluster, 1, 1
+    cfg = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, smem, ctypes.c_void_p(stream),
+                        ctypes.pointer(attr), 1)
+    return cfg, attr
 
 
 def _libcuda():
@@ -47,6 +73,12 @@ def _libcuda():
             lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
                 ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
             lib.cuLaunchKernel.restype = ctypes.c_int
+            lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                             ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+            lib.cuLaunchKernelEx.restype = ctypes.c_int
+            lib.cuOccupancyMaxActiveClusters.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                                                         ctypes.POINTER(_LaunchConfig)]
+            lib.cuOccupancyMaxActiveClusters.restype = ctypes.c_int
             lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
             lib.cuGetErrorString.restype = ctypes.c_int
             _lib = lib
@@ -104,14 +136,38 @@ def tensor_map_2d(dtype: int, ptr: int, dims: tuple[int, int], row_stride: int, 
     return tm
 
 
-def launch(kernel, grid: tuple[int, int, int], block: int, smem: int, params: list) -> None:
-    """cuLaunchKernel of a `cupy.RawKernel` on CuPy's current stream. `params` in the kernel's order: a
-    TensorMap (passed by value), or a ctypes scalar (c_uint64 for pointers, c_int64, c_int32)."""
+def launch(kernel, grid: tuple[int, int, int], block: int, smem: int, params: list, cluster: int = 1) -> None:
+    """cuLaunchKernel of a `cupy.RawKernel` on CuPy's current stream (cuLaunchKernelEx in clusters of
+    `cluster` blocks along x when > 1; grid[0] a multiple of it). `params` in the kernel's order: a TensorMap
+    (passed by value), or a ctypes scalar (c_uint64 for pointers, c_int64, c_int32)."""
     cupy = import_cupy()
     lib = _libcuda()
     addrs = (ctypes.c_void_p * len(params))(
         *[p.address if isinstance(p, TensorMap) else ctypes.addressof(p) for p in params])
     stream = cupy.cuda.get_current_stream().ptr
+    what = f"({kernel.__name__}, grid={grid}, block={block}, smem={smem}, cluster={cluster})"
+    if cluster > 1:
+        cfg, _attr = _cluster_config(grid, block, smem, stream, cluster)
+        rc = lib.cuLaunchKernelEx(ctypes.byref(cfg), ctypes.c_void_p(kernel.kernel.ptr), addrs, None)
+        _check(lib, rc, "cuLaunchKernelEx" + what)
+        return
     rc = lib.cuLaunchKernel(ctypes.c_void_p(kernel.kernel.ptr), grid[0], grid[1], grid[2], block, 1, 1, smem,
                             ctypes.c_void_p(stream), addrs, None)
-    _check(lib, rc, f"cuLaunchKernel({kernel.__name__}, grid={grid}, block={block}, smem={smem})")
+    _check(lib, rc, "cuLaunchKernel" + what)
+
+
+_clusters: dict = {}
+
+
+def max_active_clusters(kernel, block: int, smem: int, cluster: int, fallback: int) -> int:
+    """How many clusters of `cluster` blocks of this kernel the GPU holds at once (cached per kernel and
+    launch shape); `fallback` if the driver cannot say."""
+    key = (kernel.kernel.ptr, block, smem, cluster)
+    if key not in _clusters:
+        lib = _libcuda()
+        cfg, _attr = _cluster_config((cluster, 1, 1), block, smem, 0, cluster)
+        n = ctypes.c_int(0)
+        rc = lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(kernel.kernel.ptr),
+                                              ctypes.byref(cfg))
+        _clusters[key] = n.value if rc == 0 and n.value > 0 else fallback
+    return _clusters[key]

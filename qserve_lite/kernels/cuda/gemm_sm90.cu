@@ -26,7 +26,11 @@
 // take alternate K stages (twice the tiles of 256 channels, no split-K traffic), their sums joined through
 // shared memory before the first warpgroup's epilogue; QS_MINB 2: two blocks per SM (one consumer warpgroup
 // each, half the shared memory and registers), so two tiles' dequantization and wgmmas interleave on an SM;
-// QS_DIAG (timing experiments only, wrong results): 1 no level-1 dequantization, 2 no wgmma, 3 neither.
+// QS_DIAG (timing experiments only, wrong results): 1 no level-1 dequantization, 2 no wgmma, 3 neither;
+// QS_CLUSTER 2: clusters of two blocks on adjacent channel tiles (same token tile, same K stages in lockstep)
+// share the activation tile: each loads half of its rows and multicasts them into both blocks' shared
+// memory, so each block pulls 3/4 of the bytes per stage (128 x 256 tiles) from L2; a stage's slot is refilled
+// only after the consumers of both blocks released it (they arrive on both blocks' `empty` barriers).
 // Epilogues (every step rounded to nearest even, no FMA):
 //   W4 per-channel: fp16((fp32(acc) * s1[n]) * sx[m] - szeros[n] * xsum[m])
 //   W4 g128, W8:    fp16((fp32(acc) * s[n]) * sx[m])
@@ -56,13 +60,16 @@
 #ifndef QS_DIAG
 #define QS_DIAG 0
 #endif
+#ifndef QS_CLUSTER
+#define QS_CLUSTER 1
+#endif
 
 namespace {
 
 constexpr int MODE = QS_MODE;
 constexpr bool IS_W4 = MODE == 0 || MODE == 1;
 constexpr bool IS_G128 = MODE == 1;
-constexpr int BM = QS_BM, NWG = QS_NWG, STAGES = QS_STAGES, KWG = QS_KWG, MINB = QS_MINB;
+constexpr int BM = QS_BM, NWG = QS_NWG, STAGES = QS_STAGES, KWG = QS_KWG, MINB = QS_MINB, CL = QS_CLUSTER;
 constexpr int BN = 128 * NWG / KWG;
 constexpr int BK = 128;  // bytes of K per stage
 constexpr int NCT = 128 * NWG;  // consumer threads
@@ -76,8 +83,11 @@ static_assert(NWG == 1 || NWG == 2, "one or two consumer warpgroups");
 static_assert(KWG == 1 || (KWG == 2 && NWG == 2), "K shared by the warpgroups: two of them");
 static_assert(MODE >= 0 && MODE <= 2, "int8 modes only");
 static_assert(MINB == 1 || (MINB == 2 && NWG == 1), "two blocks per SM: one consumer warpgroup each");
+static_assert(CL == 1 || (CL == 2 && KWG == 1 && MINB == 1), "clusters of two: one tile per block");
 
 constexpr int X_BYTES = BM * BK;
+constexpr int X_PART = X_BYTES / CL;  // activation bytes one block of a cluster loads (and multicasts)
+static_assert(X_PART % 1024 == 0, "each block's share of the activation tile keeps the 1024-byte swizzle atom");
 constexpr int W_BYTES = IS_W4 ? BN * BK / 2 : BN * BK;
 constexpr int G_BYTES = IS_G128 ? 2 * BN : 0;
 constexpr u32 TX_BYTES = X_BYTES + W_BYTES + G_BYTES;
@@ -92,6 +102,18 @@ constexpr int CONSUMER_REGS = MINB == 2 ? (32768 - 128 * PRODUCER_REGS) / 128 / 
 
 __device__ __forceinline__ u32 lds32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
 
+// A consumer warp frees a stage slot: in every block of the cluster (their producers refill the slot together).
+__device__ __forceinline__ void release_slot(u64* bar) {
+    if constexpr (CL == 1) {
+        mbar_arrive(bar);
+    } else {
+#pragma unroll
+        for (int r = 0; r < CL; ++r) mbar_arrive_cluster(bar, r);
+    }
+}
+
+
+
 // Work unit u -> (token tile, channel tile, split): splits of a tile are adjacent; tiles go in groups of
 // GROUP_M token tiles, token tile fastest inside a group.
 __device__ __forceinline__ void unit_coords(int u, int m_tiles, int n_tiles, int nsplit, int& mt, int& nt,
@@ -104,6 +126,21 @@ __device__ __forceinline__ void unit_coords(int u, int m_tiles, int n_tiles, int
     const int local = tile % per_group;
     mt = first + local % gm;
     nt = local / gm;
+}
+
+// Loop index v -> the block's work unit: (token tile, channel tile, split, tile index, workspace unit index).
+// Clusters take the same (token tile, channel-tile group, split) and each block the group's rank-th tile.
+struct Unit {
+    int mt, nt, split, tile, wu;
+};
+__device__ __forceinline__ Unit unit_of(int v, int m_tiles, int n_groups, int nsplit, int rank) {
+    Unit w;
+    int ng, tg;
+    unit_coords(v, m_tiles, n_groups, nsplit, w.mt, ng, w.split, tg);
+    w.nt = ng * CL + rank;
+    w.tile = tg * CL + rank;
+    w.wu = w.tile * nsplit + w.split;
+    return w;
 }
 
 // A fragments (two m16 tiles: channels 0-15 and 16-31 of the warp's block cb) of k32 step s of a stage.
@@ -197,17 +234,22 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
     u64* empty = full + STAGES;
     int* last_flag = reinterpret_cast<int*>(empty + STAGES);
     const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
-    const int units = m_tiles * n_tiles * nsplit;
+    const int rank = CL > 1 ? (int)cluster_ctarank() : 0;
+    const int first = CL > 1 ? (int)cluster_id_x() : (int)blockIdx.x;
+    const int stride = CL > 1 ? (int)cluster_count_x() : (int)gridDim.x;
+    const int n_groups = n_tiles / CL;  // the host pads n_tiles to a multiple of CL
+    const int units = m_tiles * n_groups * nsplit;
 
     if (threadIdx.x == 0) {
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(&full[s], 1);
-            mbar_init(&empty[s], NWG / KWG * 4);  // the warps that read a stage
+            mbar_init(&empty[s], NWG / KWG * 4 * CL);  // the warps that read a stage, in every block of the cluster
         }
         mbar_init_fence();
     }
     __syncthreads();
+    if constexpr (CL > 1) cluster_sync();  // the peer's barriers are initialised before anyone signals them
 
     if (wg == 0) {
         // ---- producer: one thread issues every copy ----
@@ -221,17 +263,22 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
         }
         int slot = 0;
         u32 phase = 0;
-        for (int u = blockIdx.x; u < units; u += gridDim.x) {
-            int mt, nt, split, tile;
-            unit_coords(u, m_tiles, n_tiles, nsplit, mt, nt, split, tile);
-            const int st0 = split * stages_per_split;
+        for (int v = first; v < units; v += stride) {
+            const Unit w = unit_of(v, m_tiles, n_groups, nsplit, rank);
+            const int mt = w.mt, nt = w.nt;
+            const int st0 = w.split * stages_per_split;
             const int nst = min(total_stages, st0 + stages_per_split) - st0;
             for (int st = 0; st < nst; ++st) {
                 mbar_wait(&empty[slot], phase ^ 1);
                 u8* base = smem + slot * STAGE_BYTES;
                 const int kst = st0 + st;
                 mbar_arrive_expect_tx(&full[slot], TX_BYTES);
-                tma_load_2d(base, &tx, kst * BK, mt * BM, &full[slot]);
+                if constexpr (CL == 1) {
+                    tma_load_2d(base, &tx, kst * BK, mt * BM, &full[slot]);
+                } else {  // this block's rows of the activation tile, into every block of the cluster
+                    tma_load_2d_multicast(base + rank * X_PART, &tx, kst * BK, mt * BM + rank * (BM / CL),
+                                          &full[slot], (unsigned short)((1 << CL) - 1));
+                }
                 if (IS_W4) {
                     tma_load_2d(base + X_BYTES, &tw, kst * (BK / 32) * 64, nt * (BN / 32), &full[slot]);
                 } else {
@@ -247,6 +294,7 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
                 }
             }
         }
+        if constexpr (CL > 1) cluster_sync();  // the peer is done with this block's barriers and memory
         return;
     }
 
@@ -267,10 +315,10 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
 #pragma unroll
             for (int r = 0; r < 4; ++r) a1[s][i][r] = 0;
 
-    for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        int mt, nt, split, tile;
-        unit_coords(u, m_tiles, n_tiles, nsplit, mt, nt, split, tile);
-        const int st0 = split * stages_per_split;
+    for (int v = first; v < units; v += stride) {
+        const Unit w = unit_of(v, m_tiles, n_groups, nsplit, rank);
+        const int mt = w.mt, nt = w.nt, tile = w.tile;
+        const int st0 = w.split * stages_per_split;
         const int nst = min(total_stages, st0 + stages_per_split) - st0;
         int acc[2][HALF_ACC];
 #pragma unroll
@@ -297,7 +345,7 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
             issue_half(acc, a0, base, 0);
             wgmma_wait<1>();  // the previous stage's second half has retired: its slot and a1 are free
             keep_regs(a1);
-            if (prev_slot >= 0 && lane == 0) mbar_arrive(&empty[prev_slot]);
+            if (prev_slot >= 0 && lane == 0) release_slot(&empty[prev_slot]);
             load_a(sw, cb, 2, lane, mul, add, a1[0]);
             load_a(sw, cb, 3, lane, mul, add, a1[1]);
             issue_half(acc, a1, base, 2);
@@ -312,7 +360,7 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
         for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int e = 0; e < HALF_ACC; ++e) keep(acc[i][e]);
-        if (prev_slot >= 0 && lane == 0) mbar_arrive(&empty[prev_slot]);
+        if (prev_slot >= 0 && lane == 0) release_slot(&empty[prev_slot]);
 
         // ---- KWG == 2: the second warpgroup's sums join the first's through shared memory ----
         if (KWG == 2) {
@@ -335,7 +383,7 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
 
         // ---- split-K: partials out; the tile's last unit sums them ----
         if (nsplit > 1) {
-            int* mine = ws + (long long)u * ACC * EPI_T + ctid;
+            int* mine = ws + (long long)w.wu * ACC * EPI_T + ctid;
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -411,4 +459,5 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
             }
         }
     }
+    if constexpr (CL > 1) cluster_sync();  // no block leaves while its peer may still signal or fill it
 }

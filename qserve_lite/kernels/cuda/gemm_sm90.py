@@ -12,7 +12,15 @@ import ctypes
 from dataclasses import dataclass
 
 from qserve_lite.kernels.cuda.device import sm_count
-from qserve_lite.kernels.cuda.driver import SWIZZLE_128B, SWIZZLE_NONE, TMA_U8, TMA_U64, launch, tensor_map_2d
+from qserve_lite.kernels.cuda.driver import (
+    SWIZZLE_128B,
+    SWIZZLE_NONE,
+    TMA_U8,
+    TMA_U64,
+    launch,
+    max_active_clusters,
+    tensor_map_2d,
+)
 from qserve_lite.kernels.cuda.jit import get_sized_kernel
 from qserve_lite.kernels.cuda.workspace import gemm_workspace
 
@@ -27,8 +35,9 @@ SMEM_SM = 228 * 1024  # shared memory of an SM (1 KB of it reserved per resident
 class Sm90Config:
     """One configuration of cuda/gemm_sm90.cu: bm tokens x 128 * nwg / kwg channels per tile, up to `stages`
     deep (fewer where a mode's stages would not fit in shared memory); kwg 2: the two consumer warpgroups
-    share the tile's channels and take alternate K stages; minb 2: two blocks per SM (nwg 1); diag: timing
-    experiments only (cuda/gemm_sm90.cu's QS_DIAG, wrong results)."""
+    share the tile's channels and take alternate K stages; minb 2: two blocks per SM (nwg 1); cluster 2:
+    clusters of two blocks on adjacent channel tiles multicast the shared activation tile (kwg 1, minb 1);
+    diag: timing experiments only (cuda/gemm_sm90.cu's QS_DIAG, wrong results)."""
 
     bm: int = 128
     nwg: int = 2
@@ -36,6 +45,7 @@ class Sm90Config:
     kwg: int = 1
     minb: int = 1
     diag: int = 0
+    cluster: int = 1
 
     @property
     def bn(self) -> int:
@@ -64,7 +74,7 @@ class Sm90Config:
 
     def defines(self, mode: int) -> dict[str, int]:
         defines = {"QS_MODE": mode, "QS_BM": self.bm, "QS_NWG": self.nwg, "QS_STAGES": self.stages_for(mode),
-                   "QS_KWG": self.kwg, "QS_MINB": self.minb}
+                   "QS_KWG": self.kwg, "QS_MINB": self.minb, "QS_CLUSTER": self.cluster}
         if self.diag:
             defines["QS_DIAG"] = self.diag
         return defines
@@ -87,6 +97,12 @@ SM90_CONFIGS = {
     "b64x128": Sm90Config(64, 1, 6, minb=2),
     "b32x128": Sm90Config(32, 1, 8, minb=2),
     "b16x128": Sm90Config(16, 1, 10, minb=2),
+    # clusters of two channel tiles sharing (multicasting) the activation tile (not yet measured: not chosen
+    # by default)
+    "c128x256": Sm90Config(128, 2, 4, cluster=2),
+    "c64x256": Sm90Config(64, 2, 6, cluster=2),
+    "c64x128": Sm90Config(64, 1, 8, cluster=2),
+    "c16x256": Sm90Config(16, 2, 10, cluster=2),
 }
 
 
@@ -149,7 +165,7 @@ def _maps(mode_id: int, cfg: Sm90Config, q_x, lda: int, w, ldw: int, m: int, n: 
           s2_scales, s2_zeros):
     """(tx, tw, ts, tz): the activation, weight and g128 parameter descriptors (unused ones repeat tx)."""
     tx = tensor_map_2d(TMA_U8, q_x.data.ptr, (kx_bytes, m), lda if m > 1 else -(-kx_bytes // 16) * 16,
-                       (BK, cfg.bm), SWIZZLE_128B)
+                       (BK, cfg.bm // cfg.cluster), SWIZZLE_128B)  # a cluster's blocks load a share each
     if mode_id in (0, 1):
         tiles_k = kw // 32
         tw = tensor_map_2d(TMA_U64, w.data.ptr, (tiles_k * 64, n // 32), tiles_k * 512,
@@ -179,6 +195,7 @@ def gemm_sm90(mode_id: int, q_x, lda: int, w, ldw: int, n: int, kw: int, kx_byte
     per_split = -(-total_stages // max(1, nsplit))
     nsplit = -(-total_stages // per_split)
     m_tiles, n_tiles = -(-m // cfg.bm), -(-n // cfg.bn)
+    n_tiles = -(-n_tiles // cfg.cluster) * cfg.cluster  # whole clusters (a tile past N computes zeros)
     units = m_tiles * n_tiles * nsplit
     kern, smem = _kernel(mode_id, cfg)
     if nsplit > 1:
@@ -191,6 +208,10 @@ def gemm_sm90(mode_id: int, q_x, lda: int, w, ldw: int, n: int, kw: int, kx_byte
     params = [tx, tw, ts, tz, _ptr(w_scales), _ptr(w_szeros), _ptr(x_scales), _ptr(x_sums), _ptr(bias),
               _ptr(out), ctypes.c_int64(ldy), i32(m), i32(n), i32(total_stages), i32(per_split), i32(m_tiles),
               i32(n_tiles), i32(nsplit), _ptr(ws), _ptr(counters)]
-    grid = (min(units, cfg.minb * sm_count()), 1, 1)
-    launch(kern, grid, cfg.threads, smem, params)
+    if cfg.cluster > 1:
+        clusters = max_active_clusters(kern, cfg.threads, smem, cfg.cluster, sm_count() // cfg.cluster)
+        grid = (min(units // cfg.cluster, clusters) * cfg.cluster, 1, 1)
+    else:
+        grid = (min(units, cfg.minb * sm_count()), 1, 1)
+    launch(kern, grid, cfg.threads, smem, params, cluster=cfg.cluster)
     return out

@@ -210,6 +210,45 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* desc, int 
         : "memory");
 }
 
+// The same tile multicast to the CTAs of `cta_mask` in this cluster: the bytes land at dst's offset in each of
+// their shared memories and complete on the mbarrier at bar's offset in each.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaDesc* desc, int c0, int c1, u64* bar,
+                                                      unsigned short cta_mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster "
+        "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<u64>(desc)), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "h"(cta_mask)
+        : "memory");
+}
+
+// ---- thread block clusters ----
+__device__ __forceinline__ u32 cluster_ctarank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ u32 cluster_id_x() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ u32 cluster_count_x() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;\n" : "=r"(r));
+    return r;
+}
+// Every (non-exited) thread of the cluster arrives, then waits for all: orders shared-memory state (barrier
+// initialisation, the last remote arrivals) across the cluster's CTAs.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// Arrives on the mbarrier at bar's offset in the shared memory of CTA `rank` of this cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(u64* bar, u32 rank) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+
 // ---- warpgroup register reallocation and named barriers ----
 template <int REGS>
 __device__ __forceinline__ void regs_dealloc() {
