@@ -74,6 +74,7 @@ def all_modules() -> list[tuple[str, dict]]:
     for d in (64, 128):
         for bits in (4, 8, 16):
             jobs.append(("attention.cu", attention_defines(d, bits)))
+            jobs.append(("attention.cu", {**attention_defines(d, bits), "QS_DEC_QUANT": 1}))  # quant_out
             jobs.append(("kv_writer.cu", writer_defines(d, bits)))
     jobs.append(("attention.cu", attention_defines(128, 16, 8)))
     from qserve_lite.kernels.cuda.device import wgmma_available

@@ -26,7 +26,8 @@ compiled at run time with NVRTC by kernels/cuda/jit.py).
       unmasked attention                                                batched products; eager only)
 
 The decode-step fusions (the embedding gather inside the first RMSNorm, the wide RoPE / KV writer block, the
-early loads of the RMSNorm kernel, the argmax kernel) can be switched off for measurements: fusions.py.
+early loads of the RMSNorm kernel, the argmax kernel, the o_proj input quantized inside the decode attention)
+can be switched off for measurements: fusions.py.
 
 Shared by the launchers: cuda/device.py (device properties, Hopper checks; cuda/arch_probe.cu),
 cuda/workspace.py (split-K workspaces; `pin_workspaces` / `release_workspaces` for CUDA graphs),

@@ -63,6 +63,22 @@ def quantize_per_token(x, xp=np, with_sums: bool = True) -> QuantizedActivation:
     return QuantizedActivation(q, scales, sums)
 
 
+def check_quant_out(quant_out, m: int, k: int) -> tuple:
+    """(codes, scales, sums or None) of output buffers for the quantization of m tokens of k channels,
+    given as (codes, scales[, sums]) (e.g. a QuantizedActivation): int8 [m, k], float16 [m], float32 [m]."""
+    if not isinstance(quant_out, tuple) or len(quant_out) not in (2, 3):
+        raise ValueError(f"quant_out: expected (codes, scales[, sums]), got {type(quant_out).__name__}")
+    codes, scales, sums = (*quant_out, None)[:3]
+    for name, a, shape, dtype in (("codes", codes, (m, k), np.int8), ("scales", scales, (m,), np.float16),
+                                  ("sums", sums, (m,), np.float32)):
+        if a is None and name == "sums":
+            continue
+        if getattr(a, "shape", None) != shape or getattr(a, "dtype", None) != dtype:
+            raise ValueError(f"quant_out {name}: expected {np.dtype(dtype).name} {shape}, got "
+                             f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    return codes, scales, sums
+
+
 def dequantize_per_token(qa: QuantizedActivation, xp=np):
     """float64 q * sx, the activation the integer GEMM effectively multiplies (for references and tests)."""
     return qa.q.astype(xp.float64) * qa.scales.astype(xp.float64)[..., None]

@@ -20,6 +20,8 @@ on numpy arrays; the twins are the specification:
   cached K/V to fp16 (2^-11 relative), and exp2 is the hardware approximation (2 ulp).
   Prefill attends to the fresh K/V it is given (fp16, k after RoPE) for the chunk's own tokens, and to the
   paged cache for the positions before the chunk (context - new tokens), as QServe does.
+- `decode_attention(..., quant_out=)`: the o_proj input as well, the composition quantize_per_token(its own
+  fp16 output) (kernels/act_quant.py), bit-exact on both backends (fused into the kernel's last pass).
 
 Sizes: q [tokens or batch, num_heads, head_dim] fp16, k / v [tokens, num_kv_heads, head_dim] fp16 (views of a
 fused qkv buffer are fine: rows may have any stride, heads must be contiguous); slot_mapping, positions,
@@ -35,6 +37,7 @@ import numpy as np
 
 from qserve_lite.core.backend import array_module, is_cupy, to_host
 from qserve_lite.core.rope import apply_rope, rope_cos_sin
+from qserve_lite.kernels.act_quant import check_quant_out, quantize_per_token
 from qserve_lite.kernels.cuda import attention as cuda_attention
 from qserve_lite.kernels.cuda import kv_writer as cuda_kv_writer
 from qserve_lite.kernels.kv_quant import kv_quantize
@@ -119,9 +122,16 @@ def _attend(q, k, v, start: int, scale: float) -> np.ndarray:
 
 
 def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_lens, scale: float | None = None,
-                     *, max_context: int | None = None, splits: int | None = None, out=None, workspace=None):
+                     *, max_context: int | None = None, splits: int | None = None, out=None, workspace=None,
+                     quant_out=None):
     """One query per sequence: q [B, H, D] fp16 attends to positions 0..context_lens[b]-1 of its pages
     (block_tables [B, max_pages]). Returns [B, H, D] fp16.
+
+    quant_out (codes int8 [B, H*D], scales fp16 [B][, sums fp32 [B]]; e.g. a QuantizedActivation): also
+    quantize the output per token for the o_proj GEMM, into these buffers. The specification is the
+    composition `quantize_per_token(decode_attention(...).reshape(B, H*D), with_sums=sums given)`
+    (kernels/act_quant.py) of this call's own fp16 output, bit for bit on both backends: the GPU kernel's
+    last head block of each token reads the token's fp16 row back and quantizes it with rows.cu's steps.
 
     GPU: `max_context` (host bound on context_lens, default max_pages * 64) sizes the split-K grid, so the
     call never reads device memory on the host and can be captured in a CUDA graph (with int32 inputs, an
@@ -131,7 +141,28 @@ def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_len
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if is_cupy(array_module(q, pool.pool)):
         return cuda_attention.decode_attention(q, pool, layer, block_tables, context_lens, scale, max_context,
-                                               splits, out, workspace)
+                                               splits, out, workspace, quant_out=quant_out)
+    res = _decode_twin(q, pool, layer, block_tables, context_lens, scale)
+    if out is not None:
+        out[...] = res
+        res = out
+    if quant_out is not None:
+        _quantize_into(res, quant_out)
+    return res
+
+
+def _quantize_into(res, quant_out) -> None:
+    """The twin of decode_attention's quant_out: quantize_per_token of the fp16 output [B, H*D], stored."""
+    B = res.shape[0]
+    codes, scales, sums = check_quant_out(quant_out, B, int(np.prod(res.shape[1:])))
+    qa = quantize_per_token(np.asarray(res).reshape(B, -1), np, with_sums=sums is not None)
+    codes[...] = qa.q
+    scales[...] = qa.scales
+    if sums is not None:
+        sums[...] = qa.sums
+
+
+def _decode_twin(q, pool: PagedKVPool, layer: int, block_tables, context_lens, scale: float) -> np.ndarray:
     bt, ctx = to_host(block_tables), to_host(context_lens)
     res = np.empty(q.shape, dtype=np.float16)
     for b in range(q.shape[0]):
@@ -141,9 +172,6 @@ def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_len
             continue
         k, v = pool.gather(layer, bt[b], n)
         res[b] = _attend(np.asarray(q[b])[None], k, v, n - 1, scale)[0].astype(np.float16)
-    if out is not None:
-        out[...] = res
-        return out
     return res
 
 

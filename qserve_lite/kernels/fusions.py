@@ -3,7 +3,9 @@
 QSERVE_LITE_STEP_FUSIONS=0 selects the unfused path, for before/after measurements in one process
 (benchmarks/step_profile.py --fusions on,off): cupy's argmax instead of kernels/cuda/argmax.cu, the
 embedding gather as its own pass before the first RMSNorm, the RoPE / KV writer with one 4-warp block per
-token, and the RMSNorm row kernel without the early load of its weight. Both paths compute the same bits. The
+token, the RMSNorm row kernel without the early load of its weight, and the o_proj input quantized by its own
+row kernel after the decode attention instead of inside it (`decode_attention(quant_out=)`, read by
+model/gpu_model.py). Both paths compute the same bits. The
 variable is read at each call, so a CUDA graph holds the path that was selected when it was captured.
 """
 

@@ -13,6 +13,7 @@ The forward (`GPULlama`), one decoder layer on a packed batch of T tokens (kerne
     rms_norm_quant(x + residual)  -> qkv GEMM (fp16 out) -> rope_write_kv (RoPE in place, then the per-head
     Hadamard on q and k when the model has k_hadamard; K/V into the pages)
     -> prefill_attention (varlen, cu_seqlens) | decode_attention (block tables) -> quantize_per_token
+    (in decode fused into the attention kernel, `quant_out`, unless kernels/fusions.py switches it off)
     -> o_proj GEMM -> rms_norm_quant(o + residual) -> gate_up GEMM -> silu_mul_quant -> down GEMM
 (with tensor parallelism, the weights are one rank's shard and o_proj's and down's outputs are all-reduced
 over the ranks: model/tp_split.py, engine/tensor_parallel.py). The first layer's norm reads the token
@@ -37,9 +38,10 @@ from qserve_lite.core.pack import pack_w4, to_qserve_group_params
 from qserve_lite.core.precision import Precision
 from qserve_lite.core.rope import rope_inv_freq
 from qserve_lite.errors import DeviceError, QServeLiteError
-from qserve_lite.kernels.act_quant import quantize_per_token, silu_mul, silu_mul_quant
+from qserve_lite.kernels.act_quant import QuantizedActivation, quantize_per_token, silu_mul, silu_mul_quant
 from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
 from qserve_lite.kernels.fp16_gemm import fp16_gemm
+from qserve_lite.kernels.fusions import step_fusions
 from qserve_lite.kernels.linear import linear
 from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
 from qserve_lite.kernels.paged_kv import PagedKVPool
@@ -345,8 +347,10 @@ class GPULlama:
             v = qkv[:, qs_n + kv_n :].reshape(T, KVH, D)
             rope_write_kv(q, k, v, inputs.positions, self.inv_freq, self.kv_pool, i, inputs.slot_mapping,
                           k_hadamard=self.weights.k_hadamard)
-            attn = self._attention(i, q, k, v, inputs).reshape(T, qs_n)
-            o = layer.o_proj(self._quantize(attn), self.o_buf[:T])
+            attn, o_in = self._attention(i, q, k, v, inputs)
+            if o_in is None:
+                o_in = self._quantize(attn.reshape(T, qs_n))
+            o = layer.o_proj(o_in, self.o_buf[:T])
             if self.comm is not None:
                 self.comm.all_reduce(o)
             act, residual = self._norm(o, residual, layer.post_attn_norm)
@@ -357,12 +361,21 @@ class GPULlama:
         return x, residual
 
     def _attention(self, layer: int, q, k, v, inputs: StepInputs):
-        out = self.attn_buf[: inputs.num_tokens]
+        """(fp16 output [T, H, D], o_proj's quantized input when the decode kernel wrote it, else None)."""
+        T = inputs.num_tokens
+        out = self.attn_buf[:T]
         if inputs.is_prefill:
             return prefill_attention(q, k, v, inputs.cu_seqlens, inputs.context_lens, self.kv_pool, layer,
-                                     inputs.block_tables, max_seqlen_q=inputs.max_seqlen_q, out=out)
-        return decode_attention(q, self.kv_pool, layer, inputs.block_tables, inputs.context_lens,
-                                max_context=inputs.max_context, out=out)
+                                     inputs.block_tables, max_seqlen_q=inputs.max_seqlen_q, out=out), None
+        o_in = None
+        if not self.float_acts and step_fusions():
+            xp = self.xp
+            o_in = QuantizedActivation(xp.empty((T, self.H * self.D), dtype=xp.int8),
+                                       xp.empty((T,), dtype=xp.float16),
+                                       xp.empty((T,), dtype=xp.float32) if self.need_sums else None)
+        attn = decode_attention(q, self.kv_pool, layer, inputs.block_tables, inputs.context_lens,
+                                max_context=inputs.max_context, out=out, quant_out=o_in)
+        return attn, o_in
 
     def logits(self, x, residual):
         """fp32 [rows, vocab]: the final RMSNorm of x + residual, then lm_head."""

@@ -8,7 +8,8 @@ refilled with 0x7f bytes, fp16 NaN); unwritten page slots past each context hold
 so a kernel that reads them unmasked fails.
 Context lengths 1, 63, 64, 65, 1000, 4097 (and 16421 at batch 1, up to the most splits); head_dim 64 and
 128; GQA ratios 1, 3, 4, 8 (and 16); KV4, KV8, fp16 pages; batches up to 64; split-K forced on and off;
-decode replayed from a CUDA graph.
+decode replayed from a CUDA graph. Decode with the fused o_proj input (quant_out): the quantized output is
+quantize_per_token of the kernel's own fp16 output bit for bit, and that output is the plain call's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from conftest import cupy_or_skip
 
 from qserve_lite.core.rope import rope_inv_freq
+from qserve_lite.kernels.act_quant import quantize_per_token
 from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
 from qserve_lite.kernels.cuda import attention as cuda_attention
 from qserve_lite.kernels.paged_kv import PagedKVPool
@@ -313,29 +315,173 @@ def test_decode_cuda_graph(variant):
         splits = 1
     out = cp.empty((B, h, d), dtype=cp.float16)
     ws = cuda_attention.decode_workspace(B, h, d, splits)
+    new_lens = np.array(lens, dtype=np.int32) + 40
 
     def call():
         cuda_attention.decode_attention(g_q, g_pool, 0, g_bt, g_ctx, 1 / np.sqrt(d), max_ctx, splits, out, ws,
                                         variant=variant)
 
+    def new_inputs():
+        g_q[...] = cp.asarray(q2)
+        g_ctx[...] = cp.asarray(new_lens)
+        out[...] = cp.nan
+
+    replay_in_graph(call, new_inputs, ws[1], 1)
+    close(out, decode_attention(q2, np_pool, 0, bt, new_lens), vmax, f"decode graph replay {variant}")
+
+
+def replay_in_graph(call, new_inputs, counters, replays: int) -> None:
+    """call() eagerly, then captured in a CUDA graph; new_inputs(), then the graph replayed `replays` times;
+    the counters are zero after the eager call and after the replays."""
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         call()
         stream.synchronize()
-        assert not ws[1].any(), "split-K counters left nonzero"
+        assert not counters.any(), "counters left nonzero"
         stream.begin_capture()
         try:
             call()
         finally:
             graph = stream.end_capture()
-        new_lens = np.array(lens, dtype=np.int32) + 40
+        new_inputs()
+        for _ in range(replays):
+            graph.launch(stream)
+        stream.synchronize()
+        assert not counters.any(), "counters left nonzero after the replays"
+
+
+# ---- decode with the fused o_proj input (quant_out) ----
+
+def same_bits(got_gpu, want, what: str) -> None:
+    got = cp.asnumpy(got_gpu) if isinstance(got_gpu, cp.ndarray) else np.asarray(got_gpu)
+    want = cp.asnumpy(want) if isinstance(want, cp.ndarray) else np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, got.dtype, want.shape,
+                                                                 want.dtype)
+    bad = got.view(np.uint8) != want.view(np.uint8) if got.dtype.itemsize == 1 else \
+        got.view(f"u{got.dtype.itemsize}") != want.view(f"u{want.dtype.itemsize}")
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.size} differ, first at {np.argwhere(bad)[0]}"
+
+
+def quant_buffers(B: int, K: int, with_sums: bool):
+    """Poisoned (codes, scales, sums or None) for quant_out."""
+    return (cp.full((B, K), 0x7F, dtype=cp.int8), cp.full((B,), cp.nan, dtype=cp.float16),
+            cp.full((B,), cp.nan, dtype=cp.float32) if with_sums else None)
+
+
+def check_fused_quant(q, np_pool, bt, ctx, vmax, splits, with_sums, what, variant=None, out_pad=0):
+    """decode_attention with quant_out: its fp16 output equals the plain call's (default variant) and is close
+    to the twin; codes / scales / sums equal quantize_per_token of that output bit for bit (the GPU row kernel
+    and the numpy spec alike); the counters are back at zero."""
+    B, h, d = q.shape
+    kvh = np_pool.layout.num_kv_heads
+    g_pool, g_q, g_bt, g_ctx = gpu_pool(np_pool), cp.asarray(q), cp.asarray(bt), cp.asarray(ctx)
+    nsplit, _ = cuda_attention.decode_geometry(B, h, kvh, bt.shape[1] * 64, splits)
+    ws = cuda_attention.decode_workspace(B, h, d, nsplit)
+    poison_pool()
+    wide = cp.full((B, h * d + out_pad), cp.nan, dtype=cp.float16)  # out_pad: a strided output
+    out = wide[:, out_pad:].reshape(B, h, d)
+    quant = quant_buffers(B, h * d, with_sums)
+    got = cuda_attention.decode_attention(g_q, g_pool, 0, g_bt, g_ctx, 1 / np.sqrt(d), None, splits, out, ws,
+                                          variant=variant, quant_out=quant)
+    assert got is out
+    assert not ws[1].any(), f"{what}: counters left nonzero"
+    close(out, decode_attention(q, np_pool, 0, bt, ctx), vmax, what)
+    if variant is None:
+        plain = decode_attention(g_q, g_pool, 0, g_bt, g_ctx, splits=splits)
+        same_bits(out, plain, f"{what}: fp16 output, fused vs plain")
+    flat = out.reshape(B, h * d)
+    for name, want in (("GPU row kernel", quantize_per_token(flat, cp, with_sums)),
+                       ("numpy spec", quantize_per_token(cp.asnumpy(flat), np, with_sums))):
+        same_bits(quant[0], want.q, f"{what}: codes vs {name}")
+        same_bits(quant[1], want.scales, f"{what}: scales vs {name}")
+        if with_sums:
+            same_bits(quant[2], want.sums, f"{what}: sums vs {name}")
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", [(4, 4), (16, 4), (16, 2), (32, 8)])  # GQA 1, 4, 8, 4
+def test_decode_quant_out_batch37(bits, d, heads):
+    """Batch 37 of odd contexts (one of them 0, one 1) with the heuristic's splits, one split and 5; per-token
+    sums on (W4 per-channel) and off; a strided output once."""
+    r = np.random.default_rng()
+    h, kvh = heads
+    lens = CONTEXTS + [int(x) for x in r.integers(1, 3000, 37 - len(CONTEXTS))]
+    np_pool, bt, vmax = build(r, lens, kvh, d, bits)
+    q = (r.standard_normal((37, h, d)) * 1.5).astype(np.float16)
+    ctx = np.array(lens, dtype=np.int32)
+    ctx[9] = 0
+    for splits, with_sums, pad in ((None, True, 0), (1, False, 0), (5, True, 8)):
+        check_fused_quant(q, np_pool, bt, ctx, vmax, splits, with_sums,
+                          f"quant_out bits={bits} d={d} heads={heads} splits={splits} pad={pad}", out_pad=pad)
+
+
+@pytest.mark.parametrize("bits,d,heads", [(4, 128, (32, 8)), (8, 64, (8, 8)), (16, 128, (16, 2)),
+                                          (4, 64, (64, 8))])
+def test_decode_quant_out_batch1_many_splits(bits, d, heads):
+    """Batch 1, a long context: the heuristic's splits and the most splits (the token's head blocks all come
+    out of last-split combines), with and without sums."""
+    r = np.random.default_rng()
+    h, kvh = heads
+    n = 16384 + 37
+    np_pool, bt, vmax = build(r, [n], kvh, d, bits)
+    q = (r.standard_normal((1, h, d)) * 1.5).astype(np.float16)
+    ctx = np.array([n], dtype=np.int32)
+    for splits, with_sums in ((None, True), (cuda_attention.MAX_SPLITS, False)):
+        check_fused_quant(q, np_pool, bt, ctx, vmax, splits, with_sums,
+                          f"quant_out batch 1 bits={bits} d={d} heads={heads} splits={splits}")
+
+
+@pytest.mark.parametrize("variant", [{"stages": 6, "combine": 1}, {"persist": 1}, {"sub": 4}, {"warps": 8}])
+def test_decode_quant_out_variants(variant):
+    """The tuning alternatives with quant_out ("persist" falls back to the split kernel)."""
+    r = np.random.default_rng()
+    h, kvh, d, bits = 24, 8, 128, 4
+    lens = CONTEXTS + [int(x) for x in r.integers(1, 3000, 10)]
+    np_pool, bt, vmax = build(r, lens, kvh, d, bits)
+    q = (r.standard_normal((len(lens), h, d)) * 1.5).astype(np.float16)
+    ctx = np.array(lens, dtype=np.int32)
+    for splits in (None, 1, 5):
+        check_fused_quant(q, np_pool, bt, ctx, vmax, splits, True, f"quant_out {variant} splits={splits}",
+                          variant=variant)
+
+
+@pytest.mark.parametrize("batch", [8, 300])
+def test_decode_quant_out_cuda_graph(batch):
+    """Captured once, replayed with new queries and longer contexts: the quantized output follows the new
+    fp16 output bit for bit and the counters are back at zero (batch 8: split-K; 300: one split)."""
+    r = np.random.default_rng()
+    h, kvh, d, bits, B = 32, 8, 128, 4, batch
+    lens = [int(x) for x in r.integers(1, 1500, B)]
+    np_pool, bt, vmax = build(r, [n + 40 for n in lens], kvh, d, bits)
+    g_pool = gpu_pool(np_pool)
+    q2 = r.standard_normal((B, h, d)).astype(np.float16)
+    g_q, g_bt = cp.asarray(r.standard_normal((B, h, d)).astype(np.float16)), cp.asarray(bt)
+    g_ctx = cp.asarray(np.array(lens, dtype=np.int32))
+    max_ctx = bt.shape[1] * 64
+    splits, _ = cuda_attention.decode_geometry(B, h, kvh, max_ctx)
+    assert (splits > 1) == (B == 8)
+    out = cp.empty((B, h, d), dtype=cp.float16)
+    ws = cuda_attention.decode_workspace(B, h, d, splits)
+    quant = quant_buffers(B, h * d, True)
+    new_lens = np.array(lens, dtype=np.int32) + 40
+
+    def call():
+        cuda_attention.decode_attention(g_q, g_pool, 0, g_bt, g_ctx, 1 / np.sqrt(d), max_ctx, splits, out, ws,
+                                        quant_out=quant)
+
+    def new_inputs():
         g_q[...] = cp.asarray(q2)
         g_ctx[...] = cp.asarray(new_lens)
         out[...] = cp.nan
-        graph.launch(stream)
-        stream.synchronize()
-        assert not ws[1].any(), "split-K counters left nonzero"
-    close(out, decode_attention(q2, np_pool, 0, bt, new_lens), vmax, f"decode graph replay {variant}")
+        for a in quant:
+            a[...] = 0x7F if a.dtype == cp.int8 else cp.nan
+
+    replay_in_graph(call, new_inputs, ws[1], 2)
+    close(out, decode_attention(q2, np_pool, 0, bt, new_lens), vmax, "quant_out graph replay")
+    want = quantize_per_token(out.reshape(B, h * d), cp, True)
+    for name, got, ref in zip(("codes", "scales", "sums"), quant, want, strict=True):
+        same_bits(got, ref, f"quant_out graph replay {name}")
 
 
 # ---- prefill ----

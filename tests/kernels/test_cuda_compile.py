@@ -52,6 +52,10 @@ CONFIGS = [
     ("attention.cu", {"QS_D": 64, "QS_BITS": 16, "QS_WARPS": 8, "QS_PF_WARPS": 4, "QS_DEC_PERSIST": 1}),
     ("attention.cu", {"QS_D": 128, "QS_BITS": 8, "QS_WARPS": 4, "QS_PF_WARPS": 4, "QS_DEC_COMBINE": 1,
                       "QS_DEC_STAGES": 8}),
+    # decode writing the o_proj input (quant_out), with the default and the faster combine
+    ("attention.cu", {"QS_D": 128, "QS_BITS": 4, "QS_WARPS": 4, "QS_PF_WARPS": 4, "QS_DEC_QUANT": 1}),
+    ("attention.cu", {"QS_D": 64, "QS_BITS": 16, "QS_WARPS": 8, "QS_PF_WARPS": 4, "QS_DEC_QUANT": 1,
+                      "QS_DEC_COMBINE": 1}),
     ("attention_sm90.cu", {"QS_D": 128, "QS_BITS": 4, "QS_STAGES": 2, "QS_SM90": 1}),  # Hopper only
     ("attention_sm90.cu", {"QS_D": 64, "QS_BITS": 8, "QS_STAGES": 4, "QS_SM90": 1}),
     ("attention_sm90.cu", {"QS_D": 128, "QS_BITS": 16, "QS_STAGES": 3, "QS_PV_SPLIT": 1, "QS_DEBUG": 2,

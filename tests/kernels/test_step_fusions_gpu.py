@@ -2,7 +2,8 @@
 against numpy.argmax, the RMSNorm row kernel gathering its rows (the embeddings) and loading its residual
 and weight early, and the RoPE / KV writer in its wide decode block with 32-bit channel pairs, each against
 its numpy twin and against the unfused path ($QSERVE_LITE_STEP_FUSIONS=0), bit for bit; then greedy decoding
-of a small random model (CUDA graphs) with the fusions on and off, token for token."""
+of a small random model (CUDA graphs) with the fusions on and off (including the decode attention writing the
+o_proj input, checked bit for bit in test_attention_gpu.py), token for token."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from qserve_lite.engine.gpu_model_runner import GPUModelRunner
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.io.shipped_configs import load_config
 from qserve_lite.kernels.argmax import argmax_rows
-from qserve_lite.kernels.attention import rope_write_kv
+from qserve_lite.kernels.attention import decode_attention, rope_write_kv
 from qserve_lite.kernels.fusions import FUSIONS_ENV
 from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
 from qserve_lite.kernels.paged_kv import PagedKVPool
+from qserve_lite.model import gpu_model
 from qserve_lite.model.random_weights import build_random_weights
 from qserve_lite.sampling_params import SamplingParams
 
@@ -183,17 +185,29 @@ def test_writer_fused_equals_unfused_and_twin(monkeypatch, T, d, bits, khad, pad
 
 # ---- a whole decode loop ----
 
-def test_greedy_decode_identical_with_and_without_fusions(monkeypatch):
+@pytest.mark.parametrize("precision,group", [("w4a8kv4", 128), ("w4a8kv4", -1), ("w8a8kv8", 128),
+                                             ("w4a8", 128)])
+def test_greedy_decode_identical_with_and_without_fusions(monkeypatch, precision, group):
     """Same tokens with the fusions on and off (both compute the same bits): a small random Llama-3 shape
-    at W4A8KV4, CUDA graphs on, batches of 1 to 24 sequences."""
+    at W4A8KV4 (g128 and per-channel: the fused o_proj input with its per-token sums), W8A8KV8 and W4A8 with
+    an fp16 cache, CUDA graphs on, batches of 1 to 24 sequences; with the fusions on, every decode attention
+    wrote the o_proj input itself (quant_out)."""
     cfg = dataclasses.replace(load_config("llama-3-8b"), num_layers=2, hidden_size=1024,
                               intermediate_size=2048, num_heads=8, num_kv_heads=2, vocab_size=32000)
-    weights = build_random_weights(cfg, "w4a8kv4", 128, xp=cp, seed=0)
+    weights = build_random_weights(cfg, precision, group, xp=cp, seed=0)
     r = np.random.default_rng(0)
     prompts = [r.integers(0, cfg.vocab_size, int(n)).tolist() for n in r.integers(3, 90, 24)]
     outs = {}
+    calls = {True: 0, False: 0}
+
+    def spy(*args, quant_out=None, **kw):
+        calls[quant_out is not None] += 1
+        return decode_attention(*args, quant_out=quant_out, **kw)
+
+    monkeypatch.setattr(gpu_model, "decode_attention", spy)
     for on in (True, False):
         fusions(monkeypatch, on)
+        calls[True] = calls[False] = 0
         config = EngineConfig(max_num_seqs=32, max_num_batched_tokens=2048, max_model_len=256, num_pages=200)
         runner = GPUModelRunner(weights, config, xp=cp)
         engine = LLMEngine(None, config.replace(num_pages=None), runner=runner)
@@ -207,4 +221,5 @@ def test_greedy_decode_identical_with_and_without_fusions(monkeypatch):
         outs[on] = [done[i] for i in ids]
         assert runner.decode_graphs.captured, "no decode step ran as a graph"
         runner.release_graphs()
+        assert calls[on] > 0 and calls[not on] == 0, (on, calls)
     assert outs[True] == outs[False]

@@ -32,8 +32,10 @@
 // QS_PF_WARPS prefill warps per block; decode tuning alternatives (optional): QS_DEC_SUB 16-token subtiles
 // per decode tile (1, 2, 4), QS_DEC_STAGES cp.async ring stages per warp (2..8), QS_DEC_COMBINE 1 (the
 // last-split combine reads the (m, l) partials once and keeps 16 output partials in flight per thread),
-// QS_DEC_PERSIST 1 (adds qs_decode_attn_persist, the one-split kernel below).
+// QS_DEC_PERSIST 1 (adds qs_decode_attn_persist, the one-split kernel below); QS_DEC_QUANT 1 (qs_decode_attn
+// also writes the o_proj input: the per-token INT8 quantization of its fp16 output, see quantize_token).
 #include "common.cuh"
+#include "token_quant.cuh"
 
 #ifndef QS_D
 #define QS_D 128
@@ -523,19 +525,134 @@ __device__ __forceinline__ void combine_fast(const float* __restrict__ part_o, c
 }  // namespace
 #endif
 
+#ifdef QS_DEC_QUANT
+namespace {
+namespace dec {
+__device__ __forceinline__ void ld_cg_h4(const u16* p, u32& a, u32& b) {
+    asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+}
+// 4 consecutive fp16 values (two words) folded into the token's max |v| and exact fp64 sum.
+__device__ __forceinline__ void quant_stats(u32 w0, u32 w1, float& amax, double& sum, bool with_sum) {
+    const float v[4] = {lo_h(w0), hi_h(w0), lo_h(w1), hi_h(w1)};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        amax = fmaxf(amax, fabsf(v[e]));
+        if (with_sum) sum = dadd_rn(sum, (double)v[e]);
+    }
+}
+__device__ __forceinline__ u32 quant_codes4(u32 w0, u32 w1, float s, float rs) {
+    const float v[4] = {lo_h(w0), hi_h(w0), lo_h(w1), hi_h(w1)};
+    u32 packed = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+        packed |= ((u32)max(-127, min(127, quant_code(v[e], s, rs))) & 0xFFu) << (8 * e);
+    return packed;
+}
+constexpr int QKEEP = 8;  // 4-value chunks per thread kept in registers between the two passes over a row
+
+// The o_proj input of token b, fused: called by every block once it has written its final fp16 output
+// (heads h0 .. h0 + nh - 1 of token b); the last of the token's gridDim.y such blocks to arrive (a counter
+// per token, reset by that block, like the split combine's) reads the token's whole fp16 row back from out
+// (L2) and quantizes it as kernels/act_quant.quantize_per_token (cuda/rows.cu) does, bit for bit: amax over
+// the row, scale = fp16(amax / 127) (0 -> 1), codes rint(v / scale) clipped to +-127, the exact sum (fp64)
+// rounded once to fp32 when qsums is given. `red` is shared scratch of 3 * W words (the merge buffer).
+__device__ void quantize_token(const u16* __restrict__ out, long long ldo, int b, int K, int* tok_counter,
+                               int* sm_flag, float* red, s8* __restrict__ qcodes, u16* __restrict__ qscales,
+                               float* __restrict__ qsums) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int last = atomicAdd(tok_counter, 1) == (int)gridDim.y - 1;
+        if (last) *tok_counter = 0;  // every head block of the token has arrived: ready for the next call
+        *sm_flag = last;
+    }
+    __syncthreads();
+    if (!*sm_flag) return;
+    __threadfence();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const bool with_sum = qsums != nullptr;
+    const u16* row = out + (long long)b * ldo;
+    const int n4 = K >> 2;
+    float amax = 0.0f;
+    double sum = 0.0;
+    u32 keep[QKEEP][2];
+#pragma unroll
+    for (int j = 0; j < QKEEP; ++j) {
+        const int i = threadIdx.x + j * (32 * W);
+        keep[j][0] = keep[j][1] = 0u;
+        if (i < n4) ld_cg_h4(row + 4 * i, keep[j][0], keep[j][1]);
+    }
+#pragma unroll
+    for (int j = 0; j < QKEEP; ++j)
+        if (threadIdx.x + j * (32 * W) < n4) quant_stats(keep[j][0], keep[j][1], amax, sum, with_sum);
+    for (int i = threadIdx.x + QKEEP * (32 * W); i < n4; i += (32 * W)) {
+        u32 w0, w1;
+        ld_cg_h4(row + 4 * i, w0, w1);
+        quant_stats(w0, w1, amax, sum, with_sum);
+    }
+    // block reductions (max exact in any order; the fp64 sum of fp16 values is exact, so order-free too)
+    double* red_d = reinterpret_cast<double*>(red);
+    float* red_f = red + 2 * W;
+    amax = warp_max(amax);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum = dadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, o));
+    if (lane == 0) {
+        red_f[warp] = amax;
+        red_d[warp] = sum;
+    }
+    __syncthreads();
+    amax = red_f[0];
+    sum = red_d[0];
+#pragma unroll
+    for (int w = 1; w < W; ++w) {
+        amax = fmaxf(amax, red_f[w]);
+        sum = dadd_rn(sum, red_d[w]);
+    }
+    const u16 scale_h = token_scale(amax);
+    const float scale = h2f(scale_h), rscale = rcp_approx(scale);
+    if (threadIdx.x == 0) {
+        qscales[b] = scale_h;
+        if (with_sum) qsums[b] = (float)sum;
+    }
+    u32* qrow = reinterpret_cast<u32*>(qcodes + (long long)b * K);
+#pragma unroll
+    for (int j = 0; j < QKEEP; ++j) {
+        const int i = threadIdx.x + j * (32 * W);
+        if (i < n4) qrow[i] = quant_codes4(keep[j][0], keep[j][1], scale, rscale);
+    }
+    for (int i = threadIdx.x + QKEEP * (32 * W); i < n4; i += (32 * W)) {
+        u32 w0, w1;
+        ld_cg_h4(row + 4 * i, w0, w1);
+        qrow[i] = quant_codes4(w0, w1, scale, rscale);
+    }
+}
+}  // namespace dec
+}  // namespace
+#define QS_QUANTIZE_TOKEN() \
+    quantize_token(out, ldo, b, num_heads * D, counters + (long long)gridDim.z * gridDim.y + b, sm_flag, \
+                   sm_o, qcodes, qscales, qsums)
+#endif
+
 extern "C" __device__ const int qs_decode_smem_fixed = dec::FIXED_SMEM;
 extern "C" __device__ const int qs_decode_max_splits = dec::MAX_SPLITS;
 
 // Grid (num_splits, num_kv_heads * head_chunks, batch); block 32 * QS_WARPS; dynamic shared memory
 // qs_decode_smem_fixed + (tokens_per_split / 64) * 4 bytes; num_splits <= qs_decode_max_splits. With several
 // splits, every block writes fp32 partials (o, m, l) and the last block of a (sequence, kv head) to finish (a
-// counter per pair, reset by that block) combines them: one launch, no host synchronisation.
+// counter per pair, reset by that block) combines them: one launch, no host synchronisation. counters: one
+// per (sequence, head block), [batch][gridDim.y], then with QS_DEC_QUANT one per sequence (quantize_token),
+// all zero between calls; with QS_DEC_QUANT, qcodes [batch][num_heads * D] (contiguous rows), qscales [batch]
+// and qsums [batch] (or null) receive the quantized output, and counters are needed with one split too.
 extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_decode_attn(
     const u16* __restrict__ q, long long ldq, const u8* __restrict__ k_pool, const u8* __restrict__ v_pool,
     long long page_bytes, const int* __restrict__ block_tables, int bt_stride,
     const int* __restrict__ context_lens, int num_heads, int num_kv_heads, float scale_log2,
     int tokens_per_split, int num_splits, u16* __restrict__ out, long long ldo, float* __restrict__ part_o,
-    float* __restrict__ part_ml, int* __restrict__ counters) {
+    float* __restrict__ part_ml, int* __restrict__ counters
+#ifdef QS_DEC_QUANT
+    , s8* __restrict__ qcodes, u16* __restrict__ qscales, float* __restrict__ qsums
+#endif
+    ) {
     using namespace dec;
     extern __shared__ __align__(128) unsigned char smem[];
     float* sm_o = reinterpret_cast<float*>(smem);             // [W][8][D] (after the loop, over the ring)
@@ -552,9 +669,13 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_de
     const int ctx = context_lens[b];
     const int start = split * tokens_per_split;
     if (start >= ctx && num_splits > 1) {  // splits past the context take no part
-        if (ctx <= 0 && split == 0)
+        if (ctx <= 0 && split == 0) {
             for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x)
                 out[(long long)b * ldo + (long long)(h0 + idx / D) * D + idx % D] = 0;
+#ifdef QS_DEC_QUANT
+            QS_QUANTIZE_TOKEN();
+#endif
+        }
         return;
     }
     const int end = min(ctx, start + tokens_per_split);
@@ -649,7 +770,12 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_de
             }
         }
     }
-    if (num_splits == 1) return;
+    if (num_splits == 1) {
+#ifdef QS_DEC_QUANT
+        QS_QUANTIZE_TOKEN();
+#endif
+        return;
+    }
 
     // the last split of this (sequence, kv head block) to finish combines the partials
     __threadfence();
@@ -708,6 +834,9 @@ extern "C" __global__ void __launch_bounds__(32 * QS_WARPS, 16 / QS_WARPS) qs_de
         u16* dst = out + (long long)b * ldo + (long long)(h0 + hl) * D + 4 * d4;
         *reinterpret_cast<uint2_t*>(dst) = uint2_t{pack_h2(o0, o1), pack_h2(o2, o3)};
     }
+#endif
+#ifdef QS_DEC_QUANT
+    QS_QUANTIZE_TOKEN();
 #endif
 }
 

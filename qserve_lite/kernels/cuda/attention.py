@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from qserve_lite.core.backend import import_cupy
-from qserve_lite.kernels.cuda.args import NULL, head_rows, int32_array, pool_args
+from qserve_lite.kernels.act_quant import check_quant_out
+from qserve_lite.kernels.cuda.args import NULL, head_rows, int32_array, pool_args, ptr_or_null
 from qserve_lite.kernels.cuda.attention_sm90 import prefill_attention_sm90, sm90_prefill_enabled
 from qserve_lite.kernels.cuda.device import sm_count, smem_per_sm
 from qserve_lite.kernels.cuda.jit import get_kernel, read_global_int
@@ -67,16 +68,32 @@ def decode_geometry(batch: int, num_heads: int, num_kv_heads: int, max_context: 
 
 def decode_workspace(batch: int, num_heads: int, head_dim: int, splits: int):
     """(partials, counters) for decode_attention(..., workspace=), e.g. one per CUDA graph: fp32 partials
-    (o, m, l) of every (sequence, head, split) and one zeroed int32 counter per (sequence, head), which the
-    kernel leaves at zero after every call (so keep that buffer for this purpose only)."""
+    (o, m, l) of every (sequence, head, split) and zeroed int32 counters, one per (sequence, head) and one
+    per sequence (the fused quantization's), which the kernel leaves at zero after every call (so keep that
+    buffer for this purpose only)."""
     cp = import_cupy()
     return (cp.empty(batch * num_heads * splits * (head_dim + 2), dtype=cp.float32),
-            cp.zeros(batch * num_heads, dtype=cp.int32))
+            cp.zeros(batch * (num_heads + 1), dtype=cp.int32))
+
+
+def _quant_args(quant_out, B: int, K: int) -> tuple:
+    """The kernel arguments (codes, scales, sums or null) of decode_attention's quant_out."""
+    cp = import_cupy()
+    codes, scales, sums = check_quant_out(quant_out, B, K)
+    for name, a in (("codes", codes), ("scales", scales), ("sums", sums)):
+        if a is not None and (not isinstance(a, cp.ndarray) or not a.flags.c_contiguous):
+            raise ValueError(f"quant_out {name}: expected a C-contiguous CuPy array")
+    if codes.data.ptr % 4:
+        raise ValueError("quant_out codes: rows must start on 4-byte boundaries")
+    return codes, scales, ptr_or_null(sums)
 
 
 def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_lens, scale: float,
                      max_context: int | None, splits: int | None, out, workspace,
-                     variant: dict | None = None):
+                     variant: dict | None = None, quant_out=None):
+    """quant_out (codes, scales[, sums]): also write the per-token INT8 quantization of the fp16 output
+    (QS_DEC_QUANT: the last head block of each token quantizes its row; the "persist" variant does not
+    apply then)."""
     cp = import_cupy()
     lay = pool.layout
     D, KVH = lay.head_dim, lay.num_kv_heads
@@ -94,11 +111,15 @@ def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_len
     ldo = head_rows(out, "out", H, D)
     if ldo % 4 or out.data.ptr % 8:
         raise ValueError("out: rows must start on 8-byte boundaries (row stride % 4 == 0)")
+    quant = _quant_args(quant_out, B, H * D) if quant_out is not None else ()
     if B == 0:
         return out
     if max_context is None:
         max_context = bt.shape[1] * 64
     defines = attention_defines(D, lay.kv_bits, variant=variant)
+    if quant:
+        defines["QS_DEC_QUANT"] = 1
+        defines.pop("QS_DEC_PERSIST", None)
     warps = defines["QS_WARPS"]
     fixed = _module_int(defines, "qs_decode_smem_fixed")
     resident = decode_resident(fixed, warps) if "QS_DEC_STAGES" in defines else None
@@ -111,19 +132,20 @@ def decode_attention(q, pool: PagedKVPool, layer: int, block_tables, context_len
     _check_smem(smem, defines)
     kern = get_kernel("attention.cu", "qs_decode_attn", defines, dynamic_smem=smem)
     part_o = part_ml = counters = NULL
-    if nsplit > 1:
-        n = B * H * nsplit
-        part, counters = workspace if workspace is not None else attention_workspace.get(n * (D + 2), B * H)
-        if part.size < n * (D + 2) or part.dtype != cp.float32 or counters.size < B * H or \
+    if nsplit > 1 or quant:
+        n = B * H * nsplit if nsplit > 1 else 0
+        need = B * KVH * chunks + (B if quant else 0)  # per (sequence, head block), then per sequence
+        part, counters = workspace if workspace is not None else attention_workspace.get(n * (D + 2), need)
+        if part.size < n * (D + 2) or part.dtype != cp.float32 or counters.size < need or \
                 counters.dtype != cp.int32:
-            raise ValueError(f"workspace: need {n * (D + 2)} float32 and {B * H} int32 (decode_workspace), "
+            raise ValueError(f"workspace: need {n * (D + 2)} float32 and {need} int32 (decode_workspace), "
                              f"got {part.size} {part.dtype} and {counters.size} {counters.dtype}")
         part_o, part_ml = part[: n * D], part[n * D : n * (D + 2)]
     k_pool, v_pool, page_bytes = pool_args(pool, layer)
     kern((nsplit, KVH * chunks, B), (32 * warps,), (
         q, np.int64(ldq), k_pool, v_pool, np.int64(page_bytes), bt, np.int32(bt.shape[1]), ctx, np.int32(H),
         np.int32(KVH), np.float32(scale * LOG2E), np.int32(tps), np.int32(nsplit), out, np.int64(ldo),
-        part_o, part_ml, counters), shared_mem=smem)
+        part_o, part_ml, counters, *quant), shared_mem=smem)
     return out
 
 

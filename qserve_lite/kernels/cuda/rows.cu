@@ -17,6 +17,7 @@
 // ids (or null): row r of the output reads row ids[r] of x (x is then a table, e.g. the embeddings, of
 // x_rows rows; ids are clamped to it): a gather fused into the row kernel.
 #include "common.cuh"
+#include "token_quant.cuh"
 
 #ifndef QS_ROW_OP
 #define QS_ROW_OP 1
@@ -117,17 +118,6 @@ __device__ __forceinline__ void store8_h(u16* row, int e0, int K, const float (&
     for (int i = 0; i < 8; ++i)
         if (e0 + i < K) row[e0 + i] = f2h(v[i]);
 #endif
-}
-
-// rint(fp32(v / s)) without a division per element: y = v * (1/s) is within a few fp32 ulps of v / s, so
-// its rint can only differ from that of the correctly rounded quotient when y lies next to a half-integer;
-// those rare elements take the IEEE division.
-__device__ __forceinline__ int quant_code(float v, float s, float rs) {
-    const float y = fmul_rn(v, rs);
-    float yr;
-    asm("cvt.rni.f32.f32 %0, %1;" : "=f"(yr) : "f"(y));
-    if (fabsf(fabsf(fsub_rn(y, yr)) - 0.5f) < 0.000244140625f) return f2i_rni(fdiv_rn(v, s));  // 2^-12
-    return (int)yr;
 }
 
 }  // namespace
@@ -240,8 +230,7 @@ extern "C" __global__ void qs_rows(const void* __restrict__ x, long long ldx,   
             for (int i = 0; i < 8; ++i) sum = dadd_rn(sum, (double)v[c][i]);
     }
     amax = block_max(amax, red_f);
-    u16 scale_h = f2h(fdiv_rn(amax, 127.0f));
-    if (scale_h == 0) scale_h = 0x3C00;  // 1.0
+    const u16 scale_h = token_scale(amax);
     const float scale = h2f(scale_h);
     const float rscale = rcp_approx(scale);
     if (qsum) sum = block_sum(sum, red_d);
