@@ -1,7 +1,8 @@
 """Dynamic per-token symmetric INT8 activation quantization (QoQ/QServe "A8").
 
-This numpy function is the specification the CUDA kernel (fused into RMSNorm / SiLU-mul on the GPU) must
-match bit for bit. Every step is one IEEE-754 operation with round-to-nearest-even:
+This numpy function is the specification the CUDA kernels (fused into RMSNorm / SiLU-mul and into the decode
+attention's last pass on the GPU; steps shared in cuda/token_quant.cuh) must match bit for bit. Every step is
+one IEEE-754 operation with round-to-nearest-even:
 
     x16[t, j]  = fp16(x[t, j])                       the GPU holds activations in fp16
     amax[t]    = max_j |x16[t, j]|                   exact
