@@ -13,7 +13,7 @@ The forward (`GPULlama`), one decoder layer on a packed batch of T tokens (kerne
     rms_norm_quant(x + residual)  -> qkv GEMM (fp16 out) -> rope_write_kv (RoPE in place, then the per-head
     Hadamard on q and k when the model has k_hadamard; K/V into the pages)
     -> prefill_attention (varlen, cu_seqlens) | decode_attention (block tables) -> quantize_per_token
-    (in decode fused into the attention kernel, `quant_out`, unless kernels/fusions.py switches it off)
+    (in decode fused into the attention kernel, `quant_out`, when kernels/fusions.py switches it on)
     -> o_proj GEMM -> rms_norm_quant(o + residual) -> gate_up GEMM -> silu_mul_quant -> down GEMM
 (with tensor parallelism, the weights are one rank's shard and o_proj's and down's outputs are all-reduced
 over the ranks: model/tp_split.py, engine/tensor_parallel.py). The first layer's norm reads the token
@@ -41,7 +41,7 @@ from qserve_lite.errors import DeviceError, QServeLiteError
 from qserve_lite.kernels.act_quant import QuantizedActivation, quantize_per_token, silu_mul, silu_mul_quant
 from qserve_lite.kernels.attention import decode_attention, prefill_attention, rope_write_kv
 from qserve_lite.kernels.fp16_gemm import fp16_gemm
-from qserve_lite.kernels.fusions import step_fusions
+from qserve_lite.kernels.fusions import attention_quant_fusion
 from qserve_lite.kernels.linear import linear
 from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
 from qserve_lite.kernels.paged_kv import PagedKVPool
@@ -368,7 +368,7 @@ class GPULlama:
             return prefill_attention(q, k, v, inputs.cu_seqlens, inputs.context_lens, self.kv_pool, layer,
                                      inputs.block_tables, max_seqlen_q=inputs.max_seqlen_q, out=out), None
         o_in = None
-        if not self.float_acts and step_fusions():
+        if not self.float_acts and attention_quant_fusion():
             xp = self.xp
             o_in = QuantizedActivation(xp.empty((T, self.H * self.D), dtype=xp.int8),
                                        xp.empty((T,), dtype=xp.float16),

@@ -17,7 +17,7 @@ from qserve_lite.engine.gpu_model_runner import GPUModelRunner
 from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.kernels.act_quant import QuantizedActivation, quantize_per_token
 from qserve_lite.kernels.attention import decode_attention, rope_write_kv
-from qserve_lite.kernels.fusions import FUSIONS_ENV
+from qserve_lite.kernels.fusions import ATTN_QUANT_ENV, FUSIONS_ENV
 from qserve_lite.kernels.paged_kv import PagedKVPool
 from qserve_lite.model import gpu_model
 from qserve_lite.model.gpu_model import DeviceWeights
@@ -105,6 +105,7 @@ def greedy_with_spies(monkeypatch, precision: str, group: int, fused: bool):
     """Greedy tokens of a random model on the twin runner, with how many decode_attention calls got a
     quant_out (and whether it asked for sums), and how many o_proj inputs were quantized separately."""
     monkeypatch.setenv(FUSIONS_ENV, "1" if fused else "0")
+    monkeypatch.setenv(ATTN_QUANT_ENV, "1")  # off by default until it has run on a GPU
     seen = {"quant_out": 0, "plain": 0, "sums": set(), "separate": 0}
     real_attn, real_quant = decode_attention, quantize_per_token  # the kernels' own, not an earlier spy
 

@@ -10,7 +10,7 @@ import pytest
 from qserve_lite.kernels.argmax import argmax_rows
 from qserve_lite.kernels.cuda.argmax import MIN_PER_THREAD, THREADS, argmax_splits
 from qserve_lite.kernels.cuda.kv_writer import NARROW_WARPS, writer_warps
-from qserve_lite.kernels.fusions import FUSIONS_ENV, step_fusions
+from qserve_lite.kernels.fusions import ATTN_QUANT_ENV, FUSIONS_ENV, attention_quant_fusion, step_fusions
 from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
 
 INF, NAN = np.inf, np.nan
@@ -95,3 +95,14 @@ def test_gathered_norm_is_the_norm_of_the_gathered_rows(with_residual):
     np.testing.assert_array_equal(y, ref_y)
     np.testing.assert_array_equal(res2, ref_res)
     assert qa.q.shape == (5, 64) and not np.array_equal(qa.q[2], qa.q[3])
+
+
+def test_attention_quant_fusion_is_opt_in(monkeypatch):
+    """Off by default (not yet run on a GPU); on only with the step fusions on and the opt-in set."""
+    monkeypatch.delenv(FUSIONS_ENV, raising=False)
+    monkeypatch.delenv(ATTN_QUANT_ENV, raising=False)
+    assert not attention_quant_fusion()
+    monkeypatch.setenv(ATTN_QUANT_ENV, "1")
+    assert attention_quant_fusion()
+    monkeypatch.setenv(FUSIONS_ENV, "0")
+    assert not attention_quant_fusion()

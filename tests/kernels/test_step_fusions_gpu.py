@@ -21,7 +21,7 @@ from qserve_lite.engine.llm_engine import LLMEngine
 from qserve_lite.io.shipped_configs import load_config
 from qserve_lite.kernels.argmax import argmax_rows
 from qserve_lite.kernels.attention import decode_attention, rope_write_kv
-from qserve_lite.kernels.fusions import FUSIONS_ENV
+from qserve_lite.kernels.fusions import ATTN_QUANT_ENV, FUSIONS_ENV
 from qserve_lite.kernels.norm_quant import rms_norm, rms_norm_quant
 from qserve_lite.kernels.paged_kv import PagedKVPool
 from qserve_lite.model import gpu_model
@@ -35,6 +35,7 @@ cp = cupy_or_skip()
 
 def fusions(monkeypatch, on: bool) -> None:
     monkeypatch.setenv(FUSIONS_ENV, "1" if on else "0")
+    monkeypatch.setenv(ATTN_QUANT_ENV, "1")  # the attention-quant fusion follows the step switch when enabled
 
 
 def poison_pool(nbytes: int = 256 << 20) -> None:
