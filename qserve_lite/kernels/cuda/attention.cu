@@ -63,25 +63,14 @@ constexpr u32 MAGIC = 0x64006400u;  // half2(1024, 1024)
 struct __align__(8) uint2_t {
     u32 x, y;
 };
-#define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
     u32 r;
     asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
     return r;
 }
-__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 __device__ __forceinline__ float lo_h(u32 x) { return h2f((u16)(x & 0xffffu)); }
 __device__ __forceinline__ float hi_h(u32 x) { return h2f((u16)(x >> 16)); }
-__device__ __forceinline__ float ex2(float x) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
 // ---------------------------------------------------------------------------------------------------------
 // Decode
 // ---------------------------------------------------------------------------------------------------------

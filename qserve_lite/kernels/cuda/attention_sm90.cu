@@ -71,18 +71,7 @@ static_assert(BM == BN, "the Q tile and the K/V tiles share one TMA box shape");
 static_assert(STAGES >= 2, "at least two stages");
 static_assert(SMEM_BYTES <= 227 * 1024, "shared memory");
 
-#define NEG_INF __int_as_float(0xff800000)
 
-__device__ __forceinline__ float ex2(float x) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
-__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 // Byte offset of 16-byte chunk c (of CH) of row r in a tile of 64-channel blocks, TMA's 128-byte swizzle.
 __device__ __forceinline__ u32 swz(int r, int c) {
     return (c >> 3) * SUB_BYTES + r * 128 + (((c & 7) ^ (r & 7)) << 4);

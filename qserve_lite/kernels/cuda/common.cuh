@@ -21,6 +21,13 @@ __device__ __forceinline__ u16 f2h(float f) {
     return h;
 }
 
+// Two floats -> fp16x2 (lo in the low half), each rounded to nearest even.
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 // ---- IEEE fp32 / fp64 operations, each rounded once to nearest even ----
 __device__ __forceinline__ float fmul_rn(float a, float b) {
     float r;
@@ -75,6 +82,15 @@ __device__ __forceinline__ double ddiv_rn(double a, double b) {
 __device__ __forceinline__ double dsqrt_rn(double a) {
     double r;
     asm("sqrt.rn.f64 %0, %1;" : "=d"(r) : "d"(a));
+    return r;
+}
+
+// ---- softmax helpers (attention kernels) ----
+#define NEG_INF __int_as_float(0xff800000)
+// 2^x, the fast approximation (softmax in base 2).
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
     return r;
 }
 
