@@ -139,7 +139,10 @@ def test_silu_mul_quant(m, inter):
     h_np = cp.asnumpy(h)
     ref = silu_mul(gate_up)
     ulps = _ulps16(h_np, ref)
-    assert ulps.max() <= 1 and (ulps > 0).mean() < 1e-3, (ulps.max(), (ulps > 0).mean())
+    # at most 1 ulp (the kernel's exp differs from numpy's), on at most 0.1% of the elements or 2 of them
+    # (small shapes: one 1-ulp element of 539 is 0.19%)
+    off = int((ulps > 0).sum())
+    assert ulps.max() <= 1 and off <= max(2, 1e-3 * ulps.size), (ulps.max(), off, ulps.size)
     ref_qa = quantize_per_token(h_np)  # the twin applied to the kernel's own fp16 product: exact
     same(qa.q, ref_qa.q, "q")
     same(silu_mul_quant(cp.asarray(gate_up), cp, with_sums=False).q, ref_qa.q, "q (no sums)")
