@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from qserve_lite.errors import TokenizerError
@@ -67,3 +68,47 @@ def test_incremental_detokenizer_matches_full_decode(tiny_model_dir):
     pieces = [detok.add(i) for i in ids]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)  # partial UTF-8 sequences are held back
+
+
+def _full_decode_pieces(tok, ids):
+    """The pieces of the straightforward spec: decode every id so far, give out what the text gained."""
+    text, pieces = "", []
+    for n in range(1, len(ids) + 1):
+        full = tok.decode(ids[:n])
+        piece = "" if full.endswith("\ufffd") else full[len(text):]
+        text = full if piece else text
+        pieces.append(piece)
+    return pieces
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_detokenizer_windows_match_the_full_decode_spec(tiny_model_dir, seed):
+    """Random ids (byte tokens that split UTF-8 characters, special tokens, spaces) give the same pieces as
+    decoding everything every step."""
+    tok = Tokenizer(tiny_model_dir)
+    rng = np.random.default_rng(seed)
+    text = "unicode: émigré naïve 東京 🚀 <|im_start|>user\n  def f(x):\n\treturn x ** 2  # done"
+    ids = tok.encode(text) + [int(i) for i in rng.integers(0, tok.vocab_size, 200)]
+    ids = [ids[i] for i in rng.permutation(len(ids))] if seed % 2 else ids
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.add(i) for i in ids]
+    assert pieces == _full_decode_pieces(tok, ids)
+    assert detok.text == "".join(pieces)
+
+
+def test_incremental_detokenizer_decodes_a_short_window(tiny_model_dir):
+    """Each step decodes a few ids, not the whole list (decoding everything was O(n) per token)."""
+    tok = Tokenizer(tiny_model_dir)
+    lengths = []
+    real = tok.decode
+
+    def spy(ids, skip_special_tokens=True):
+        lengths.append(len(ids))
+        return real(ids, skip_special_tokens)
+
+    tok.decode = spy
+    ids = tok.encode("The capital of France is Paris. " * 40)
+    detok = IncrementalDetokenizer(tok)
+    text = "".join(detok.add(i) for i in ids)
+    assert text == real(ids) and len(ids) > 200
+    assert max(lengths) <= 8, max(lengths)
