@@ -57,7 +57,7 @@ def self_generated_samples(model_path: str | Path, n_samples: int, seq_len: int,
     prompt_of: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         params = SamplingParams(max_tokens=seq_len - len(p), temperature=1.0, seed=seed + i, ignore_eos=True)
-        prompt_of[engine.add_request(p, params)] = p
+        prompt_of[engine.add_request(p, params, stream=False)] = p  # outputs only when finished
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(seq_len - len(p) for p in prompts), desc="self-generated calibration", unit="tok",
