@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qserve_lite.core.backend import array_module, to_host
+from qserve_lite.core.backend import array_module, is_cupy, to_host
 from qserve_lite.core.formats import W4Group, W4PerChannel, W8PerChannel
+from qserve_lite.kernels.gptq import KERNEL_MAX_NB, ColumnParams, gptq_block, gptq_kernel_enabled
 from qserve_lite.quant.quantizers import (
     PROTECTIVE_RANGE,
     pad_columns,
@@ -74,7 +75,15 @@ def _cholesky(xp, a):
 
 def _gptq_block(wt, qt, hinv, perm: np.ndarray, b0: int, b1: int, quantize_column, inner: int = 16) -> None:
     """GPTQ over columns b0..b1 (rows of wt [k, n], in place into qt), then the lazy batch update of the
-    columns after the block. Inside the block the error feedback is itself batched per `inner` columns."""
+    columns after the block. Inside the block the error feedback is itself batched per `inner` columns; on the
+    GPU with $QSERVE_LITE_GPTQ_KERNEL=1, cuda/gptq.cu runs the block's column loop in one launch instead
+    (kernels/gptq.py: the sequential update, the same arithmetic in another summation order)."""
+    if (is_cupy(wt) and gptq_kernel_enabled() and isinstance(quantize_column, ColumnParams)
+            and b1 - b0 <= KERNEL_MAX_NB):
+        qt[b0:b1], err = gptq_block(wt[b0:b1], hinv[b0:b1, b0:b1], quantize_column, perm[b0:b1])
+        if b1 < wt.shape[0]:
+            wt[b1:] -= hinv[b0:b1, b1:].T @ err
+        return
     block = wt[b0:b1].copy()
     err = array_module(wt).empty_like(block)
     hb = hinv[b0:b1, b0:b1]
@@ -135,41 +144,18 @@ def gptq(w, hessian, quantize_column: ColumnQuantizer, block_size: int = 128, da
 # ---- per-column quantizers with fixed parameters (on the array module of their parameters) ----
 
 def per_channel_w4_column(scales, szeros) -> ColumnQuantizer:
-    xp = array_module(scales)
-    s = scales.astype(np.float64)
-    z = szeros.astype(np.float64)
-
-    def quantize(j: int, col):
-        return xp.clip(xp.rint((col + z) / s), 0, 15) * s - z
-
-    return quantize
+    return ColumnParams("w4_per_channel", scales.astype(np.float64), szeros.astype(np.float64))
 
 
 def progressive_column(s1, s2, zeros, group_size: int, protect: int = PROTECTIVE_RANGE) -> ColumnQuantizer:
     """Works in the level-1 domain U = W / s1 (clamped to +-protect); a column's group is its original
     index's group (the parameters came from the whole group before GPTQ)."""
-    xp = array_module(s1)
-    s1_ = s1.astype(np.float64)
-    s2_ = s2.astype(np.float64)
-    z_ = zeros.astype(np.float64)
-
-    def quantize(j: int, col):
-        g = j // group_size
-        u = xp.clip(col / s1_, -protect, protect)
-        q = xp.clip(xp.rint((u + z_[:, g]) / s2_[:, g]), 0, 15)
-        return (q * s2_[:, g] - z_[:, g]) * s1_
-
-    return quantize
+    return ColumnParams("w4_progressive", s1.astype(np.float64), s2.astype(np.float64),
+                        zeros.astype(np.float64), group_size, float(protect))
 
 
 def w8_column(scales) -> ColumnQuantizer:
-    xp = array_module(scales)
-    s = scales.astype(np.float64)
-
-    def quantize(j: int, col):
-        return xp.clip(xp.rint(col / s), -127, 127) * s
-
-    return quantize
+    return ColumnParams("w8", scales.astype(np.float64))
 
 
 # ---- whole-format GPTQ (on the array module of `xp`, else of w; the formats come back on the host) ----

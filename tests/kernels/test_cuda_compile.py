@@ -36,6 +36,9 @@ CONFIGS = [
     ("gemm_skinny.cu", {"QS_MODE": 1, "QS_SK_NJ": 2, "QS_SK_CB": 2, "QS_SK_KW": 4, "QS_SK_DEPTH": 2}),
     ("gemm_skinny.cu", {"QS_MODE": 0, "QS_SK_NJ": 1, "QS_SK_CB": 1, "QS_SK_KW": 8, "QS_SK_DEPTH": 1,
                         "QS_ALIGNED": 0}),
+    ("gptq.cu", {"QS_GPTQ_KIND": 0}),
+    ("gptq.cu", {"QS_GPTQ_KIND": 1}),
+    ("gptq.cu", {"QS_GPTQ_KIND": 2}),
     ("rows.cu", {"QS_ROW_OP": 0, "QS_IN_F32": 1}),
     ("rows.cu", {"QS_ROW_OP": 1, "QS_NC": 4}),
     ("rows.cu", {"QS_ROW_OP": 1, "QS_NC": 2, "QS_PREFETCH": 1}),  # the decode norm (early residual / gamma)
