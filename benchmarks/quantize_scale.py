@@ -138,7 +138,10 @@ def capture(*a, **k):
     report = real(*a, **k)
     rec = {"seconds": report.seconds, "stages": report.stages, "calib_source": report.calib_source,
            "calib_tokens": report.calib_tokens, "gpu_pool_peak_gb": report.gpu_pool_peak_gb,
-           "layer_seconds": [info.get("seconds") for info in report.layers]}
+           "layer_seconds": [info.get("seconds") for info in report.layers], "layer_stage_seconds": {}}
+    for info in report.layers:
+        for stage, sec in (info.get("stage_seconds") or {}).items():
+            rec["layer_stage_seconds"][stage] = round(rec["layer_stage_seconds"].get(stage, 0) + sec, 2)
     open(sys.argv[1], "w").write(json.dumps(rec))
     return report
 cli.quantize_model = capture
@@ -209,20 +212,26 @@ def main() -> int:
     machine = _machine(device)
     results = []
     shape = ("tiny" if args.tiny else "llama-3-8b") + (f"-{args.layers}-layers" if args.layers else "")
+    today = datetime.date.today().isoformat()
+    path = ROOT / "benchmarks" / "results" / f"{today}-{machine}-quantize_scale.jsonl"
+
+    def record(rec: dict) -> None:  # each line as soon as it is known: a run cut short keeps what it measured
+        print(json.dumps(rec), flush=True)
+        with path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     for g in args.group_sizes:
         out = args.dir / f"q-{'tiny-' if args.tiny else ''}{'g128' if g == 128 else 'per-channel'}"
-        rec = {"date": datetime.date.today().isoformat(), "machine": machine, "host": platform.node(),
-               "shape": shape, "device": device, "write_model_s": write_s,
-               **quantize(model, out, g, device, args.quantize_args)}
+        base = {"date": today, "machine": machine, "host": platform.node(),
+                "shape": shape, "device": device, "group_size": g}
+        rec = base | {"write_model_s": write_s, **quantize(model, out, g, device, args.quantize_args)}
+        record(rec)
         if rec["quantize_rc"] == 0:
-            rec.update(generate(out, device))
-        print(json.dumps(rec), flush=True)
+            gen = base | {"stage": "generate", **generate(out, device)}
+            record(gen)
+            rec.update(gen)
         results.append(rec)
         write_s = None
-    path = ROOT / "benchmarks" / "results" / f"{results[0]['date']}-{machine}-quantize_scale.jsonl"
-    with path.open("a") as f:
-        for rec in results:
-            f.write(json.dumps(rec) + "\n")
     print(f"appended to {path}", file=sys.stderr)
     return 0 if all(r["quantize_rc"] == 0 and r.get("generate_rc") == 0 for r in results) else 1
 

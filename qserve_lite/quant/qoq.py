@@ -359,11 +359,29 @@ def transform_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSt
     return info
 
 
+class StageTimer:
+    """Seconds per named stage, summed (the device synchronised at each mark, so GPU work is counted where
+    it was queued)."""
+
+    def __init__(self, xp=np):
+        self.xp = xp
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        if is_cupy(self.xp):
+            self.xp.cuda.Device().synchronize()
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._t, 3)
+        self._t = now
+
+
 def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointStats], config: QoQConfig,
-                   inv_freq: np.ndarray, xp=np) -> dict:
+                   inv_freq: np.ndarray, xp=np, timer: StageTimer | None = None) -> dict:
     """Replace the 7 linears of a (transformed, float64) layer by W4A8Linear / W8A8Linear, in place. xp = cupy
     (GPU calibration) runs GPTQ's Hessian factorizations and the g128 group clip search on the GPU."""
     info: dict = {}
+    timer = timer or StageTimer(xp)
     ratios = {name: 1.0 for name in LINEAR_NAMES}
     if config.does_clip:
         grid = clip_ratios(config.clip_grid, config.clip_min_ratio)
@@ -374,6 +392,7 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
             rows = stats[INPUT_POINT[name]].rows
             ratios[name] = search_row_clip(getattr(lw, name).weight, rows, grid, stride)[0]
         info["clip_ratio_mean"] = {n: round(float(np.mean(r)), 4) for n, r in ratios.items()}
+        timer.mark("clip")
     gkw = dict(block_size=config.gptq_block_size, damp=config.gptq_damp, act_order=config.gptq_act_order,
                xp=xp)
     for name in LINEAR_NAMES:
@@ -391,6 +410,7 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
                 grid = clip_ratios(config.group_clip_grid, config.group_clip_min_ratio)
                 ratio = search_group_clip(u, h_diag, config.group_size, grid, xp=xp)
                 info.setdefault("group_clip_ratio_mean", {})[name] = round(float(ratio.mean()), 4)
+                timer.mark("group_clip")
             if config.gptq:
                 q = gptq_w4_group(w, h, config.group_size, group_ratio=ratio, **gkw)
             else:
@@ -401,6 +421,7 @@ def quantize_layer(cfg: ModelConfig, lw: LayerWeights, stats: dict[str, PointSta
             q = gptq_w4_per_channel(w, h, r, **gkw) if config.gptq else quantize_w4_per_channel(w, r)
             new = W4A8Linear(q, lin.bias)
         setattr(lw, name, new)
+        timer.mark("gptq" if config.gptq else "round")
     return info
 
 
@@ -460,20 +481,26 @@ def _quantize_one_layer(cfg: ModelConfig, i: int, lw: LayerWeights, rotations: t
                         runner: LayerRunner | None, specs: dict[str, PointSpec], config: QoQConfig,
                         inv_freq: np.ndarray, xp) -> dict:
     """Rotate (or only fold the norms of), calibrate, transform and quantize layer i in place (arrays on
-    xp); returns the record of what was done."""
+    xp); returns the record of what was done, with the seconds of each stage ("stage_seconds")."""
+    timer = StageTimer(xp)
     prepare_layer(cfg, lw, *rotations)
+    timer.mark("prepare")
     stats = {}
     if runner is not None:
         runner.model.weights.layers[i] = _float32_layer(lw, xp)
         stats = runner.run(i, specs, advance=not config.propagate)
+        timer.mark("calibrate")
     info = transform_layer(cfg, lw, stats, config)
-    info.update(quantize_layer(cfg, lw, stats, config, inv_freq, xp))
+    timer.mark("transform")
+    info.update(quantize_layer(cfg, lw, stats, config, inv_freq, xp, timer))
     del stats
     if runner is not None:
         if config.propagate:  # the next layer sees this layer's quantized (dequantized-weight) outputs
             runner.model.weights.layers[i] = _float32_layer(lw, xp)
             runner.run(i)
+            timer.mark("propagate")
         runner.model.weights.layers[i] = None  # the float32 copy of a done layer is no longer needed
+    info["stage_seconds"] = timer.seconds
     return info
 
 
