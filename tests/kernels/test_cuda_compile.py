@@ -32,6 +32,8 @@ CONFIGS = [
     ("gemm_sm90.cu", {"QS_MODE": 1, "QS_BM": 128, "QS_NWG": 2, "QS_STAGES": 4, "QS_SM90": 1}),  # Hopper only
     ("gemm_sm90.cu", {"QS_MODE": 2, "QS_BM": 64, "QS_NWG": 1, "QS_STAGES": 6, "QS_SM90": 1}),
     ("gemm_sm90.cu", {"QS_MODE": 0, "QS_BM": 64, "QS_NWG": 2, "QS_STAGES": 6, "QS_CLUSTER": 2, "QS_SM90": 1}),
+    ("gemm_sm90.cu", {"QS_MODE": 1, "QS_BM": 128, "QS_NWG": 1, "QS_STAGES": 4, "QS_MINB": 2,
+                      "QS_EPI_ROWS": 32, "QS_SM90": 1}),
     ("cublas.cu", {}),  # W4 -> int8 and the int32 epilogue of the cuBLAS route: no configuration macros
     ("gemm_skinny.cu", {"QS_MODE": 1, "QS_SK_NJ": 2, "QS_SK_CB": 2, "QS_SK_KW": 4, "QS_SK_DEPTH": 2}),
     ("gemm_skinny.cu", {"QS_MODE": 0, "QS_SK_NJ": 1, "QS_SK_CB": 1, "QS_SK_KW": 8, "QS_SK_DEPTH": 1,

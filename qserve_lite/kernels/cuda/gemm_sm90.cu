@@ -27,6 +27,8 @@
 // shared memory before the first warpgroup's epilogue; QS_MINB 2: two blocks per SM (one consumer warpgroup
 // each, half the shared memory and registers), so two tiles' dequantization and wgmmas interleave on an SM;
 // QS_DIAG (timing experiments only, wrong results): 1 no level-1 dequantization, 2 no wgmma, 3 neither;
+// QS_EPI_ROWS: token rows per pass of the epilogue through a warpgroup's staging tile (default BM; fewer frees
+// shared memory for more pipeline stages, KWG 1 only);
 // QS_CLUSTER 2: clusters of two blocks on adjacent channel tiles (same token tile, same K stages in lockstep)
 // share the activation tile: each loads half of its rows and multicasts them into both blocks' shared
 // memory, so each block pulls 3/4 of the bytes per stage (128 x 256 tiles) from L2; a stage's slot is refilled
@@ -59,6 +61,9 @@
 #endif
 #ifndef QS_DIAG
 #define QS_DIAG 0
+#endif
+#ifndef QS_EPI_ROWS
+#define QS_EPI_ROWS QS_BM
 #endif
 #ifndef QS_CLUSTER
 #define QS_CLUSTER 1
@@ -93,7 +98,10 @@ constexpr int G_BYTES = IS_G128 ? 2 * BN : 0;
 constexpr u32 TX_BYTES = X_BYTES + W_BYTES + G_BYTES;
 constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + G_BYTES + 1023) / 1024 * 1024;
 constexpr int OUT_PITCH = 128 + 8;  // fp16 elements per staged output row of one warpgroup
-constexpr int EPI_BYTES = NWG * BM * OUT_PITCH * 2;
+constexpr int EPI_ROWS = QS_EPI_ROWS;  // token rows a warpgroup stages at a time (fewer: more pipeline stages)
+static_assert(BM % EPI_ROWS == 0 && EPI_ROWS % 8 == 0, "the staging rows: a multiple of 8 that divides BM");
+static_assert(EPI_ROWS == BM || KWG == 1, "KWG 2 joins its sums through the whole staging tiles");
+constexpr int EPI_BYTES = NWG * EPI_ROWS * OUT_PITCH * 2;
 constexpr int BAR_OFFSET = STAGES * STAGE_BYTES + EPI_BYTES;
 constexpr int SMEM_BYTES = 1024 + BAR_OFFSET + 2 * STAGES * 8 + 16;
 constexpr int PRODUCER_REGS = 40;
@@ -304,7 +312,7 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
     const int cb = (KWG == 1 ? cwg * 4 : 0) + warp;  // the warp's 32-channel block inside the tile
     const int ctid = threadIdx.x - 128;
     const int g = lane >> 2, t = lane & 3;
-    u16* staged = reinterpret_cast<u16*>(smem + STAGES * STAGE_BYTES) + cwg * BM * OUT_PITCH;
+    u16* staged = reinterpret_cast<u16*>(smem + STAGES * STAGE_BYTES) + cwg * EPI_ROWS * OUT_PITCH;
     const bool vec_ok = (ldy % 8 == 0) && ((reinterpret_cast<u64>(Y) & 15) == 0);
     int q0 = 0;  // stages of this block's earlier units: stage st of a unit is the (q0 + st)-th of the ring
     u32 a1[2][2][4];
@@ -428,34 +436,38 @@ qs_gemm_sm90(const __grid_constant__ TmaDesc tx,   // activations [M][KX] int8, 
                 bv[i][h] = bias ? h2f(bias[n]) : 0.f;
             }
 #pragma unroll
-        for (int j = 0; j < BM / 8; ++j) {
+        for (int r0 = 0; r0 < BM; r0 += EPI_ROWS) {  // EPI_ROWS token rows at a time through the staging tile
+            if (r0 > 0) named_bar(2 + cwg, 128);  // the previous rows' stores have read the staging tile
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int ml = 8 * j + 2 * t + c;
-                const int m = min(m0 + ml, M - 1);
-                const float xs = h2f(xscale[m]);
-                const float xsm = MODE == 0 ? xsum[m] : 0.f;
+            for (int j = r0 / 8; j < (r0 + EPI_ROWS) / 8; ++j) {
 #pragma unroll
-                for (int i = 0; i < 2; ++i)
+                for (int c = 0; c < 2; ++c) {
+                    const int ml = 8 * j + 2 * t + c;
+                    const int m = min(m0 + ml, M - 1);
+                    const float xs = h2f(xscale[m]);
+                    const float xsm = MODE == 0 ? xsum[m] : 0.f;
 #pragma unroll
-                    for (int h = 0; h < 2; ++h)
-                        staged[ml * OUT_PITCH + warp * 32 + 16 * i + g + 8 * h] =
-                            out_value(acc[i][4 * j + 2 * h + c], wsv[i][h], wszv[i][h], xs, xsm, bv[i][h],
-                                      bias != nullptr);
+                    for (int i = 0; i < 2; ++i)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+                            staged[(ml - r0) * OUT_PITCH + warp * 32 + 16 * i + g + 8 * h] =
+                                out_value(acc[i][4 * j + 2 * h + c], wsv[i][h], wszv[i][h], xs, xsm, bv[i][h],
+                                          bias != nullptr);
+                }
             }
-        }
-        named_bar(2 + cwg, 128);
+            named_bar(2 + cwg, 128);
 #pragma unroll 4
-        for (int c = tid; c < BM * 16; c += 128) {
-            const int ml = c >> 4, nl = (c & 15) * 8;
-            const int m = m0 + ml, n = n_wg + nl;
-            if (m >= M || n >= N) continue;
-            u16* dst = Y + (long long)m * ldy + n;
-            const u16* src = staged + ml * OUT_PITCH + nl;
-            if (vec_ok) {
-                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-            } else {
-                for (int e = 0; e < 8 && n + e < N; ++e) dst[e] = src[e];
+            for (int c = tid; c < EPI_ROWS * 16; c += 128) {
+                const int ml = r0 + (c >> 4), nl = (c & 15) * 8;
+                const int m = m0 + ml, n = n_wg + nl;
+                if (m >= M || n >= N) continue;
+                u16* dst = Y + (long long)m * ldy + n;
+                const u16* src = staged + (ml - r0) * OUT_PITCH + nl;
+                if (vec_ok) {
+                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                } else {
+                    for (int e = 0; e < 8 && n + e < N; ++e) dst[e] = src[e];
+                }
             }
         }
     }

@@ -37,7 +37,8 @@ class Sm90Config:
     deep (fewer where a mode's stages would not fit in shared memory); kwg 2: the two consumer warpgroups
     share the tile's channels and take alternate K stages; minb 2: two blocks per SM (nwg 1); cluster 2:
     clusters of two blocks on adjacent channel tiles multicast the shared activation tile (kwg 1, minb 1);
-    diag: timing experiments only (cuda/gemm_sm90.cu's QS_DIAG, wrong results)."""
+    epi: token rows per pass of the epilogue through the staging tiles (0: all bm; fewer leaves shared memory
+    for more stages; kwg 1); diag: timing experiments only (cuda/gemm_sm90.cu's QS_DIAG, wrong results)."""
 
     bm: int = 128
     nwg: int = 2
@@ -46,6 +47,11 @@ class Sm90Config:
     minb: int = 1
     diag: int = 0
     cluster: int = 1
+    epi: int = 0
+
+    @property
+    def epi_rows(self) -> int:
+        return self.epi or self.bm
 
     @property
     def bn(self) -> int:
@@ -59,7 +65,7 @@ class Sm90Config:
         """The kernel's SMEM_BYTES: 1024-aligned stages, the epilogue staging tiles, the barriers."""
         w = self.bn * BK // 2 if mode in (0, 1) else self.bn * BK
         stage = -(-(self.bm * BK + w + (2 * self.bn if mode == 1 else 0)) // 1024) * 1024
-        return 1024 + stages * stage + self.nwg * self.bm * 136 * 2 + 16 * stages + 16
+        return 1024 + stages * stage + self.nwg * self.epi_rows * 136 * 2 + 16 * stages + 16
 
     @property
     def smem_limit(self) -> int:
@@ -77,6 +83,8 @@ class Sm90Config:
                    "QS_KWG": self.kwg, "QS_MINB": self.minb, "QS_CLUSTER": self.cluster}
         if self.diag:
             defines["QS_DIAG"] = self.diag
+        if self.epi and self.epi != self.bm:
+            defines["QS_EPI_ROWS"] = self.epi
         return defines
 
 
@@ -103,6 +111,12 @@ SM90_CONFIGS = {
     "c64x256": Sm90Config(64, 2, 6, cluster=2),
     "c64x128": Sm90Config(64, 1, 8, cluster=2),
     "c16x256": Sm90Config(16, 2, 10, cluster=2),
+    # the epilogue in passes of 32 token rows: the staging tiles shrink by 3/4, so more stages fit in shared
+    # memory (128 x 256: 4 -> 6; two blocks of 128 x 128 per SM: 3 -> 4; 64 x 256: 6 -> 8). Not chosen by
+    # default until measured.
+    "e128x256": Sm90Config(128, 2, 6, epi=32),
+    "eb128x128": Sm90Config(128, 1, 4, minb=2, epi=32),
+    "e64x256": Sm90Config(64, 2, 8, epi=32),
 }
 
 
