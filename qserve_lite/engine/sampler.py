@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qserve_lite.core.backend import to_host
+from qserve_lite.core.backend import is_cupy, to_host
 from qserve_lite.kernels.argmax import argmax_rows
+from qserve_lite.kernels.sample import sample_rows, sampler_kernel_enabled
 from qserve_lite.sampling_params import SamplingParams
 
 
@@ -151,6 +152,13 @@ class Sampler:
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
             tokens[greedy] = argmax_rows(logits[greedy], xp)
+        if is_cupy(xp) and sampler_kernel_enabled():  # kernels/sample.py: the same filters on integer masses
+            u = np.array([1.0 - seqs[i].generator.random() for i in sampled])
+            tokens[sampled] = sample_rows(
+                logits[sampled], np.array([params[i].temperature for i in sampled], dtype=np.float32),
+                np.array([params[i].top_k for i in sampled]), np.array([params[i].top_p for i in sampled]),
+                np.array([params[i].min_p for i in sampled]), u, xp)
+            return tokens
         temps = xp.asarray([params[i].temperature for i in sampled], dtype=xp.float32)[:, None]
         x = filter_logits(
             logits[sampled] / temps,

@@ -38,6 +38,7 @@ CONFIGS = [
     ("gemm_skinny.cu", {"QS_MODE": 1, "QS_SK_NJ": 2, "QS_SK_CB": 2, "QS_SK_KW": 4, "QS_SK_DEPTH": 2}),
     ("gemm_skinny.cu", {"QS_MODE": 0, "QS_SK_NJ": 1, "QS_SK_CB": 1, "QS_SK_KW": 8, "QS_SK_DEPTH": 1,
                         "QS_ALIGNED": 0}),
+    ("sample.cu", {}),
     ("gptq.cu", {"QS_GPTQ_KIND": 0}),
     ("gptq.cu", {"QS_GPTQ_KIND": 1}),
     ("gptq.cu", {"QS_GPTQ_KIND": 2}),

@@ -1,0 +1,36 @@
+"""Launcher of cuda/sample.cu: one sampled token per row of fp32 logits (spec: kernels/sample.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qserve_lite.core.backend import import_cupy
+from qserve_lite.kernels.cuda.args import c_rows
+from qserve_lite.kernels.cuda.jit import get_kernel
+
+THREADS = 1024
+MAX_TILES = 256  # vocabulary up to 256 x 1,024 entries (the per-tile sums of the draw live in shared memory)
+
+
+def sample_rows(logits, temperature, top_k, top_p, min_p, u, mass_table):
+    """int32 [R] on the device; the per-row parameters are host arrays (see kernels/sample.sample_rows)."""
+    cp = import_cupy()
+    logits = c_rows(logits, "logits")
+    if logits.dtype != cp.float32:
+        raise ValueError(f"sample: expected float32 logits, got {logits.dtype}")
+    R, V = logits.shape
+    if V > THREADS * MAX_TILES:
+        raise ValueError(f"sample: at most {THREADS * MAX_TILES} vocabulary entries, got {V}")
+    out = cp.empty((R,), dtype=cp.int32)
+    if R == 0:
+        return out
+    min_p = np.asarray(min_p, dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        minp_log = np.where(min_p > 0, np.log(min_p).astype(np.float32), np.float32(-np.inf))
+    host = [(temperature, np.float32), (top_k, np.int32), (top_p, np.float64), (minp_log, np.float32),
+            (u, np.float64), (mass_table, np.uint32)]
+    args = tuple(cp.asarray(np.ascontiguousarray(a, dtype=t)) for a, t in host)
+    ld = logits.strides[0] // 4 if R > 1 else V
+    kern = get_kernel("sample.cu", "qs_sample", {"QS_SMP_THREADS": THREADS, "QS_SMP_MAX_TILES": MAX_TILES})
+    kern((R,), (THREADS,), (logits, np.int64(ld), np.int32(V), *args, out))
+    return out
