@@ -13,7 +13,7 @@ Per row, with x = fp32(logit / temperature) (one rounding) and xmax the largest 
 3. top-p (p < 1): T = the sum of the kept masses; tau = the largest mass value t with
    sum(m >= t over the kept) >= p * T (float64 compare of exact integers); keep m >= tau. This is the
    smallest prefix of the masses sorted descending whose sum reaches p * T, with ties at its last mass kept.
-4. min-p (> 0): keep x >= fp32(xmax + fp32(log(min_p))).
+4. min-p (> 0): keep x >= fp32(xmax + fp32(log(min_p))) (the log in float64, rounded once).
 5. Draw: with the kept masses m (0 elsewhere) and C_i their running sum in vocabulary order, the token is
    the first i with C_i >= u * C_last for the request's uniform u in (0, 1] (float64).
 Logits must be finite or -inf; a row of -inf gives token 0. Rows never share anything: a seeded request
@@ -41,6 +41,14 @@ MASS_TABLE = np.round(2.0**31 * 2.0 ** (-np.arange(256) / 256.0)).astype(np.uint
 def sampler_kernel_enabled() -> bool:
     """$QSERVE_LITE_SAMPLER_KERNEL is "1"."""
     return os.environ.get(SAMPLER_KERNEL_ENV, "0") == "1"
+
+
+def min_p_log(min_p) -> np.ndarray:
+    """fp32 log(min_p) per row (float64 log, rounded once), -inf where min-p is off (0): the kernel gets the
+    same host-computed values as the spec."""
+    m = np.asarray(min_p, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(m > 0, np.log(np.where(m > 0, m, 1.0)), -np.inf).astype(np.float32)
 
 
 def masses(x: np.ndarray, xmax: np.float32) -> np.ndarray:
@@ -80,7 +88,7 @@ def sample_row(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
     if top_p < 1.0:
         m = np.where(m >= top_p_threshold(m, top_p), m, 0).astype(np.uint64)
     if min_p > 0.0:
-        thr = np.float32(xmax + np.float32(np.log(np.float32(min_p))))
+        thr = np.float32(xmax + min_p_log(min_p)[()])
         m = np.where(x >= thr, m, 0).astype(np.uint64)
     cum = np.cumsum(m)
     return int(np.argmax(cum.astype(np.float64) >= float(u) * float(cum[-1])))
@@ -91,7 +99,7 @@ def sample_rows(logits, temperature, top_k, top_p, min_p, u, xp=np):
     arrays (temperature > 0; top_k 0 = off; top_p 1 = off; min_p 0 = off; u in (0, 1])."""
     temperature, top_k, top_p, min_p, u = (np.asarray(a) for a in (temperature, top_k, top_p, min_p, u))
     if is_cupy(logits):
-        return cuda_sample.sample_rows(logits, temperature, top_k, top_p, min_p, u, MASS_TABLE)
+        return cuda_sample.sample_rows(logits, temperature, top_k, top_p, min_p_log(min_p), u, MASS_TABLE)
     return np.array([sample_row(logits[r], float(temperature[r]), int(top_k[r]), float(top_p[r]),
                                 float(min_p[r]), float(u[r])) for r in range(logits.shape[0])],
                     dtype=np.int32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qserve_lite.kernels.sample import MASS_TABLE, masses, sample_row, sample_rows, top_p_threshold
+from qserve_lite.kernels.sample import MASS_TABLE, masses, min_p_log, sample_row, sample_rows, top_p_threshold
 
 
 def logits_row(seed: int, V: int = 3000, ties: bool = False) -> np.ndarray:
@@ -58,7 +58,7 @@ def test_filters_bound_what_is_drawn(ties):
     kth = np.sort(x)[::-1][49]
     assert np.all(x[draws(x, 500, top_k=50)] >= kth)
     assert set(draws(x, 300, top_k=1)) == {int(np.argmax(x))}
-    thr = np.float32(x.max() + np.float32(np.log(np.float32(0.2))))
+    thr = np.float32(x.max() + min_p_log(0.2)[()])
     got = draws(x, 500, min_p=0.2)
     assert np.all(x[got] >= thr)
     m = masses(x, x.max())

@@ -12,8 +12,9 @@ THREADS = 1024
 MAX_TILES = 256  # vocabulary up to 256 x 1,024 entries (the per-tile sums of the draw live in shared memory)
 
 
-def sample_rows(logits, temperature, top_k, top_p, min_p, u, mass_table):
-    """int32 [R] on the device; the per-row parameters are host arrays (see kernels/sample.sample_rows)."""
+def sample_rows(logits, temperature, top_k, top_p, minp_log, u, mass_table):
+    """int32 [R] on the device; the per-row parameters are host arrays (see kernels/sample.sample_rows;
+    minp_log: fp32 log(min_p), -inf where min-p is off)."""
     cp = import_cupy()
     logits = c_rows(logits, "logits")
     if logits.dtype != cp.float32:
@@ -24,9 +25,6 @@ def sample_rows(logits, temperature, top_k, top_p, min_p, u, mass_table):
     out = cp.empty((R,), dtype=cp.int32)
     if R == 0:
         return out
-    min_p = np.asarray(min_p, dtype=np.float32)
-    with np.errstate(divide="ignore"):
-        minp_log = np.where(min_p > 0, np.log(min_p).astype(np.float32), np.float32(-np.inf))
     host = [(temperature, np.float32), (top_k, np.int32), (top_p, np.float64), (minp_log, np.float32),
             (u, np.float64), (mass_table, np.uint32)]
     args = tuple(cp.asarray(np.ascontiguousarray(a, dtype=t)) for a, t in host)
