@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh check                 # precompile, `pytest -m gpu` in 4 parallel runs
 #   bash benchmarks/gpu_session.sh check attention step  # ... then the attention benchmark and step profile
 # Steps: check, attention, step, sampled (sampler kernel on), kernels, tune, sampler, quantize (8B g128),
-# quantize-gptq-kernel (the same with QSERVE_LITE_GPTQ_KERNEL=1), quantize-pc (per-channel), bench.
+# quantize-gptq-kernel (the same with QSERVE_LITE_GPTQ_KERNEL=1), quantize-pc (per-channel), bench,
+# ray-install (from build/wheels/b*: benchmarks/device_wheels.py's bundles, carried one per call), batch.
 # LIMIT (seconds, default 570) bounds the whole call: a step starts only with enough time left.
 set -u
 cd "$(dirname "$0")/.."
@@ -64,6 +65,9 @@ for step in "$@"; do
                          --group-sizes -1 ;;
         bench) run bench 150 python -m qserve_lite.cli bench --model llama-3-8b --precision w4a8kv4 --batch 1024 \
                    --num-requests 1024 --device gpu --json-out "$OUT/bench.jsonl" ;;
+        ray-install) run ray-install 60 bash -c 'pip install --no-index $(printf -- "--find-links %s " build/wheels/b*) \
+                         "ray[data]" && python -c "import ray, ray.data; print(ray.__version__)"' ;;
+        batch) run batch 300 python benchmarks/batch_vs_generate.py ;;
         *) mark "unknown step $step" ;;
     esac
 done
