@@ -65,7 +65,7 @@ for step in "$@"; do
                          --group-sizes -1 ;;
         bench) run bench 150 python -m qserve_lite.cli bench --model llama-3-8b --precision w4a8kv4 --batch 1024 \
                    --num-requests 1024 --device gpu --json-out "$OUT/bench.jsonl" ;;
-        ray-install) run ray-install 60 bash -c 'pip install --no-index $(printf -- "--find-links %s " build/wheels/b*) \
+        ray-install) run ray-install 60 bash -c 'python -m pip install --no-index $(printf -- "--find-links %s " build/wheels/b*) \
                          "ray[data]" && python -c "import ray, ray.data; print(ray.__version__)"' ;;
         batch) run batch 300 python benchmarks/batch_vs_generate.py ;;
         *) mark "unknown step $step" ;;
