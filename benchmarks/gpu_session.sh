@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_session.sh check                 # precompile, `pytest -m gpu` in 4 parallel runs
 #   bash benchmarks/gpu_session.sh check attention step  # ... then the attention benchmark and step profile
-# Steps: check, attention, step, sampled (sampler kernel on), kernels, tune, sampler, quantize (8B g128),
+# Steps: check, attention, step, sampled (sampler kernel on), kernels, tune, tune-e (the e* epilogue tiles
+# against their plain twins), sampler, quantize (8B g128),
 # quantize-gptq-kernel (the same with QSERVE_LITE_GPTQ_KERNEL=1), quantize-pc (per-channel), bench,
 # ray-install (from build/wheels/b*: benchmarks/device_wheels.py's bundles, carried one per call), batch.
 # LIMIT (seconds, default 570) bounds the whole call: a step starts only with enough time left.
@@ -56,6 +57,8 @@ for step in "$@"; do
                      --steps 20 --sampled --prefill-tokens 0 --results-dir "$OUT/sampled-kernel" ;;
         kernels) run kernels 200 python benchmarks/kernels.py --quick --skip-rows --out "$OUT" ;;
         tune) run tune 300 python benchmarks/kernels.py --tune --ms 64,256,1024,4096 --skip-rows --out "$OUT" ;;
+        tune-e) run tune-e 200 python benchmarks/kernels.py --tune --tune-only e,h128x256,b128x128,h64x256 \
+                    --ms 256,1024,4096 --skip-rows --out "$OUT" ;;
         sampler) run sampler 60 python benchmarks/sampler.py ;;
         quantize) run quantize 480 python benchmarks/quantize_scale.py --dir build/scale --device gpu \
                       --group-sizes 128 ;;

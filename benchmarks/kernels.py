@@ -277,9 +277,14 @@ class GemmWeights:
         self.w8_from_w4 = [w4_to_int8(q, self.s2s, self.s2z) for q in self.qw[: self.c8]]
 
 
+TUNE_ONLY: tuple[str, ...] = ()  # --tune-only: label prefixes of the candidates to time (empty: all)
+
+
 def _time_tune_candidates(timer, g128, m: int, n: int, k: int, t: dict) -> None:
     """Time the g128 GEMM with each of tune_candidates(m, n, k) into t (keys "tune:...")."""
     for key, c, sp in tune_candidates(m, n, k):
+        if TUNE_ONLY and not key[len("tune:"):].startswith(TUNE_ONLY):
+            continue
         t[key] = timer(lambda i, c=c, sp=sp: g128(i, c, sp))
 
 
@@ -490,10 +495,15 @@ def main() -> None:
     ap.add_argument("--model", default=None,
                     help="time the linears of this shipped config (e.g. llama-2-70b) instead of Llama-3-8B's")
     ap.add_argument("--ms", default=None, help="comma-separated M values")
+    ap.add_argument("--tune-only", default=None, metavar="PREFIXES",
+                    help="--tune: only the tiles whose names start with one of these (comma-separated, e.g. "
+                         "e,h128x256,b128x128)")
     ap.add_argument("--out", default=None, help="also copy the JSON lines into this folder")
     ap.add_argument("--profile", default=None, metavar="SHAPE:M:KERNEL[:CONFIG:SPLITS]",
                     help="run one GEMM twice (warm-up + the launch to profile with ncu) and exit")
     args = ap.parse_args()
+    global TUNE_ONLY
+    TUNE_ONLY = tuple(p for p in (args.tune_only or "").split(",") if p)
     if args.profile:
         profile_one(args.profile)
         return
