@@ -55,6 +55,19 @@ def test_self_generated_samples_are_seeded_model_samples(model_dir):
         assert (a[:, 0] == bos).all()
 
 
+def test_self_generated_samples_join_short_texts(model_dir):
+    """Each sample joins ceil(seq_len / segment_tokens) generated texts, each starting from BOS."""
+    a = calib_source.self_generated_samples(model_dir, 3, 20, seed=5, segment_tokens=8)
+    assert a.shape == (3, 20) and a.dtype == np.int64
+    np.testing.assert_array_equal(a, calib_source.self_generated_samples(model_dir, 3, 20, seed=5,
+                                                                        segment_tokens=8))
+    texts = {tuple(r[s:s + 8]) for r in a for s in (0, 8)}
+    assert len(texts) == 6  # every text its own
+    bos = Tokenizer(model_dir).bos_token_id
+    if bos is not None:
+        assert (a[:, [0, 8, 16]] == bos).all()
+
+
 def test_text_files_come_first(model_dir, capsys):
     tok = Tokenizer(model_dir)
     samples, used = calib_source.calibration_samples(model_dir, tok, [FIXTURE_TEXT], 2, 32)
