@@ -21,6 +21,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -455,26 +456,82 @@ def quantize_weights(cfg: ModelConfig, weights: LlamaWeights, samples: np.ndarra
     layer_info = []
     bar = tqdm(range(cfg.num_layers), desc=f"QoQ {config.precision} g{config.group_size}", unit="layer",
                disable=not progress)
-    for i in bar:
-        lw = weights.layers[i]
-        if lw is None:
-            if read_layer is None:
-                raise ValueError(f"layer {i} of the weights is None and no read_layer was given")
-            lw = read_layer(i)
-        t0 = time.perf_counter()
-        lw = _layer_to(lw, xp)
-        info = _quantize_one_layer(cfg, i, lw, (R, Rh), runner, specs, config, inv_freq, xp)
-        layer_info.append(info)
-        lw = _layer_to(lw, np)
-        if sink is not None:
-            sink.add_layer(i, lw)
-            lw = None
-        weights.layers[i] = lw
-        info["seconds"] = round(time.perf_counter() - t0, 3)
-        peak = memory_pool_gb(xp)
-        if peak is not None:
-            bar.set_postfix_str(f"GPU peak {peak:.1f} GB")
+    with _LayerIO(weights, read_layer, sink) as io:
+        for i in bar:
+            t0 = time.perf_counter()
+            lw = io.take(i)  # read ahead while the previous layer was quantized
+            waited = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lw = _layer_to(lw, xp)
+            info = _quantize_one_layer(cfg, i, lw, (R, Rh), runner, specs, config, inv_freq, xp)
+            layer_info.append(info)
+            lw = _layer_to(lw, np)
+            info["stage_seconds"]["read_wait"] = round(waited, 3)
+            info["stage_seconds"]["write_wait"] = round(io.put(i, lw), 3)  # written while the next one runs
+            info["seconds"] = round(time.perf_counter() - t0, 3)
+            peak = memory_pool_gb(xp)
+            if peak is not None:
+                bar.set_postfix_str(f"GPU peak {peak:.1f} GB")
     return layer_info
+
+
+class _LayerIO:
+    """Float layers in, quantized layers out, overlapped with the quantization: layer i + 1 is read (from
+    `read_layer`, when `weights` does not hold it) and layer i - 1 handed to `sink.add_layer` in a background
+    thread while layer i is quantized. Host memory holds one more float layer than a sequential loop. Errors
+    of either thread surface in the loop; on the way out every background task has finished (an
+    interrupted run leaves no writer thread behind its checkpoint's cleanup)."""
+
+    def __init__(self, weights: LlamaWeights, read_layer, sink):
+        self.weights, self.read_layer, self.sink = weights, read_layer, sink
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qoq-io")
+        self.reading: tuple[int, Future] | None = None
+        self.writing: Future | None = None
+
+    def _fetch(self, i: int) -> LayerWeights:
+        lw = self.weights.layers[i]
+        if lw is None:
+            if self.read_layer is None:
+                raise ValueError(f"layer {i} of the weights is None and no read_layer was given")
+            lw = self.read_layer(i)
+        return lw
+
+    def take(self, i: int) -> LayerWeights:
+        """Layer i (waiting for its read-ahead), after starting the read of layer i + 1."""
+        if self.reading is not None and self.reading[0] == i:
+            lw = self.reading[1].result()
+        else:
+            lw = self._fetch(i)
+        self.reading = None
+        if i + 1 < len(self.weights.layers) and self.weights.layers[i + 1] is None:
+            self.reading = (i + 1, self.pool.submit(self._fetch, i + 1))
+        return lw
+
+    def put(self, i: int, lw: LayerWeights) -> float:
+        """Hand quantized layer i to the sink (in the background), or keep it in `weights` without one;
+        returns the seconds spent waiting for the previous layer's write (at most one is pending)."""
+        t0 = time.perf_counter()
+        if self.writing is not None:
+            self.writing.result()
+            self.writing = None
+        waited = time.perf_counter() - t0
+        if self.sink is None:
+            self.weights.layers[i] = lw
+        else:
+            self.weights.layers[i] = None
+            self.writing = self.pool.submit(self.sink.add_layer, i, lw)
+        return waited
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None and self.writing is not None:
+                self.writing.result()  # the last layer is written before the caller finishes the checkpoint
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return False
 
 
 def _quantize_one_layer(cfg: ModelConfig, i: int, lw: LayerWeights, rotations: tuple,
