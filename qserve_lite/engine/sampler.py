@@ -157,7 +157,7 @@ class Sampler:
             tokens[sampled] = sample_rows(
                 logits[sampled], np.array([params[i].temperature for i in sampled], dtype=np.float32),
                 np.array([params[i].top_k for i in sampled]), np.array([params[i].top_p for i in sampled]),
-                np.array([params[i].min_p for i in sampled]), u, xp)
+                np.array([params[i].min_p for i in sampled]), u)
             return tokens
         temps = xp.asarray([params[i].temperature for i in sampled], dtype=xp.float32)[:, None]
         x = filter_logits(

@@ -94,7 +94,7 @@ def sample_row(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
     return int(np.argmax(cum.astype(np.float64) >= float(u) * float(cum[-1])))
 
 
-def sample_rows(logits, temperature, top_k, top_p, min_p, u, xp=np):
+def sample_rows(logits, temperature, top_k, top_p, min_p, u):
     """int32 [R]: one token per row of fp32 logits [R, V] (module docstring); the per-row parameters are host
     arrays (temperature > 0; top_k 0 = off; top_p 1 = off; min_p 0 = off; u in (0, 1])."""
     temperature, top_k, top_p, min_p, u = (np.asarray(a) for a in (temperature, top_k, top_p, min_p, u))
