@@ -20,13 +20,14 @@ def problem(seed: int, nb: int = 40, n: int = 23, k: int = 96):
     return w, hinv[:nb, :nb], hinv
 
 
-def params(kind: str, n: int, seed: int = 0) -> ColumnParams:
+def params(kind: str, n: int, seed: int = 0, k: int = 96) -> ColumnParams:
+    """Column quantizer parameters for n output channels and k columns (groups of 64)."""
     rng = np.random.default_rng(seed + 100)
     if kind == "w4_per_channel":
         s = rng.uniform(0.01, 0.02, n)
         return ColumnParams(kind, s, 7.5 * s)
     if kind == "w4_progressive":
-        groups = 2
+        groups = -(-k // 64)
         s2 = rng.integers(1, 17, (n, groups)).astype(float)
         zeros = rng.integers(0, 100, (n, groups)).astype(float)
         return ColumnParams(kind, rng.uniform(0.001, 0.002, n), s2, zeros, 64, 119.0)

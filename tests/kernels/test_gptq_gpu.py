@@ -23,9 +23,10 @@ def on_gpu(p: ColumnParams) -> ColumnParams:
 @pytest.mark.parametrize("kind", ["w4_per_channel", "w4_progressive", "w8"])
 @pytest.mark.parametrize("nb,n", [(40, 23), (128, 1000), (1, 33), (77, 64)])
 def test_kernel_matches_spec_bit_for_bit(kind, nb, n):
-    w, _, hinv = problem(nb + n, nb=nb, n=n, k=max(96, nb + 3))
-    p = params(kind, n, nb)
-    columns = np.random.default_rng(n).permutation(max(96, nb + 3))[:nb]
+    k = max(96, nb + 3)
+    w, _, hinv = problem(nb + n, nb=nb, n=n, k=k)
+    p = params(kind, n, nb, k)
+    columns = np.random.default_rng(n).permutation(k)[:nb]
     qt, e = gptq_block_reference(w, hinv[:nb, :nb], p, columns)
     hinv_gpu = cp.asarray(hinv)
     qt_gpu, e_gpu = gptq_block(cp.asarray(w), hinv_gpu[:nb, :nb], on_gpu(p), columns)  # hb: a strided view

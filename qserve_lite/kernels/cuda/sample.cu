@@ -50,7 +50,7 @@ __device__ __forceinline__ float block_max(float v, float* red) {
     __syncthreads();
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    v = lane < WARPS ? red[lane] : -INFINITY;
+    v = lane < WARPS ? red[lane] : NEG_INF;
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
@@ -90,10 +90,10 @@ qs_sample(const float* __restrict__ logits, long long ld, int V, const float* __
     for (int j = tid; j < 256; j += THREADS) tab[j] = table[j];
 
     // 1. xmax
-    float mx = -INFINITY;
+    float mx = NEG_INF;
     for (int i = tid; i < V; i += THREADS) mx = fmaxf(mx, __fdiv_rn(lg[i], temp));
     const float xmax = block_max(mx, fred);
-    if (!(xmax > -INFINITY)) {  // a row of -inf
+    if (!(xmax > NEG_INF)) {  // a row of -inf
         if (tid == 0) out[row] = 0;
         return;
     }
