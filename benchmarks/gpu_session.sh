@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh check attention step  # ... then the attention benchmark and step profile
 # Steps: check, attention, step, sampled (sampler kernel on), kernels, tune, tune-e (the e* epilogue tiles
 # against their plain twins), sampler, quantize (8B g128),
-# quantize-gptq-kernel (the same with QSERVE_LITE_GPTQ_KERNEL=1), quantize-pc (per-channel), bench,
+# quantize-no-gptq-kernel (the same with QSERVE_LITE_GPTQ_KERNEL=0), quantize-pc (per-channel), bench,
 # ray-install (from build/wheels/b*: benchmarks/device_wheels.py's bundles, carried one per call), batch.
 # LIMIT (seconds, default 570) bounds the whole call: a step starts only with enough time left.
 set -u
@@ -66,8 +66,8 @@ for step in "$@"; do
         sampler) run sampler 60 python benchmarks/sampler.py ;;
         quantize) run quantize 480 python benchmarks/quantize_scale.py --dir build/scale --device gpu \
                       --group-sizes 128 ;;
-        quantize-gptq-kernel) QSERVE_LITE_GPTQ_KERNEL=1 run quantize-gptq-kernel 480 python benchmarks/quantize_scale.py \
-                                  --dir build/scale --device gpu --group-sizes 128 ;;
+        quantize-no-gptq-kernel) QSERVE_LITE_GPTQ_KERNEL=0 run quantize-no-gptq-kernel 600 \
+                                     python benchmarks/quantize_scale.py --dir build/scale --device gpu --group-sizes 128 ;;
         quantize-pc) run quantize-pc 480 python benchmarks/quantize_scale.py --dir build/scale --device gpu \
                          --group-sizes -1 ;;
         bench) run bench 150 python -m qserve_lite.cli bench --model llama-3-8b --precision w4a8kv4 --batch 1024 \

@@ -11,9 +11,9 @@ quant/gptq.py's CPU path, which batches the updates inside a block into small ma
 summation order).
 
 On the GPU the loop otherwise costs about 20 array launches per column (~39,000 columns per Llama-3-8B
-layer); the kernel does a block of 128 columns in one launch. It is opt-in (QSERVE_LITE_GPTQ_KERNEL=1) until
-it has run on a GPU: written and compiled with nvcc for sm_90a, tested here on its numpy spec only
-(2026-12-02).
+layer); the kernel does a block of 128 columns in one launch. On by default (QSERVE_LITE_GPTQ_KERNEL=0 turns
+it off): on an H200 (2026-12-03) it is bit-exact against the spec (`pytest -m gpu`), and the Llama-3-8B-shaped
+quantize spent 22 s in GPTQ instead of 284 s (end to end 174 s instead of 435 s, g128).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ KERNEL_MAX_NB = cuda_gptq.MAX_NB  # columns per kernel launch
 
 
 def gptq_kernel_enabled() -> bool:
-    """$QSERVE_LITE_GPTQ_KERNEL is "1" (the GPU column loop runs cuda/gptq.cu)."""
-    return os.environ.get(GPTQ_KERNEL_ENV, "0") == "1"
+    """$QSERVE_LITE_GPTQ_KERNEL is not "0" (the GPU column loop runs cuda/gptq.cu; the default)."""
+    return os.environ.get(GPTQ_KERNEL_ENV, "1") != "0"
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def _cholesky(xp, a):
 def _gptq_block(wt, qt, hinv, perm: np.ndarray, b0: int, b1: int, quantize_column, inner: int = 16) -> None:
     """GPTQ over columns b0..b1 (rows of wt [k, n], in place into qt), then the lazy batch update of the
     columns after the block. Inside the block the error feedback is itself batched per `inner` columns; on the
-    GPU with $QSERVE_LITE_GPTQ_KERNEL=1, cuda/gptq.cu runs the block's column loop in one launch instead
+    GPU (unless $QSERVE_LITE_GPTQ_KERNEL=0), cuda/gptq.cu runs the block's column loop in one launch instead
     (kernels/gptq.py: the sequential update, the same arithmetic in another summation order)."""
     if (is_cupy(wt) and gptq_kernel_enabled() and isinstance(quantize_column, ColumnParams)
             and b1 - b0 <= KERNEL_MAX_NB):

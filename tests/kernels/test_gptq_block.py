@@ -101,3 +101,12 @@ def test_blockwise_gptq_matches_the_batched_cpu_path(monkeypatch):
     step = (s1.astype(float)[:, None] * np.repeat(s2.astype(float), 128, axis=1)[:, :k])
     diff = np.abs(out - ref) / step
     assert (diff > 1e-6).mean() < 0.01 and diff.max() <= 1 + 1e-6  # a few codes one step apart at most
+
+
+def test_kernel_is_on_by_default_and_off_with_zero(monkeypatch):
+    from qserve_lite.kernels.gptq import GPTQ_KERNEL_ENV, gptq_kernel_enabled
+
+    monkeypatch.delenv(GPTQ_KERNEL_ENV, raising=False)
+    assert gptq_kernel_enabled()
+    monkeypatch.setenv(GPTQ_KERNEL_ENV, "0")
+    assert not gptq_kernel_enabled()
