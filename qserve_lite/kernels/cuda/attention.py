@@ -21,6 +21,12 @@ DECODE_WARPS = 4
 PREFILL_WARPS = 4
 MIN_SPLIT_TOKENS = 256  # a split gives each of the block's 4 warps at least 64 tokens
 RESIDENT_BLOCKS = 4  # decode blocks of 4 warps an SM holds (<= 128 registers, ~52 KB of ring per block)
+# The split count fills SPLIT_WAVE_BLOCKS blocks per SM, not all RESIDENT_BLOCKS: measured on an H200
+# (2026-12-03, benchmarks/decode_splits.py: batch 1-64 x context 1536-32768 x splits, KV4 and KV8; results/
+# 2026-12-03-h200-decode_splits.jsonl) 2 per SM is never slower than 4 and up to 25% faster (KV4 batch 1 x
+# 16384: 17.2 us instead of 23.0; batch 4 x 4096: 16.2 instead of 20.5; batch 32 x 1536: 23.0 instead of
+# 29.3), within 3% of each point's best split count on average (worst 16%).
+SPLIT_WAVE_BLOCKS = 2
 MAX_SPLITS = 256  # the combine keeps a weight per (head, split) in the merge buffer of 4 warps x 8 x D floats
 
 
@@ -51,14 +57,14 @@ _VARIANT_MACROS = {"sub": "QS_DEC_SUB", "stages": "QS_DEC_STAGES", "combine": "Q
 
 def decode_geometry(batch: int, num_heads: int, num_kv_heads: int, max_context: int,
                     splits: int | None = None, resident: int | None = None) -> tuple[int, int]:
-    """(num_splits, tokens_per_split): as many splits as fill one wave of resident blocks (`resident` per SM,
-    default RESIDENT_BLOCKS, so batch 1 with a long context streams from every SM), each split at least
+    """(num_splits, tokens_per_split): as many splits as fill `resident` blocks per SM (default
+    SPLIT_WAVE_BLOCKS, so batch 1 with a long context streams from every SM), each split at least
     MIN_SPLIT_TOKENS long, at most MAX_SPLITS; tokens_per_split is a multiple of 64 (whole pages)."""
     group = num_heads // num_kv_heads
     blocks = batch * num_kv_heads * -(-group // 8)
     max_context = max(1, int(max_context))
     if splits is None:
-        splits = min((resident or RESIDENT_BLOCKS) * sm_count() // max(1, blocks),
+        splits = min((resident or SPLIT_WAVE_BLOCKS) * sm_count() // max(1, blocks),
                      -(-max_context // MIN_SPLIT_TOKENS))
     splits = min(MAX_SPLITS, max(1, int(splits)))
     tps = -(-max_context // splits)
