@@ -99,15 +99,21 @@ def _outputs(lin, x):
     return np.asarray(lin(x), np.float32)
 
 
-def test_column_splits_are_bit_identical(model, cfg):
-    _, w = model
+def test_column_splits_match_the_full_linear(model, cfg):
+    """Integer paths: bit-identical. Float weights (w16): within a few ulp, since the BLAS may pick another
+    summation order for a narrower matrix (seen with OpenBLAS on a 2-core CI machine: 7e-7 at 2.06)."""
+    p, w = model
     lw = w.layers[0]
     x = np.random.default_rng(0).standard_normal((7, cfg.hidden_size)).astype(np.float32)
     for lin in (lw.q_proj, lw.k_proj, lw.gate_proj):
         full = _outputs(lin, x)
         n = lin.out_features
         for sl in (slice(0, n // 2), slice(n // 2, n)):
-            assert np.array_equal(_outputs(split_columns(lin, sl), x), full[:, sl])
+            part = _outputs(split_columns(lin, sl), x)
+            if p.w_bits == 16:
+                np.testing.assert_allclose(part, full[:, sl], rtol=2e-6, atol=1e-6)
+            else:
+                assert np.array_equal(part, full[:, sl])
 
 
 def _row_parts(lin, tp):
