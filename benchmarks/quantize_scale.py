@@ -203,7 +203,9 @@ def main() -> int:
     args = ap.parse_args()
     suffix = f"-{args.layers}l" if args.layers else ""
     model = args.dir / (("model-tiny" if args.tiny else "model") + suffix)
+    from qserve_lite.bench.results import git_sha
     from qserve_lite.core.backend import resolve_device
+    from qserve_lite.kernels.gptq import gptq_kernel_enabled
 
     device = resolve_device(args.device)
     write_s = None
@@ -222,8 +224,8 @@ def main() -> int:
 
     for g in args.group_sizes:
         out = args.dir / f"q-{'tiny-' if args.tiny else ''}{'g128' if g == 128 else 'per-channel'}"
-        base = {"date": today, "machine": machine, "host": platform.node(),
-                "shape": shape, "device": device, "group_size": g}
+        base = {"date": today, "machine": machine, "host": platform.node(), "git_sha": git_sha(ROOT),
+                "gptq_kernel": gptq_kernel_enabled(), "shape": shape, "device": device, "group_size": g}
         rec = base | {"write_model_s": write_s, **quantize(model, out, g, device, args.quantize_args)}
         record(rec)
         if rec["quantize_rc"] == 0:
