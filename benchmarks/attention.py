@@ -149,6 +149,17 @@ def fill_pool(cp, pool, rng) -> None:
             halves[s : s + chunk] &= 0xBBFF  # exponent <= 15: |x| < 2, no inf / NaN
 
 
+def page_sets(cp, b: int, ctx: int, max_pages: int, per_token: int, l2: int):
+    """(block tables, context lens, KV bytes) of b sequences of ctx tokens: disjoint random page sets worth
+    4x the L2 cache (at most 256), for timed calls to rotate over so the bytes come from DRAM."""
+    need = b * ctx // 64
+    kv_bytes = b * ctx * per_token
+    copies = int(max(1, min(max_pages // need, -(-4 * l2 // kv_bytes), 256)))
+    perm = cp.random.permutation(max_pages)[: copies * need].astype(cp.int32)
+    bts = [perm[i * need : (i + 1) * need].reshape(b, ctx // 64) for i in range(copies)]
+    return bts, cp.full((b,), ctx, dtype=cp.int32), kv_bytes
+
+
 def decode_variants(bits: int, b: int, ctx: int, base: int, tune: bool) -> dict:
     """name -> (splits, kernel variant) timed at one point; "heuristic" is the default launch."""
     variants = {"heuristic": (None, None)}
@@ -197,12 +208,7 @@ def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
             q = (cp.random.standard_normal((b, HEADS, HEAD_DIM), dtype=cp.float32)).astype(cp.float16)
             out = cp.empty((b, HEADS, HEAD_DIM), dtype=cp.float16)
             for ctx in contexts:
-                need = b * ctx // 64
-                kv_bytes = b * ctx * per_token
-                copies = int(max(1, min(max_pages // need, -(-4 * l2 // kv_bytes), 256)))
-                perm = cp.random.permutation(max_pages)[: copies * need].astype(cp.int32)
-                bts = [perm[i * need : (i + 1) * need].reshape(b, ctx // 64) for i in range(copies)]
-                lens = cp.full((b,), ctx, dtype=cp.int32)
+                bts, lens, kv_bytes = page_sets(cp, b, ctx, max_pages, per_token, l2)
                 base, tps = cuda_attention.decode_geometry(b, HEADS, KV_HEADS, ctx)
                 variants = decode_variants(bits, b, ctx, base, tune)
                 times, diffs, ref = {}, {}, None
@@ -228,7 +234,7 @@ def bench_decode(cp, timer, batches, contexts, l2, copy_gbps, log, tune: bool):
                        "kv_bytes": kv_bytes, "time_us": t * 1e6, "gbps": gbps,
                        "frac_of_copy": gbps / copy_gbps,
                        "variants_us": {k: v * 1e6 for k, v in times.items()}, "best": best,
-                       "variants_max_abs_diff": diffs, "l2_rotation_copies": copies}
+                       "variants_max_abs_diff": diffs, "l2_rotation_copies": len(bts)}
                 rows.append(row)
                 log(dict(bench="decode", **row))
                 extra = f"  best {best} {times[best] * 1e6:.1f} us" if len(times) > 1 else ""

@@ -20,7 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.attention import HEAD_DIM, HEADS, KV_HEADS, fill_pool  # noqa: E402
+from benchmarks.attention import HEAD_DIM, HEADS, KV_HEADS, fill_pool, page_sets  # noqa: E402
 from qserve_lite.bench.results import git_sha  # noqa: E402
 
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
@@ -59,12 +59,7 @@ def main() -> None:
             for ctx in CONTEXTS:
                 if b * ctx > MAX_TOKENS:
                     continue
-                need = b * ctx // 64
-                kv_bytes = b * ctx * per_token
-                copies = int(max(1, min(max_pages // need, -(-4 * l2 // kv_bytes), 256)))
-                perm = cp.random.permutation(max_pages)[: copies * need].astype(cp.int32)
-                bts = [perm[i * need:(i + 1) * need].reshape(b, ctx // 64) for i in range(copies)]
-                lens = cp.full((b,), ctx, dtype=cp.int32)
+                bts, lens, kv_bytes = page_sets(cp, b, ctx, max_pages, per_token, l2)
                 base, _ = ca.decode_geometry(b, HEADS, KV_HEADS, ctx)
                 grid = sorted({s for s in (*SPLITS, base) if s * 64 <= ctx})
                 us = {}
