@@ -20,8 +20,8 @@ LOG2E = 1.4426950408889634
 DECODE_WARPS = 4
 PREFILL_WARPS = 4
 MIN_SPLIT_TOKENS = 256  # a split gives each of the block's 4 warps at least 64 tokens
-RESIDENT_BLOCKS = 4  # decode blocks of 4 warps an SM holds (<= 128 registers, ~52 KB of ring per block)
-# The split count fills SPLIT_WAVE_BLOCKS blocks per SM, not all RESIDENT_BLOCKS: measured on an H200
+# The split count fills SPLIT_WAVE_BLOCKS blocks per SM, not all 4 that fit (4 warps, <= 128 registers,
+# ~52 KB of ring per block; the persistent variant's count comes from decode_resident): measured on an H200
 # (2026-12-03, benchmarks/decode_splits.py: batch 1-64 x context 1536-32768 x splits, KV4 and KV8; results/
 # 2026-12-03-h200-decode_splits.jsonl) 2 per SM is never slower than 4 and up to 25% faster (KV4 batch 1 x
 # 16384: 17.2 us instead of 23.0; batch 4 x 4096: 16.2 instead of 20.5; batch 32 x 1536: 23.0 instead of
